@@ -1,0 +1,381 @@
+"""Subvector InfoNCE, the DirectCLR loss: InfoNCE on the first ``dim`` coordinates of z, fused.
+
+Layers, top to bottom:
+
+* ``infonce`` / ``DirectCLRLoss``: the public functional API and its thin module; argument checks.
+* ``directclr::infonce`` (torch.library custom op, with fake and autograd registered) for one
+  process, and ``_DistributedInfoNCE`` (autograd.Function) when torch.distributed is in use.
+* ``_forward`` / ``_backward``: normalization, the row/column layout of each variant, the
+  collectives. Both the op and the distributed path run exactly this code.
+* the primitive, per backend: rows Q against columns K, one positive column per row, an optional
+  excluded column per row -> row LSE (and column LSE); backward recomputes tiles from the LSEs.
+  ``cpu``: C++ in ``directclr._C``; ``triton``: ``kernels/``.
+* ``infonce_reference``: the plain PyTorch formula, which builds the N x N matrix; tests and
+  benchmarks compare against it.
+
+Numerics: fp32 accumulation for fp16/bf16/fp32 inputs (float64 stays float64); the loss comes
+back in that working dtype, gradients in the input dtype, exactly zero beyond ``dim``. A row of
+zeros is normalized to zero (finite loss) and gets a zero gradient, since the norm has no
+derivative there. Non-finite inputs give a NaN loss (never an error, so no device sync).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+VARIANTS = ("cross", "ntxent")
+REDUCTIONS = ("mean", "none")
+BACKENDS = ("auto", "cpu", "triton", "reference")
+NORM_EPS = 1e-12  # same floor as F.normalize
+
+
+# --------------------------------------------------------------------------- reference formula
+def infonce_reference(z1: Tensor, z2: Tensor, dim: int | None = 360, temperature: float = 0.1,
+                      variant: str = "cross") -> Tensor:
+    """Per-pair losses by the plain formula, in z's dtype. Materializes the N x N logits."""
+    a = F.normalize(z1[:, :dim], dim=1, eps=NORM_EPS)
+    b = F.normalize(z2[:, :dim], dim=1, eps=NORM_EPS)
+    n = a.shape[0]
+    target = torch.arange(n, device=a.device)
+    if variant == "cross":
+        logits = a @ b.T / temperature
+        return 0.5 * (F.cross_entropy(logits, target, reduction="none")
+                      + F.cross_entropy(logits.T, target, reduction="none"))
+    views = torch.cat([a, b])
+    logits = (views @ views.T / temperature).fill_diagonal_(float("-inf"))
+    per_view = F.cross_entropy(logits, torch.cat([target + n, target]), reduction="none")
+    return 0.5 * (per_view[:n] + per_view[n:])
+
+
+# --------------------------------------------------------------------------- argument checks
+def _check_args(z1, z2, dim, temperature, variant, reduction, backend) -> int:
+    """Validates everything before any kernel runs; returns the resolved subvector width."""
+    for name, z in (("z1", z1), ("z2", z2)):
+        if not isinstance(z, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
+        if z.dim() != 2:
+            raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(z.shape)}")
+        if not z.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {z.dtype}")
+    if z1.shape != z2.shape:
+        raise ValueError(f"z1 and z2 must have the same shape, got {tuple(z1.shape)} and "
+                         f"{tuple(z2.shape)}")
+    if z1.dtype != z2.dtype:
+        raise TypeError(f"z1 and z2 must have the same dtype, got {z1.dtype} and {z2.dtype}")
+    if z1.device != z2.device:
+        raise ValueError(f"z1 and z2 must be on the same device, got {z1.device} and {z2.device}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    n, width = z1.shape
+    if n < 1:
+        raise ValueError("z1 must hold at least one row")
+    if variant == "ntxent" and n < 2:
+        raise ValueError(f"variant='ntxent' needs at least 2 rows in z1, got {n}")
+    if dim is None:
+        dim = width
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"dim must be an int or None, got {type(dim).__name__}")
+    if not 1 <= dim <= width:
+        raise ValueError(f"dim must be in [1, {width}] (the width of z1), got {dim}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    return dim
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend != "auto":
+        return backend
+    if device.type == "cpu":
+        return "cpu"
+    if device.type == "cuda":
+        return "triton"
+    raise ValueError(f"backend='auto' has no kernel for device {device}; use backend='reference'")
+
+
+def _working_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------- primitive per backend
+def _primitive(backend: str):
+    """(forward, backward) of rows-against-columns InfoNCE for one backend."""
+    if backend == "cpu":
+        from . import _C  # noqa: F401  (loading the library registers torch.ops.directclr_cpu)
+        return torch.ops.directclr_cpu.lse_forward, torch.ops.directclr_cpu.lse_backward
+    if backend == "triton":
+        raise NotImplementedError("backend='triton': the fused Triton kernel is not built yet "
+                                  "(issue 3); use backend='cpu' or 'reference'")
+    raise ValueError(f"backend {backend!r} has no fused primitive")
+
+
+# --------------------------------------------------------------------------- collectives
+def _world(group) -> tuple[int, int]:
+    if group is None:
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _all_gather_rows(x: Tensor, group) -> Tensor:
+    rank, world = _world(group)
+    if world == 1:
+        return x
+    x = x.contiguous()
+    out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+    if dist.get_backend(group) == "nccl":
+        dist.all_gather_into_tensor(out, x, group=group)
+    else:  # gloo has no all_gather_into_tensor; chunks of a contiguous tensor are contiguous
+        dist.all_gather(list(out.chunk(world)), x, group=group)
+    return out
+
+
+def _reduce_scatter_rows(x: Tensor, group) -> Tensor:
+    """Sum over ranks, then keep this rank's block of rows."""
+    rank, world = _world(group)
+    if world == 1:
+        return x
+    x = x.contiguous()
+    block = x.shape[0] // world
+    if dist.get_backend(group) == "nccl":
+        out = x.new_empty((block, *x.shape[1:]))
+        dist.reduce_scatter_tensor(out, x, group=group)
+        return out
+    dist.all_reduce(x, group=group)  # gloo has no reduce_scatter
+    return x[rank * block:(rank + 1) * block]
+
+
+def _merge_col_lse(col_max: Tensor, col_sum: Tensor, group) -> Tensor:
+    """Combines per-rank partial column log-sum-exps: exact, O(columns) traffic."""
+    if _world(group)[1] > 1:
+        global_max = col_max.clone()
+        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+        col_sum = col_sum * (col_max - global_max).exp()
+        dist.all_reduce(col_sum, group=group)
+        col_max = global_max
+    return col_max + col_sum.log()
+
+
+def _check_equal_batches(n: int, device: torch.device, group) -> None:
+    world = _world(group)[1]
+    sizes = torch.tensor([n], device=device)
+    gathered = _all_gather_rows(sizes, group).tolist()
+    if len(set(gathered)) != 1:
+        raise ValueError(f"z1 must have the same number of rows on every rank, got {gathered} "
+                         f"across {world} ranks")
+
+
+# --------------------------------------------------------------------------- the algorithm
+def _normalize(z: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """Unit rows of z[:, :dim] (read in place) in the working dtype, and 1/norm for backward."""
+    work = _working_dtype(z.dtype)
+    sub = z[:, :dim]
+    norm = torch.linalg.vector_norm(sub, dim=1, dtype=work)
+    unit = sub * (1.0 / norm.clamp_min(NORM_EPS)).unsqueeze(1)  # promotes to `work`: a new buffer
+    # The norm has no derivative at 0; a zero gradient keeps fp16 gradients finite there.
+    inv_norm_grad = torch.where(norm >= NORM_EPS, 1.0 / norm, torch.zeros_like(norm))
+    return unit, inv_norm_grad
+
+
+def _normalize_backward(grad_unit: Tensor, unit: Tensor, inv_norm: Tensor, z: Tensor) -> Tensor:
+    dim = unit.shape[1]
+    radial = (grad_unit * unit).sum(1, keepdim=True)
+    grad_z = torch.zeros(z.shape, dtype=z.dtype, device=z.device)
+    grad_z[:, :dim] = (grad_unit - unit * radial) * inv_norm.unsqueeze(1)
+    return grad_z
+
+
+def _layout(unit1: Tensor, unit2: Tensor, variant: str, group):
+    """Rows, gathered columns, positive and excluded column of each row, for one rank."""
+    rank, world = _world(group)
+    n = unit1.shape[0]
+    local = torch.arange(n, device=unit1.device)
+    if variant == "cross":
+        rows, cols = unit1, _all_gather_rows(unit2, group)
+        pos = rank * n + local
+        excl = torch.full_like(pos, -1)
+    else:  # rank r's block of the gathered columns is [a_r; b_r]
+        rows = torch.cat([unit1, unit2])
+        cols = _all_gather_rows(rows, group)
+        excl = rank * 2 * n + torch.arange(2 * n, device=unit1.device)
+        pos = torch.cat([excl[n:], excl[:n]])
+    return rows, cols, pos, excl
+
+
+def _forward(z1, z2, dim, temperature, variant, backend, group):
+    """Per-pair losses of this rank's rows, and the LSEs that backward needs."""
+    fwd, _ = _primitive(backend)
+    unit1, _ = _normalize(z1, dim)
+    unit2, _ = _normalize(z2, dim)
+    rows, cols, pos, excl = _layout(unit1, unit2, variant, group)
+    scale = 1.0 / temperature
+    row_lse, pos_logit, col_max, col_sum = fwd(rows, cols, pos, excl, scale, variant == "cross")
+    n = z1.shape[0]
+    if variant == "cross":
+        col_lse = _merge_col_lse(col_max, col_sum, group)
+        rank = _world(group)[0]
+        own_col_lse = col_lse[rank * n:(rank + 1) * n]
+        loss = 0.5 * ((row_lse - pos_logit) + (own_col_lse - pos_logit))
+    else:
+        col_lse = col_max  # empty: ntxent has only row terms (S is symmetric)
+        per_view = row_lse - pos_logit
+        loss = 0.5 * (per_view[:n] + per_view[n:])
+    return loss, row_lse, col_lse
+
+
+def _backward(grad, z1, z2, row_lse, col_lse, dim, temperature, variant, backend, group):
+    """Gradients w.r.t. z1, z2 of sum_i grad_i * loss_i, summed over all ranks' losses."""
+    _, bwd = _primitive(backend)
+    unit1, inv_norm1 = _normalize(z1, dim)
+    unit2, inv_norm2 = _normalize(z2, dim)
+    rows, cols, pos, excl = _layout(unit1, unit2, variant, group)
+    half = 0.5 * grad.to(rows.dtype).contiguous()  # each pair's loss averages two terms
+    n = z1.shape[0]
+    if variant == "cross":
+        grad_rows, grad_cols = bwd(rows, cols, pos, excl, 1.0 / temperature, row_lse, half,
+                                   col_lse, _all_gather_rows(half, group))
+        grad_unit1, grad_unit2 = grad_rows, _reduce_scatter_rows(grad_cols, group)
+    else:
+        grad_rows, grad_cols = bwd(rows, cols, pos, excl, 1.0 / temperature, row_lse,
+                                   torch.cat([half, half]), col_lse, col_lse)
+        grad_views = grad_rows + _reduce_scatter_rows(grad_cols, group)
+        grad_unit1, grad_unit2 = grad_views[:n], grad_views[n:]
+    return (_normalize_backward(grad_unit1, unit1, inv_norm1, z1),
+            _normalize_backward(grad_unit2, unit2, inv_norm2, z2))
+
+
+# --------------------------------------------------------------------------- torch.library op
+def _fake_outputs(z1: Tensor, variant: str) -> tuple[Tensor, Tensor, Tensor]:
+    n = z1.shape[0]
+    work = _working_dtype(z1.dtype)
+    rows = n if variant == "cross" else 2 * n
+    cols = n if variant == "cross" else 0
+    return (z1.new_empty(n, dtype=work), z1.new_empty(rows, dtype=work),
+            z1.new_empty(cols, dtype=work))
+
+
+@torch.library.custom_op("directclr::infonce", mutates_args=())
+def _infonce_op(z1: Tensor, z2: Tensor, dim: int, temperature: float, variant: str,
+                backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Single-process fused InfoNCE: (per-pair loss, row LSE, column LSE)."""
+    return _forward(z1, z2, dim, temperature, variant, backend, group=None)
+
+
+@_infonce_op.register_fake
+def _(z1, z2, dim, temperature, variant, backend):
+    return _fake_outputs(z1, variant)
+
+
+@torch.library.custom_op("directclr::infonce_backward", mutates_args=())
+def _infonce_backward_op(grad: Tensor, z1: Tensor, z2: Tensor, row_lse: Tensor, col_lse: Tensor,
+                         dim: int, temperature: float, variant: str,
+                         backend: str) -> tuple[Tensor, Tensor]:
+    return _backward(grad, z1, z2, row_lse, col_lse, dim, temperature, variant, backend, None)
+
+
+@_infonce_backward_op.register_fake
+def _(grad, z1, z2, row_lse, col_lse, dim, temperature, variant, backend):
+    return (torch.empty(z1.shape, dtype=z1.dtype, device=z1.device),
+            torch.empty(z2.shape, dtype=z2.dtype, device=z2.device))
+
+
+def _setup_context(ctx, inputs, output):
+    z1, z2, dim, temperature, variant, backend = inputs
+    _, row_lse, col_lse = output
+    ctx.save_for_backward(z1, z2, row_lse, col_lse)
+    ctx.args = (dim, temperature, variant, backend)
+    ctx.mark_non_differentiable(row_lse, col_lse)
+
+
+def _op_backward(ctx, grad_loss, _grad_row_lse, _grad_col_lse):
+    z1, z2, row_lse, col_lse = ctx.saved_tensors
+    grad_z1, grad_z2 = torch.ops.directclr.infonce_backward(grad_loss, z1, z2, row_lse, col_lse,
+                                                            *ctx.args)
+    return grad_z1, grad_z2, None, None, None, None
+
+
+_infonce_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+class _DistributedInfoNCE(torch.autograd.Function):
+    """Local rows against gathered columns; column gradients go back to their owners."""
+
+    @staticmethod
+    def forward(ctx, z1, z2, dim, temperature, variant, backend, group):
+        loss, row_lse, col_lse = _forward(z1, z2, dim, temperature, variant, backend, group)
+        ctx.save_for_backward(z1, z2, row_lse, col_lse)
+        ctx.args = (dim, temperature, variant, backend, group)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        z1, z2, row_lse, col_lse = ctx.saved_tensors
+        grad_z1, grad_z2 = _backward(grad_loss, z1, z2, row_lse, col_lse, *ctx.args)
+        return grad_z1, grad_z2, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------- public API
+def infonce(z1: Tensor, z2: Tensor, dim: int | None = 360, temperature: float = 0.1,
+            variant: str = "cross", reduction: str = "mean", backend: str = "auto",
+            group=None) -> Tensor:
+    """InfoNCE on the first ``dim`` coordinates of two views' embeddings, never forming N x N.
+
+    Args:
+        z1, z2: (N, D) embeddings of the two views, any float dtype and strides; only
+            ``z[:, :dim]`` is read, and the gradient beyond it is exactly zero.
+        dim: subvector width d0 (DirectCLR: 360 of ResNet-50's 2048); None uses all of D.
+        temperature: softmax temperature tau > 0.
+        variant: ``"cross"`` (official DirectCLR: N x N cross-view logits, both directions
+            averaged) or ``"ntxent"`` (SimCLR: 2N x 2N, self-similarity excluded).
+        reduction: ``"mean"`` (scalar) or ``"none"`` (one loss per pair; their mean is the loss).
+        backend: ``"auto"`` (C++ on CPU, Triton on CUDA), ``"cpu"``, ``"triton"`` or
+            ``"reference"`` (plain PyTorch, builds the N x N matrix).
+        group: process group. When torch.distributed is initialized (or ``group`` is given), each
+            rank passes its own rows; the loss is over the global batch, each rank returns its own
+            rows' losses, and DDP's gradient averaging yields exactly the gradient of the global
+            loss. Every rank must pass the same N.
+    """
+    dim = _check_args(z1, z2, dim, temperature, variant, reduction, backend)
+    backend = _resolve_backend(backend, z1.device)
+    temperature = float(temperature)
+    if group is None and dist.is_available() and dist.is_initialized():
+        group = dist.group.WORLD
+    if group is not None and dist.get_world_size(group) == 1:
+        group = None
+    if backend == "reference":
+        if group is not None:
+            raise ValueError("backend='reference' is single-process; use backend='auto' with a "
+                             "process group")
+        loss = infonce_reference(z1, z2, dim, temperature, variant)
+    elif group is not None:
+        _check_equal_batches(z1.shape[0], z1.device, group)
+        loss = _DistributedInfoNCE.apply(z1, z2, dim, temperature, variant, backend, group)
+    else:
+        loss = torch.ops.directclr.infonce(z1, z2, dim, temperature, variant, backend)[0]
+    return loss.mean() if reduction == "mean" else loss
+
+
+class DirectCLRLoss(torch.nn.Module):
+    """``infonce`` as a module: ``DirectCLRLoss(dim=360)(z1, z2)``."""
+
+    def __init__(self, dim: int | None = 360, temperature: float = 0.1, variant: str = "cross",
+                 reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        self.dim, self.temperature, self.variant = dim, temperature, variant
+        self.reduction, self.backend = reduction, backend
+
+    def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
+        return infonce(z1, z2, self.dim, self.temperature, self.variant, self.reduction,
+                       self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, temperature={self.temperature}, variant={self.variant!r}, "
+                f"reduction={self.reduction!r}")

@@ -1,0 +1,246 @@
+// CPU kernels of the subvector-InfoNCE primitive: rows Q (M x d) against columns K (C x d), both
+// L2-normalized and contiguous in the working dtype (float32, or float64 for gradcheck).
+//
+//   S = scale * Q K^T,  one positive column pos[i] per row, an optional excluded column excl[i]
+//   (-1: none) whose entry is removed from both the row and the column softmax.
+//
+// Forward returns per-row log-sum-exp and positive logit, and per-column partial (max, sum-exp)
+// over these rows, which the caller merges across ranks. Backward recomputes S tile by tile from
+// the saved LSEs. Neither ever holds more than one row tile x column tile of S per thread, so the
+// memory is O((M + C) * d + threads * tile).
+//
+// Tiles go through ATen's BLAS (at::mm_out into a per-thread buffer) and ATen's vectorized
+// elementwise ops, so the exp/sum passes run on a tile while it is still in cache.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <tuple>
+
+namespace directclr {
+namespace {
+
+// A 256 x 1024 fp32 tile is 1 MiB: it stays in L2 between the GEMM and the exp/sum passes.
+constexpr int64_t kMaxRowTile = 256;
+constexpr int64_t kMinRowTile = 32;
+constexpr int64_t kColTile = 1024;
+
+// Row tiles shrink when there are few rows so that every thread still gets work.
+int64_t row_tile_size(int64_t rows) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t even_share = (rows + threads - 1) / threads;
+  return std::clamp(even_share, kMinRowTile, kMaxRowTile);
+}
+
+void check_inputs(const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& pos,
+                  const at::Tensor& excl) {
+  TORCH_CHECK(rows.dim() == 2 && cols.dim() == 2, "rows and cols must be 2-D");
+  TORCH_CHECK(rows.size(1) == cols.size(1), "rows and cols must have the same width");
+  TORCH_CHECK(rows.is_contiguous() && cols.is_contiguous(), "rows and cols must be contiguous");
+  TORCH_CHECK(rows.scalar_type() == cols.scalar_type(), "rows and cols must share a dtype");
+  TORCH_CHECK(rows.scalar_type() == at::kFloat || rows.scalar_type() == at::kDouble,
+              "the working dtype must be float32 or float64");
+  TORCH_CHECK(rows.device().is_cpu() && cols.device().is_cpu(), "CPU kernel got a non-CPU tensor");
+  TORCH_CHECK(pos.scalar_type() == at::kLong && excl.scalar_type() == at::kLong,
+              "pos and excl must be int64");
+  TORCH_CHECK(pos.numel() == rows.size(0) && excl.numel() == rows.size(0),
+              "pos and excl need one entry per row");
+}
+
+// Removes each row's excluded column from the tile (exp(-inf) = 0 in both softmaxes).
+template <typename scalar_t>
+void mask_excluded(at::Tensor& tile, const int64_t* excl, int64_t row0, int64_t col0) {
+  auto* data = tile.data_ptr<scalar_t>();
+  const int64_t n_rows = tile.size(0), n_cols = tile.size(1);
+  for (int64_t i = 0; i < n_rows; ++i) {
+    const int64_t j = excl[row0 + i] - col0;
+    if (j >= 0 && j < n_cols) data[i * n_cols + j] = -std::numeric_limits<scalar_t>::infinity();
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lse_forward(
+    const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& pos, const at::Tensor& excl,
+    double scale, bool with_cols) {
+  check_inputs(rows, cols, pos, excl);
+  const int64_t n_rows = rows.size(0), n_cols = cols.size(0);
+  const auto opts = rows.options();
+  // Rows are unit (or zero) vectors, so every logit is >= -scale: a finite starting max that
+  // keeps exp(old_max - new_max) well defined even for a row whose first tile is all masked.
+  auto row_max = at::full({n_rows}, -scale, opts);
+  auto row_sum = at::zeros({n_rows}, opts);
+  auto pos_logit = at::zeros({n_rows}, opts);
+  auto col_max = with_cols ? at::full({n_cols}, -scale, opts) : at::empty({0}, opts);
+  auto col_sum = with_cols ? at::zeros({n_cols}, opts) : at::empty({0}, opts);
+
+  const int64_t row_tile = row_tile_size(n_rows);
+  const int64_t n_row_tiles = (n_rows + row_tile - 1) / row_tile;
+  const int64_t n_threads = at::get_num_threads();
+  const int64_t* pos_ptr = pos.data_ptr<int64_t>();
+  const int64_t* excl_ptr = excl.data_ptr<int64_t>();
+
+  for (int64_t col0 = 0; col0 < n_cols; col0 += kColTile) {
+    const int64_t col_tile = std::min(kColTile, n_cols - col0);
+    const auto col_block = cols.narrow(0, col0, col_tile);
+    // Each thread merges the column statistics of its row tiles here; merged after the loop.
+    auto thread_col_max = with_cols ? at::full({n_threads, col_tile}, -scale, opts) : at::Tensor();
+    auto thread_col_sum = with_cols ? at::zeros({n_threads, col_tile}, opts) : at::Tensor();
+
+    at::parallel_for(0, n_row_tiles, 1, [&](int64_t first, int64_t last) {
+      const int64_t tid = at::get_thread_num();
+      auto logits_buf = at::empty({row_tile, col_tile}, opts);
+      auto exp_buf = at::empty({row_tile, col_tile}, opts);
+      for (int64_t t = first; t < last; ++t) {
+        const int64_t row0 = t * row_tile;
+        const int64_t rows_here = std::min(row_tile, n_rows - row0);
+        auto logits = logits_buf.narrow(0, 0, rows_here);
+        auto exps = exp_buf.narrow(0, 0, rows_here);
+        at::mm_out(logits, rows.narrow(0, row0, rows_here), col_block.t());
+        logits.mul_(scale);
+        AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "lse_forward_positives", [&] {
+          const auto* data = logits.data_ptr<scalar_t>();
+          auto* pos_out = pos_logit.data_ptr<scalar_t>();
+          for (int64_t i = 0; i < rows_here; ++i) {
+            const int64_t j = pos_ptr[row0 + i] - col0;
+            if (j >= 0 && j < col_tile) pos_out[row0 + i] = data[i * col_tile + j];
+          }
+          mask_excluded<scalar_t>(logits, excl_ptr, row0, col0);
+        });
+
+        // Online row log-sum-exp: rescale the running sum to the new running max.
+        auto run_max = row_max.narrow(0, row0, rows_here);
+        auto run_sum = row_sum.narrow(0, row0, rows_here);
+        auto new_max = at::maximum(run_max, at::amax(logits, 1));
+        run_sum.mul_((run_max - new_max).exp_());
+        at::sub_out(exps, logits, new_max.unsqueeze(1)).exp_();
+        run_sum.add_(exps.sum(1));
+        run_max.copy_(new_max);
+
+        if (with_cols) {
+          auto tile_col_max = at::amax(logits, 0).clamp_min_(-scale);
+          at::sub_out(exps, logits, tile_col_max.unsqueeze(0)).exp_();
+          auto tile_col_sum = exps.sum(0);
+          auto acc_max = thread_col_max[tid];
+          auto acc_sum = thread_col_sum[tid];
+          auto merged = at::maximum(acc_max, tile_col_max);
+          acc_sum.mul_((acc_max - merged).exp_()).add_(tile_col_sum * (tile_col_max - merged).exp_());
+          acc_max.copy_(merged);
+        }
+      }
+    });
+
+    if (with_cols) {
+      auto merged = at::amax(thread_col_max, 0);
+      col_max.narrow(0, col0, col_tile).copy_(merged);
+      col_sum.narrow(0, col0, col_tile)
+          .copy_((thread_col_sum * (thread_col_max - merged.unsqueeze(0)).exp_()).sum(0));
+    }
+  }
+  auto row_lse = row_max + row_sum.log();
+  return {row_lse, pos_logit, col_max, col_sum};
+}
+
+// dL/dS_ij = row_w_i (P^row_ij - [j = pos_i]) + col_w_j (P^col_ij - [j = pos_i]); the column term
+// is present only when col_lse is non-empty. dQ = scale G K, dK = scale G^T Q.
+std::tuple<at::Tensor, at::Tensor> lse_backward(
+    const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& pos, const at::Tensor& excl,
+    double scale, const at::Tensor& row_lse, const at::Tensor& row_w, const at::Tensor& col_lse,
+    const at::Tensor& col_w) {
+  check_inputs(rows, cols, pos, excl);
+  const int64_t n_rows = rows.size(0), n_cols = cols.size(0), width = rows.size(1);
+  const bool with_cols = col_lse.numel() > 0;
+  TORCH_CHECK(row_lse.numel() == n_rows && row_w.numel() == n_rows, "row_lse/row_w: one per row");
+  TORCH_CHECK(!with_cols || (col_lse.numel() == n_cols && col_w.numel() == n_cols),
+              "col_lse/col_w: one per column");
+  const auto opts = rows.options();
+  auto grad_rows = at::zeros({n_rows, width}, opts);
+  auto grad_cols = at::zeros({n_cols, width}, opts);
+  const auto row_lse_w = row_lse.to(opts).contiguous();
+  const auto row_weight = row_w.to(opts).contiguous();
+  const auto col_lse_w = with_cols ? col_lse.to(opts).contiguous() : at::Tensor();
+  const auto col_weight = with_cols ? col_w.to(opts).contiguous() : at::Tensor();
+
+  const int64_t row_tile = row_tile_size(n_rows);
+  const int64_t n_row_tiles = (n_rows + row_tile - 1) / row_tile;
+  const int64_t n_threads = at::get_num_threads();
+  const int64_t* pos_ptr = pos.data_ptr<int64_t>();
+  const int64_t* excl_ptr = excl.data_ptr<int64_t>();
+
+  for (int64_t col0 = 0; col0 < n_cols; col0 += kColTile) {
+    const int64_t col_tile = std::min(kColTile, n_cols - col0);
+    const auto col_block = cols.narrow(0, col0, col_tile);
+    // Row tiles on different threads all add into these columns: one partial per thread.
+    auto thread_grad_cols = at::zeros({n_threads, col_tile, width}, opts);
+
+    at::parallel_for(0, n_row_tiles, 1, [&](int64_t first, int64_t last) {
+      const int64_t tid = at::get_thread_num();
+      auto logits_buf = at::empty({row_tile, col_tile}, opts);
+      auto grad_buf = at::empty({row_tile, col_tile}, opts);
+      auto grad_cols_acc = thread_grad_cols[tid];
+      for (int64_t t = first; t < last; ++t) {
+        const int64_t row0 = t * row_tile;
+        const int64_t rows_here = std::min(row_tile, n_rows - row0);
+        const auto row_block = rows.narrow(0, row0, rows_here);
+        auto logits = logits_buf.narrow(0, 0, rows_here);
+        auto grad_logits = grad_buf.narrow(0, 0, rows_here);
+        at::mm_out(logits, row_block, col_block.t());
+        logits.mul_(scale);
+        AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "lse_backward_mask", [&] {
+          mask_excluded<scalar_t>(logits, excl_ptr, row0, col0);
+        });
+        at::sub_out(grad_logits, logits, row_lse_w.narrow(0, row0, rows_here).unsqueeze(1))
+            .exp_()
+            .mul_(row_weight.narrow(0, row0, rows_here).unsqueeze(1));
+        if (with_cols) {
+          logits.sub_(col_lse_w.narrow(0, col0, col_tile).unsqueeze(0))
+              .exp_()
+              .mul_(col_weight.narrow(0, col0, col_tile).unsqueeze(0));
+          grad_logits.add_(logits);
+        }
+        AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "lse_backward_positives", [&] {
+          auto* grad = grad_logits.data_ptr<scalar_t>();
+          const auto* rw = row_weight.data_ptr<scalar_t>();
+          const auto* cw = with_cols ? col_weight.data_ptr<scalar_t>() : nullptr;
+          for (int64_t i = 0; i < rows_here; ++i) {
+            const int64_t p = pos_ptr[row0 + i];
+            const int64_t j = p - col0;
+            if (j >= 0 && j < col_tile) {
+              grad[i * col_tile + j] -= rw[row0 + i] + (cw ? cw[p] : scalar_t(0));
+            }
+          }
+        });
+        auto grad_rows_here = grad_rows.narrow(0, row0, rows_here);
+        grad_rows_here.addmm_(grad_logits, col_block, 1.0, scale);
+        grad_cols_acc.addmm_(grad_logits.t(), row_block, 1.0, scale);
+      }
+    });
+    grad_cols.narrow(0, col0, col_tile).copy_(thread_grad_cols.sum(0));
+  }
+  return {grad_rows, grad_cols};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(directclr_cpu, m) {
+  m.def(
+      "lse_forward(Tensor rows, Tensor cols, Tensor pos, Tensor excl, float scale, bool with_cols)"
+      " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "lse_backward(Tensor rows, Tensor cols, Tensor pos, Tensor excl, float scale, Tensor row_lse,"
+      " Tensor row_w, Tensor col_lse, Tensor col_w) -> (Tensor, Tensor)");
+  m.impl("lse_forward", c10::DispatchKey::CPU, TORCH_FN(lse_forward));
+  m.impl("lse_backward", c10::DispatchKey::CPU, TORCH_FN(lse_backward));
+}
+
+}  // namespace directclr
+
+// `import directclr._C` loads this library, whose static initializer registers the ops above.
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
+                               "CPU kernels of directclr, registered as torch.ops.directclr_cpu",
+                               -1, nullptr};
+  return PyModule_Create(&module);
+}
