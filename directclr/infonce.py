@@ -179,7 +179,9 @@ def _normalize(z: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     work = _working_dtype(z.dtype)
     sub = z[:, :dim]
     norm = torch.linalg.vector_norm(sub, dim=1, dtype=work)
-    unit = sub * (1.0 / norm.clamp_min(NORM_EPS)).unsqueeze(1)  # promotes to `work`: a new buffer
+    # Row-major output whatever z's strides: the kernels read rows contiguously.
+    unit = torch.empty(sub.shape, dtype=work, device=z.device)
+    torch.mul(sub, (1.0 / norm.clamp_min(NORM_EPS)).unsqueeze(1), out=unit)
     # The norm has no derivative at 0; a zero gradient keeps fp16 gradients finite there.
     inv_norm_grad = torch.where(norm >= NORM_EPS, 1.0 / norm, torch.zeros_like(norm))
     return unit, inv_norm_grad

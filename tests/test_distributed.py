@@ -1,0 +1,38 @@
+"""World 2 x N/2 (torchrun, gloo) gives the loss and gradients of 1 x N."""
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from dist_worker import DIM, IN_FEATURES, WIDTH
+from directclr import infonce
+from helpers import assert_rel_close
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+
+
+def test_two_process_gloo_matches_single_process(tmp_path):
+    out = tmp_path / "dist.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(WORKER), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    saved = torch.load(out, weights_only=True)
+    world = saved["world"]
+    assert world == 2
+    for variant, got in saved["results"].items():
+        model = torch.nn.Linear(IN_FEATURES, WIDTH)
+        model.load_state_dict(saved["base"])
+        loss = infonce(model(saved["x1"]), model(saved["x2"]), dim=DIM, variant=variant)
+        loss.backward()
+        z1 = model(saved["x1"]).detach().requires_grad_()
+        z2 = model(saved["x2"]).detach().requires_grad_()
+        infonce(z1, z2, dim=DIM, variant=variant).backward()
+        # Each rank returns the mean over its own rows: their mean is the global loss.
+        assert_rel_close(got["loss_per_rank"].mean(), loss.detach(), 1e-5, f"{variant} loss")
+        assert_rel_close(got["weight_grad"], model.weight.grad, 1e-5, f"{variant} weight grad")
+        assert_rel_close(got["bias_grad"], model.bias.grad, 1e-5, f"{variant} bias grad")
+        # Each rank's embedding gradient is that of the sum of all ranks' losses, so that DDP's
+        # average over `world` ranks is the global gradient.
+        assert_rel_close(got["z1_grad"] / world, z1.grad, 1e-5, f"{variant} z1 grad")

@@ -1,0 +1,235 @@
+"""The fused InfoNCE op (C++ CPU backend) against the float64 reference formula."""
+import math
+
+import pytest
+import torch
+
+import directclr
+from directclr import DirectCLRLoss, infonce
+from helpers import (assert_rel_close, loss_and_grads, make_views, max_err,
+                     reference_loss_and_grads)
+
+
+def _shapes():
+    for variant in ("cross", "ntxent"):
+        for n in (1, 2, 3, 65, 257, 1000):
+            if variant == "ntxent" and n == 1:
+                continue
+            for width in (16, 2048):
+                for dim in (1, 7, 128, 360, width):
+                    if dim > width or (dim == width and dim in (128, 360)):
+                        continue
+                    if width == 2048 and n == 1000 and dim not in (360, 2048):
+                        continue  # keep the suite quick: the big rows need only the main widths
+                    yield variant, n, width, dim
+
+
+@pytest.mark.parametrize("variant,n,width,dim", list(_shapes()))
+def test_matches_float64_reference(variant, n, width, dim):
+    z1, z2 = make_views(n, width, layout="strided" if n % 2 else "transposed")
+    before = (z1.detach().clone(), z2.detach().clone())
+    loss, g1, g2 = loss_and_grads(z1, z2, dim=dim, variant=variant)
+    ref_loss, ref_g1, ref_g2 = reference_loss_and_grads(z1, z2, dim=dim, variant=variant)
+    assert loss.dtype == torch.float32 and g1.dtype == z1.dtype and g1.shape == z1.shape
+    # dim=1: the unit subvector is constant (+-1), so the true gradient is 0 and ours is fp32
+    # round-off of the tangent projection, amplified by 1/|u| of the smallest row.
+    atol = 0.0
+    if dim == 1:
+        atol = 1e-6 / torch.cat([z1, z2])[:, 0].detach().abs().min().item()
+    assert_rel_close(loss, ref_loss, 1e-5, "loss")
+    assert_rel_close(g1, ref_g1, 1e-4, "grad z1", atol)
+    assert_rel_close(g2, ref_g2, 1e-4, "grad z2", atol)
+    assert torch.equal(g1[:, dim:], torch.zeros_like(g1[:, dim:]))
+    assert torch.equal(g2[:, dim:], torch.zeros_like(g2[:, dim:]))
+    assert torch.equal(z1.detach(), before[0]) and torch.equal(z2.detach(), before[1])
+
+
+@pytest.mark.parametrize("variant,n", [("cross", 1), ("cross", 3), ("cross", 257),
+                                       ("ntxent", 2), ("ntxent", 3), ("ntxent", 257)])
+def test_reduction_none_with_arbitrary_upstream_weights(variant, n):
+    z1, z2 = make_views(n, 64)
+    weights = torch.randn(n)  # includes negative weights: every term of dL/dS is exercised
+    loss, g1, g2 = loss_and_grads(z1, z2, "none", weights, dim=40, variant=variant)
+    ref_loss, ref_g1, ref_g2 = reference_loss_and_grads(z1, z2, "none", weights, dim=40,
+                                                        variant=variant)
+    assert loss.shape == (n,)
+    assert_rel_close(loss, ref_loss, 1e-5, "per-pair loss")
+    assert_rel_close(g1, ref_g1, 1e-4, "grad z1")
+    assert_rel_close(g2, ref_g2, 1e-4, "grad z2")
+    # The mean of the per-pair losses is the loss.
+    mean_loss = infonce(z1, z2, dim=40, variant=variant)
+    assert math.isclose(loss.mean().item(), mean_loss.item(), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("variant", ["cross", "ntxent"])
+@pytest.mark.parametrize("n,width,dim", [(3, 16, 7), (257, 2048, 360), (1000, 512, 128)])
+def test_low_precision_within_pytorch_error(dtype, variant, n, width, dim):
+    """|x - x64| <= 2 |x_pytorch - x64| + atol, x_pytorch being the formula run in `dtype`."""
+    z1, z2 = make_views(n, width, dtype=dtype, layout="strided")
+    ours = loss_and_grads(z1, z2, dim=dim, variant=variant)
+    exact = reference_loss_and_grads(z1, z2, dim=dim, variant=variant)
+    pytorch = reference_loss_and_grads(z1, z2, dim=dim, variant=variant, dtype=dtype)
+    assert ours[1].dtype == dtype and ours[2].dtype == dtype
+    for name, got, ref, pt in zip(("loss", "grad z1", "grad z2"), ours, exact, pytorch):
+        atol = 1e-3 * ref.abs().max().item()
+        assert max_err(got, ref) <= 2 * max_err(pt, ref) + atol, name
+
+
+@pytest.mark.parametrize("variant", ["cross", "ntxent"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradcheck_float64(variant, reduction):
+    z1, z2 = make_views(5, 9, dtype=torch.float64, layout="strided")
+    torch.autograd.gradcheck(
+        lambda a, b: infonce(a, b, dim=6, temperature=0.3, variant=variant, reduction=reduction),
+        (z1, z2))
+
+
+def test_loss_is_symmetric_in_views_and_invariant_to_scale():
+    z1, z2 = make_views(33, 40)
+    for variant in ("cross", "ntxent"):
+        forward = infonce(z1, z2, dim=20, variant=variant)
+        swapped = infonce(z2, z1, dim=20, variant=variant)
+        scaled = infonce(3.0 * z1, 0.5 * z2, dim=20, variant=variant)
+        assert math.isclose(forward.item(), swapped.item(), rel_tol=1e-6)
+        assert math.isclose(forward.item(), scaled.item(), rel_tol=1e-6)
+
+
+def test_positive_pairs_lower_the_loss():
+    z = torch.randn(64, 32)
+    aligned = infonce(z, z + 0.01 * torch.randn_like(z), dim=32)
+    shuffled = infonce(z, torch.randn_like(z), dim=32)
+    assert aligned < shuffled - 1.0
+
+
+@pytest.mark.parametrize("temperature", [0.01, 0.5, 2.0])
+def test_temperatures(temperature):
+    z1, z2 = make_views(65, 32)
+    loss, g1, g2 = loss_and_grads(z1, z2, dim=20, temperature=temperature)
+    ref_loss, ref_g1, ref_g2 = reference_loss_and_grads(z1, z2, dim=20, temperature=temperature)
+    assert_rel_close(loss, ref_loss, 1e-5, "loss")
+    assert_rel_close(g1, ref_g1, 1e-4, "grad z1")
+
+
+@pytest.mark.parametrize("variant", ["cross", "ntxent"])
+def test_zero_rows_give_finite_loss_and_zero_gradient(variant):
+    z1, z2 = make_views(9, 16)
+    with torch.no_grad():
+        z1[2].zero_()
+        z2[5, :8].zero_()  # zero inside the subvector only
+    loss, g1, g2 = loss_and_grads(z1, z2, dim=8, variant=variant)
+    ref_loss, ref_g1, _ = reference_loss_and_grads(z1, z2, dim=8, variant=variant)
+    assert torch.isfinite(loss) and torch.isfinite(g1).all() and torch.isfinite(g2).all()
+    assert_rel_close(loss, ref_loss, 1e-5, "loss")
+    assert torch.equal(g1[2], torch.zeros_like(g1[2]))
+    assert torch.equal(g2[5], torch.zeros_like(g2[5]))
+    others = [i for i in range(9) if i != 2]
+    assert_rel_close(g1[others], ref_g1[others], 1e-4, "grad of nonzero rows")
+
+
+@pytest.mark.parametrize("variant", ["cross", "ntxent"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_input_gives_nan_loss(variant, bad):
+    z1, z2 = make_views(6, 8)
+    with torch.no_grad():
+        z2[3, 1] = bad
+    for reduction in ("mean", "none"):
+        loss = infonce(z1, z2, dim=4, variant=variant, reduction=reduction)
+        assert torch.isnan(loss).any()
+    # Outside the subvector the value is never read.
+    with torch.no_grad():
+        z2[3, 1] = 0.0
+        z2[3, 6] = bad
+    assert torch.isfinite(infonce(z1, z2, dim=4, variant=variant))
+
+
+def test_module_matches_functional():
+    z1, z2 = make_views(17, 50)
+    module = DirectCLRLoss(dim=30, temperature=0.2, variant="ntxent")
+    assert "dim=30" in repr(module)
+    assert torch.equal(module(z1, z2), infonce(z1, z2, dim=30, temperature=0.2, variant="ntxent"))
+
+
+def test_dim_none_uses_whole_vector():
+    z1, z2 = make_views(10, 12)
+    assert torch.equal(infonce(z1, z2, dim=None), infonce(z1, z2, dim=12))
+
+
+def test_reference_backend_is_the_formula():
+    z1, z2 = make_views(10, 12)
+    expected = directclr.infonce_reference(z1, z2, 5, 0.1, "cross").mean()
+    assert torch.equal(infonce(z1, z2, dim=5, backend="reference"), expected)
+
+
+def test_opcheck():
+    for variant in ("cross", "ntxent"):
+        z1, z2 = make_views(7, 12)
+        torch.library.opcheck(torch.ops.directclr.infonce.default,
+                              (z1, z2, 5, 0.1, variant, "cpu"))
+        grad = torch.randn(7)
+        _, row_lse, col_lse = torch.ops.directclr.infonce(z1, z2, 5, 0.1, variant, "cpu")
+        torch.library.opcheck(torch.ops.directclr.infonce_backward.default,
+                              (grad, z1.detach(), z2.detach(), row_lse, col_lse, 5, 0.1, variant,
+                               "cpu"))
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+
+    def step(z1, z2):
+        return infonce(z1 * 2.0, z2, dim=10, variant="cross") + 0.1 * infonce(
+            z1, z2, dim=10, variant="ntxent")
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    z1, z2 = make_views(12, 24)
+    loss = compiled(z1, z2)
+    loss.backward()
+    g1 = z1.grad.clone()
+    z1.grad = None
+    eager = step(z1, z2)
+    eager.backward()
+    assert math.isclose(loss.item(), eager.item(), rel_tol=1e-6)
+    assert_rel_close(g1, z1.grad, 1e-6, "compiled grad")
+
+
+def test_triton_backend_not_built_yet():
+    z1, z2 = make_views(4, 8)
+    with pytest.raises(NotImplementedError, match="triton"):
+        infonce(z1, z2, dim=4, backend="triton")
+
+
+# --------------------------------------------------------------------------- bad input
+def _bad_calls():
+    z = torch.randn(4, 8)
+    return [
+        ("z1", TypeError, lambda: infonce(z.numpy(), z)),
+        ("z1 must be 2-D", ValueError, lambda: infonce(z[0], z[0])),
+        ("z2 must be 2-D", ValueError, lambda: infonce(z, z.unsqueeze(0))),
+        ("same shape", ValueError, lambda: infonce(z, torch.randn(5, 8))),
+        ("same shape", ValueError, lambda: infonce(z, torch.randn(4, 9))),
+        ("dim", ValueError, lambda: infonce(z, z, dim=0)),
+        ("dim", ValueError, lambda: infonce(z, z, dim=9)),
+        ("dim", TypeError, lambda: infonce(z, z, dim=2.5)),
+        ("dim", TypeError, lambda: infonce(z, z, dim=True)),
+        ("temperature", ValueError, lambda: infonce(z, z, dim=4, temperature=0.0)),
+        ("temperature", ValueError, lambda: infonce(z, z, dim=4, temperature=-0.1)),
+        ("temperature", ValueError, lambda: infonce(z, z, dim=4, temperature=float("nan"))),
+        ("temperature", ValueError, lambda: infonce(z, z, dim=4, temperature=float("inf"))),
+        ("temperature", TypeError, lambda: infonce(z, z, dim=4, temperature="0.1")),
+        ("z1", TypeError, lambda: infonce(z.long(), z.long(), dim=4)),
+        ("z1", TypeError, lambda: infonce(z.to(torch.complex64), z.to(torch.complex64), dim=4)),
+        ("same dtype", TypeError, lambda: infonce(z, z.double(), dim=4)),
+        ("ntxent", ValueError, lambda: infonce(z[:1], z[:1], dim=4, variant="ntxent")),
+        ("at least one row", ValueError, lambda: infonce(z[:0], z[:0], dim=4)),
+        ("same device", ValueError, lambda: infonce(z, z.to("meta"), dim=4)),
+        ("variant", ValueError, lambda: infonce(z, z, dim=4, variant="simclr")),
+        ("reduction", ValueError, lambda: infonce(z, z, dim=4, reduction="sum")),
+        ("backend", ValueError, lambda: infonce(z, z, dim=4, backend="cuda")),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_calls())))
+def test_bad_input_raises_clear_error(case):
+    match, error, call = _bad_calls()[case]
+    with pytest.raises(error, match=match):
+        call()
