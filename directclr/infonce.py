@@ -188,10 +188,11 @@ def _normalize(z: Tensor, dim: int) -> tuple[Tensor, Tensor]:
 
 
 def _normalize_backward(grad_unit: Tensor, unit: Tensor, inv_norm: Tensor, z: Tensor) -> Tensor:
-    dim = unit.shape[1]
+    """(g - u (u.g)) / |u| into the first columns of a zero gradient of z; consumes grad_unit."""
     radial = (grad_unit * unit).sum(1, keepdim=True)
+    grad_unit.addcmul_(unit, radial, value=-1.0).mul_(inv_norm.unsqueeze(1))
     grad_z = torch.zeros(z.shape, dtype=z.dtype, device=z.device)
-    grad_z[:, :dim] = (grad_unit - unit * radial) * inv_norm.unsqueeze(1)
+    grad_z[:, :unit.shape[1]] = grad_unit
     return grad_z
 
 

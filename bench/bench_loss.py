@@ -1,0 +1,227 @@
+"""Loss benchmark: the fused op vs the reference formula vs torch.compile(reference), fwd+bwd.
+
+Standalone (prints a table, appends JSON rows to bench/results/bench_loss.jsonl):
+
+    python bench/bench_loss.py                       # CPU, fp32, D=2048, dim=360
+    python bench/bench_loss.py --device cuda --dtype bfloat16 --n 4096 16384 65536
+
+Every case runs in a fresh subprocess, so its peak memory is its own: on CPU the RSS high-water
+mark minus the RSS once the inputs exist; on CUDA torch.cuda.max_memory_allocated minus the
+inputs. Both count the two input gradients (N x D each), which every provider must return;
+`grad_mb` says how much of the peak that is.
+
+Under pytest-benchmark (small shapes): pytest bench/bench_loss.py
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+PROVIDERS = ("fused", "reference", "compiled")
+VARIANTS = ("cross", "ntxent")
+DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Live N x N buffers of the reference in fwd+bwd (logits, two softmaxes, their grads), fitted to
+# measured peaks; used to skip cases that cannot fit instead of letting the OS kill them.
+REFERENCE_NN_BUFFERS = 6
+
+
+def matmul_flops(variant: str, n: int, dim: int) -> float:
+    """FLOPs of the reference's matrix products, forward + backward (3 products)."""
+    rows = n if variant == "cross" else 2 * n
+    return 3 * 2.0 * rows * rows * dim
+
+
+def reference_bytes(variant: str, n: int, dtype: str) -> int:
+    rows = n if variant == "cross" else 2 * n
+    return REFERENCE_NN_BUFFERS * rows * rows * DTYPES[dtype]
+
+
+def available_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        import torch
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def make_loss(provider: str, variant: str, dim: int):
+    import torch
+
+    from directclr import infonce, infonce_reference
+
+    if provider == "fused":
+        return lambda z1, z2: infonce(z1, z2, dim=dim, variant=variant)
+
+    def reference(z1, z2):
+        return infonce_reference(z1, z2, dim, 0.1, variant).mean()
+
+    return torch.compile(reference) if provider == "compiled" else reference
+
+
+def rss_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_case(provider, variant, n, width, dim, dtype, device, repeats) -> dict:
+    """Times fwd+bwd in this process (meant to be a fresh one); returns one result row."""
+    import torch
+
+    torch.manual_seed(0)
+    torch_dtype = getattr(torch, dtype)
+    loss_fn = make_loss(provider, variant, dim)
+    # Imports, library loading and thread pools happen here, before the memory baseline
+    # (compilation for the real shape still counts: it happens at its first call).
+    tiny = [torch.randn(4, width, device=device, dtype=torch_dtype, requires_grad=True)
+            for _ in range(2)]
+    make_loss("fused" if provider == "compiled" else provider, variant, dim)(*tiny).backward()
+    z1 = torch.randn(n, width, device=device, dtype=torch_dtype, requires_grad=True)
+    z2 = torch.randn(n, width, device=device, dtype=torch_dtype, requires_grad=True)
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = rss_bytes()
+
+    def step():
+        loss_fn(z1, z2).backward()
+        z1.grad = z2.grad = None
+
+    step()  # warm-up: compilation, allocator, thread pool
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    median = statistics.median(times)
+    return {
+        "op": "infonce", "provider": provider, "backend": "auto" if provider == "fused" else
+        "reference", "variant": variant, "N": n, "D": width, "dim": dim, "dtype": dtype,
+        "device": device, "fwd_bwd_ms": 1e3 * median, "repeats": repeats,
+        "tflops": matmul_flops(variant, n, dim) / median / 1e12,
+        "peak_mem_mb": max(peak, 0) / 2**20, "grad_mb": 2 * n * width * DTYPES[dtype] / 2**20,
+        "status": "ok",
+    }
+
+
+def run_in_subprocess(case: dict, timeout: float) -> dict:
+    cmd = [sys.executable, __file__, "--child", json.dumps(case)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**case, "status": f"timeout after {timeout:.0f} s"}
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return {**case, "status": f"failed (rc {proc.returncode}): {last[:200]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def repeats_for(n: int, variant: str) -> int:
+    rows = n if variant == "cross" else 2 * n
+    return 5 if rows <= 8192 else 3 if rows <= 16384 else 1
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--n", type=int, nargs="+", default=[2048, 8192, 32768])
+    parser.add_argument("--ntxent-max-n", type=int, default=8192,
+                        help="largest N for the ntxent variant (it has 4x the work of cross)")
+    parser.add_argument("--width", type=int, default=2048, help="D, the embedding width")
+    parser.add_argument("--dim", type=int, default=360)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    parser.add_argument("--repeats", type=int, default=None, help="default: by size")
+    parser.add_argument("--timeout", type=float, default=1200, help="seconds per case")
+    parser.add_argument("--results-dir", type=Path, default=common.RESULTS)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(run_case(**json.loads(args.child))))
+        return []
+
+    rows = []
+    for variant in args.variants:
+        for n in args.n:
+            if variant == "ntxent" and n > args.ntxent_max_n:
+                continue
+            for provider in args.providers:
+                case = dict(provider=provider, variant=variant, n=n, width=args.width,
+                            dim=args.dim, dtype=args.dtype, device=args.device,
+                            repeats=args.repeats or repeats_for(n, variant))
+                need = reference_bytes(variant, n, args.dtype)
+                if provider != "fused" and need > 0.8 * available_bytes(args.device):
+                    row = {**case, "status": f"skipped: needs ~{need / 2**30:.0f} GiB"}
+                else:
+                    row = run_in_subprocess(case, args.timeout)
+                row.setdefault("N", n)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    add_ratios(rows)
+    rows = common.stamp(rows, args.device)
+    path = common.append_rows(rows, "bench_loss", args.results_dir)
+    print(common.format_table(rows, ["variant", "N", "dtype", "provider", "fwd_bwd_ms",
+                                     "vs_reference", "vs_compiled", "tflops", "peak_mem_mb",
+                                     "grad_mb", "status"]))
+    print(f"rows appended to {path}")
+    return rows
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """time(provider) / time(reference | compiled) for the same variant and N, same run."""
+    by_case = {(r["variant"], r["N"], r["provider"]): r for r in rows if r["status"] == "ok"}
+    for row in rows:
+        if row["status"] != "ok":
+            continue
+        for other, key in (("reference", "vs_reference"), ("compiled", "vs_compiled")):
+            base = by_case.get((row["variant"], row["N"], other))
+            if base:
+                row[key] = row["fwd_bwd_ms"] / base["fwd_bwd_ms"]
+
+
+# --------------------------------------------------------------------------- pytest-benchmark
+try:
+    import pytest
+except ImportError:  # standalone use needs no pytest
+    pytest = None
+
+if pytest is not None:
+    @pytest.mark.parametrize("provider", PROVIDERS)
+    @pytest.mark.parametrize("variant", VARIANTS)
+    def test_loss_fwd_bwd(benchmark, provider, variant):
+        import torch
+
+        z1 = torch.randn(1024, 2048, requires_grad=True)
+        z2 = torch.randn(1024, 2048, requires_grad=True)
+        loss_fn = make_loss(provider, variant, 360)
+
+        def step():
+            loss_fn(z1, z2).backward()
+
+        step()
+        benchmark(step)
+
+
+if __name__ == "__main__":
+    main()
