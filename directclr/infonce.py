@@ -21,6 +21,7 @@ derivative there. Non-finite inputs give a NaN loss (never an error, so no devic
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.distributed as dist
@@ -92,14 +93,27 @@ def _check_args(z1, z2, dim, temperature, variant, reduction, backend) -> int:
     return dim
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend != "auto":
-        return backend
-    if device.type == "cpu":
-        return "cpu"
-    if device.type == "cuda":
-        return "triton"
-    raise ValueError(f"backend='auto' has no kernel for device {device}; use backend='reference'")
+def _resolve_backend(backend: str, z: Tensor) -> str:
+    device = z.device
+    if backend == "auto":
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"backend='auto' has no kernel for device {device}; "
+                             "use backend='reference'")
+        backend = "cpu" if device.type == "cpu" else "triton"
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend='cpu' needs CPU tensors, z1 is on {device}")
+    if backend == "triton":
+        if device.type != "cuda" and not (device.type == "cpu" and _triton_interpreted()):
+            raise ValueError(f"backend='triton' needs CUDA tensors (or CPU tensors with "
+                             f"TRITON_INTERPRET=1), z1 is on {device}")
+        if z.dtype == torch.float64:
+            raise TypeError("backend='triton' takes float32/bfloat16/float16 z1, got float64; "
+                            "use backend='cpu' or 'reference' for float64")
+    return backend
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _working_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -107,14 +121,48 @@ def _working_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------- primitive per backend
-def _primitive(backend: str):
-    """(forward, backward) of rows-against-columns InfoNCE for one backend."""
-    if backend == "cpu":
+# Both backends take raw subvectors (any strides, the input dtype) with fp32/fp64 inverse row norms
+# and return fp32/fp64 gradients w.r.t. the *normalized* rows and columns:
+#   forward(rows, row_inv, cols, col_inv, pos, excl, scale, with_cols)
+#       -> row_lse, pos_logit, col_max, col_sum   (column partials over these rows)
+#   backward(rows, row_inv, cols, col_inv, pos, excl, scale, row_lse, row_w, col_lse, col_w,
+#            with_grad_cols) -> grad_rows, grad_cols
+def _unit_rows(x: Tensor, inv_norm: Tensor) -> Tensor:
+    """Row-major normalized copy in the working dtype, whatever x's strides."""
+    unit = torch.empty(x.shape, dtype=inv_norm.dtype, device=x.device)
+    return torch.mul(x, inv_norm.unsqueeze(1), out=unit)
+
+
+class _CpuPrimitive:
+    """C++ kernels of directclr._C; they work on normalized contiguous rows."""
+
+    @staticmethod
+    def _units(rows, row_inv, cols, col_inv):
         from . import _C  # noqa: F401  (loading the library registers torch.ops.directclr_cpu)
-        return torch.ops.directclr_cpu.lse_forward, torch.ops.directclr_cpu.lse_backward
+        unit_rows = _unit_rows(rows, row_inv)
+        return unit_rows, unit_rows if cols is rows else _unit_rows(cols, col_inv)
+
+    @classmethod
+    def lse_forward(cls, rows, row_inv, cols, col_inv, pos, excl, scale, with_cols):
+        unit_rows, unit_cols = cls._units(rows, row_inv, cols, col_inv)
+        return torch.ops.directclr_cpu.lse_forward(unit_rows, unit_cols, pos, excl, scale,
+                                                   with_cols)
+
+    @classmethod
+    def lse_backward(cls, rows, row_inv, cols, col_inv, pos, excl, scale, row_lse, row_w, col_lse,
+                 col_w, with_grad_cols):
+        unit_rows, unit_cols = cls._units(rows, row_inv, cols, col_inv)
+        return torch.ops.directclr_cpu.lse_backward(unit_rows, unit_cols, pos, excl, scale,
+                                                    row_lse, row_w, col_lse, col_w,
+                                                    with_grad_cols)
+
+
+def _primitive(backend: str):
+    if backend == "cpu":
+        return _CpuPrimitive
     if backend == "triton":
-        raise NotImplementedError("backend='triton': the fused Triton kernel is not built yet "
-                                  "(issue 3); use backend='cpu' or 'reference'")
+        from kernels import infonce as triton_infonce
+        return triton_infonce
     raise ValueError(f"backend {backend!r} has no fused primitive")
 
 
@@ -174,53 +222,53 @@ def _check_equal_batches(n: int, device: torch.device, group) -> None:
 
 
 # --------------------------------------------------------------------------- the algorithm
-def _normalize(z: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-    """Unit rows of z[:, :dim] (read in place) in the working dtype, and 1/norm for backward."""
-    work = _working_dtype(z.dtype)
+def _subvector(z: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """z[:, :dim] as a view (never copied), 1/max(|u|, eps) for the forward, and the 1/|u| the
+    backward uses: 0 where |u| < eps, since the norm has no derivative at 0 (this keeps fp16
+    gradients of zero rows finite)."""
     sub = z[:, :dim]
-    norm = torch.linalg.vector_norm(sub, dim=1, dtype=work)
-    # Row-major output whatever z's strides: the kernels read rows contiguously.
-    unit = torch.empty(sub.shape, dtype=work, device=z.device)
-    torch.mul(sub, (1.0 / norm.clamp_min(NORM_EPS)).unsqueeze(1), out=unit)
-    # The norm has no derivative at 0; a zero gradient keeps fp16 gradients finite there.
-    inv_norm_grad = torch.where(norm >= NORM_EPS, 1.0 / norm, torch.zeros_like(norm))
-    return unit, inv_norm_grad
+    norm = torch.linalg.vector_norm(sub, dim=1, dtype=_working_dtype(z.dtype))
+    inv_norm = 1.0 / norm.clamp_min(NORM_EPS)
+    return sub, inv_norm, torch.where(norm >= NORM_EPS, inv_norm, torch.zeros_like(norm))
 
 
-def _normalize_backward(grad_unit: Tensor, unit: Tensor, inv_norm: Tensor, z: Tensor) -> Tensor:
-    """(g - u (u.g)) / |u| into the first columns of a zero gradient of z; consumes grad_unit."""
-    radial = (grad_unit * unit).sum(1, keepdim=True)
-    grad_unit.addcmul_(unit, radial, value=-1.0).mul_(inv_norm.unsqueeze(1))
+def _subvector_backward(grad_unit: Tensor, sub: Tensor, inv_norm: Tensor, inv_norm_grad: Tensor,
+                        z: Tensor) -> Tensor:
+    """(g - u_hat (u_hat . g)) / |u| into the first columns of a zero gradient of z; consumes
+    grad_unit (fp32/fp64, contiguous)."""
+    radial = (grad_unit * sub).sum(1) * inv_norm  # u_hat . g without materializing u_hat
+    grad_unit.addcmul_(sub, (radial * inv_norm).unsqueeze(1), value=-1.0)
+    grad_unit.mul_(inv_norm_grad.unsqueeze(1))
     grad_z = torch.zeros(z.shape, dtype=z.dtype, device=z.device)
-    grad_z[:, :unit.shape[1]] = grad_unit
+    grad_z[:, :sub.shape[1]] = grad_unit
     return grad_z
 
 
-def _layout(unit1: Tensor, unit2: Tensor, variant: str, group):
-    """Rows, gathered columns, positive and excluded column of each row, for one rank."""
+def _layout(sub1, inv1, sub2, inv2, variant: str, group):
+    """Rows and gathered columns (each with inverse norms), the positive and excluded column of
+    each row, for one rank. ntxent: rank r's block of the gathered columns is [a_r; b_r]."""
     rank, world = _world(group)
-    n = unit1.shape[0]
-    local = torch.arange(n, device=unit1.device)
+    n = sub1.shape[0]
     if variant == "cross":
-        rows, cols = unit1, _all_gather_rows(unit2, group)
-        pos = rank * n + local
+        rows, row_inv = sub1, inv1
+        cols, col_inv = _all_gather_rows(sub2, group), _all_gather_rows(inv2, group)
+        pos = rank * n + torch.arange(n, device=sub1.device)
         excl = torch.full_like(pos, -1)
-    else:  # rank r's block of the gathered columns is [a_r; b_r]
-        rows = torch.cat([unit1, unit2])
-        cols = _all_gather_rows(rows, group)
-        excl = rank * 2 * n + torch.arange(2 * n, device=unit1.device)
+    else:
+        rows, row_inv = torch.cat([sub1, sub2]), torch.cat([inv1, inv2])
+        cols, col_inv = _all_gather_rows(rows, group), _all_gather_rows(row_inv, group)
+        excl = rank * 2 * n + torch.arange(2 * n, device=sub1.device)
         pos = torch.cat([excl[n:], excl[:n]])
-    return rows, cols, pos, excl
+    return rows, row_inv, cols, col_inv, pos, excl
 
 
 def _forward(z1, z2, dim, temperature, variant, backend, group):
     """Per-pair losses of this rank's rows, and the LSEs that backward needs."""
-    fwd, _ = _primitive(backend)
-    unit1, _ = _normalize(z1, dim)
-    unit2, _ = _normalize(z2, dim)
-    rows, cols, pos, excl = _layout(unit1, unit2, variant, group)
-    scale = 1.0 / temperature
-    row_lse, pos_logit, col_max, col_sum = fwd(rows, cols, pos, excl, scale, variant == "cross")
+    sub1, inv1, _ = _subvector(z1, dim)
+    sub2, inv2, _ = _subvector(z2, dim)
+    layout = _layout(sub1, inv1, sub2, inv2, variant, group)
+    row_lse, pos_logit, col_max, col_sum = _primitive(backend).lse_forward(
+        *layout, 1.0 / temperature, variant == "cross")
     n = z1.shape[0]
     if variant == "cross":
         col_lse = _merge_col_lse(col_max, col_sum, group)
@@ -228,7 +276,7 @@ def _forward(z1, z2, dim, temperature, variant, backend, group):
         own_col_lse = col_lse[rank * n:(rank + 1) * n]
         loss = 0.5 * ((row_lse - pos_logit) + (own_col_lse - pos_logit))
     else:
-        col_lse = col_max  # empty: ntxent has only row terms (S is symmetric)
+        col_lse = col_max  # empty: ntxent's column LSEs are the gathered row LSEs (backward)
         per_view = row_lse - pos_logit
         loss = 0.5 * (per_view[:n] + per_view[n:])
     return loss, row_lse, col_lse
@@ -236,23 +284,25 @@ def _forward(z1, z2, dim, temperature, variant, backend, group):
 
 def _backward(grad, z1, z2, row_lse, col_lse, dim, temperature, variant, backend, group):
     """Gradients w.r.t. z1, z2 of sum_i grad_i * loss_i, summed over all ranks' losses."""
-    _, bwd = _primitive(backend)
-    unit1, inv_norm1 = _normalize(z1, dim)
-    unit2, inv_norm2 = _normalize(z2, dim)
-    rows, cols, pos, excl = _layout(unit1, unit2, variant, group)
-    half = 0.5 * grad.to(rows.dtype).contiguous()  # each pair's loss averages two terms
+    sub1, inv1, inv_grad1 = _subvector(z1, dim)
+    sub2, inv2, inv_grad2 = _subvector(z2, dim)
+    layout = _layout(sub1, inv1, sub2, inv2, variant, group)
+    half = 0.5 * grad.to(row_lse.dtype).contiguous()  # each pair's loss averages two terms
+    row_w = half if variant == "cross" else torch.cat([half, half])
+    col_w = _all_gather_rows(row_w if variant == "ntxent" else half, group)
+    if variant == "ntxent":  # S is symmetric: column j's LSE is row j's
+        col_lse = _all_gather_rows(row_lse, group)
+    # cross: local rows only see their part of each column's gradient -> sum over ranks.
+    # ntxent: G + G^T on local rows is complete (S symmetric), no column gradient needed.
+    grad_rows, grad_cols = _primitive(backend).lse_backward(
+        *layout, 1.0 / temperature, row_lse, row_w, col_lse, col_w, variant == "cross")
     n = z1.shape[0]
     if variant == "cross":
-        grad_rows, grad_cols = bwd(rows, cols, pos, excl, 1.0 / temperature, row_lse, half,
-                                   col_lse, _all_gather_rows(half, group))
         grad_unit1, grad_unit2 = grad_rows, _reduce_scatter_rows(grad_cols, group)
     else:
-        grad_rows, grad_cols = bwd(rows, cols, pos, excl, 1.0 / temperature, row_lse,
-                                   torch.cat([half, half]), col_lse, col_lse)
-        grad_views = grad_rows + _reduce_scatter_rows(grad_cols, group)
-        grad_unit1, grad_unit2 = grad_views[:n], grad_views[n:]
-    return (_normalize_backward(grad_unit1, unit1, inv_norm1, z1),
-            _normalize_backward(grad_unit2, unit2, inv_norm2, z2))
+        grad_unit1, grad_unit2 = grad_rows[:n], grad_rows[n:]
+    return (_subvector_backward(grad_unit1, sub1, inv1, inv_grad1, z1),
+            _subvector_backward(grad_unit2, sub2, inv2, inv_grad2, z2))
 
 
 # --------------------------------------------------------------------------- torch.library op
@@ -347,7 +397,7 @@ def infonce(z1: Tensor, z2: Tensor, dim: int | None = 360, temperature: float = 
             loss. Every rank must pass the same N.
     """
     dim = _check_args(z1, z2, dim, temperature, variant, reduction, backend)
-    backend = _resolve_backend(backend, z1.device)
+    backend = _resolve_backend(backend, z1)
     temperature = float(temperature)
     if group is None and dist.is_available() and dist.is_initialized():
         group = dist.group.WORLD

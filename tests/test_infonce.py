@@ -35,7 +35,7 @@ def test_matches_float64_reference(variant, n, width, dim):
     # round-off of the tangent projection, amplified by 1/|u| of the smallest row.
     atol = 0.0
     if dim == 1:
-        atol = 1e-6 / torch.cat([z1, z2])[:, 0].detach().abs().min().item()
+        atol = 2e-6 / torch.cat([z1, z2])[:, 0].detach().abs().min().item()
     assert_rel_close(loss, ref_loss, 1e-5, "loss")
     assert_rel_close(g1, ref_g1, 1e-4, "grad z1", atol)
     assert_rel_close(g2, ref_g2, 1e-4, "grad z2", atol)
@@ -190,12 +190,6 @@ def test_torch_compile_fullgraph():
     eager.backward()
     assert math.isclose(loss.item(), eager.item(), rel_tol=1e-6)
     assert_rel_close(g1, z1.grad, 1e-6, "compiled grad")
-
-
-def test_triton_backend_not_built_yet():
-    z1, z2 = make_views(4, 8)
-    with pytest.raises(NotImplementedError, match="triton"):
-        infonce(z1, z2, dim=4, backend="triton")
 
 
 # --------------------------------------------------------------------------- bad input

@@ -144,11 +144,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lse_forward(
 }
 
 // dL/dS_ij = row_w_i (P^row_ij - [j = pos_i]) + col_w_j (P^col_ij - [j = pos_i]); the column term
-// is present only when col_lse is non-empty. dQ = scale G K, dK = scale G^T Q.
+// is present only when col_lse is non-empty. dQ = scale G K and, if with_grad_cols, dK = scale G^T Q.
+// (ntxent passes its own row LSEs/weights as the column term and skips dK: S is symmetric and pos
+// an involution, so G + G^T is exactly this G and dY = scale (G + G^T) Y is one product.)
 std::tuple<at::Tensor, at::Tensor> lse_backward(
     const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& pos, const at::Tensor& excl,
     double scale, const at::Tensor& row_lse, const at::Tensor& row_w, const at::Tensor& col_lse,
-    const at::Tensor& col_w) {
+    const at::Tensor& col_w, bool with_grad_cols) {
   check_inputs(rows, cols, pos, excl);
   const int64_t n_rows = rows.size(0), n_cols = cols.size(0), width = rows.size(1);
   const bool with_cols = col_lse.numel() > 0;
@@ -157,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor> lse_backward(
               "col_lse/col_w: one per column");
   const auto opts = rows.options();
   auto grad_rows = at::zeros({n_rows, width}, opts);
-  auto grad_cols = at::zeros({n_cols, width}, opts);
+  auto grad_cols = with_grad_cols ? at::zeros({n_cols, width}, opts) : at::empty({0, width}, opts);
   const auto row_lse_w = row_lse.to(opts).contiguous();
   const auto row_weight = row_w.to(opts).contiguous();
   const auto col_lse_w = with_cols ? col_lse.to(opts).contiguous() : at::Tensor();
@@ -173,13 +175,14 @@ std::tuple<at::Tensor, at::Tensor> lse_backward(
     const int64_t col_tile = std::min(kColTile, n_cols - col0);
     const auto col_block = cols.narrow(0, col0, col_tile);
     // Row tiles on different threads all add into these columns: one partial per thread.
-    auto thread_grad_cols = at::zeros({n_threads, col_tile, width}, opts);
+    auto thread_grad_cols =
+        with_grad_cols ? at::zeros({n_threads, col_tile, width}, opts) : at::Tensor();
 
     at::parallel_for(0, n_row_tiles, 1, [&](int64_t first, int64_t last) {
       const int64_t tid = at::get_thread_num();
       auto logits_buf = at::empty({row_tile, col_tile}, opts);
       auto grad_buf = at::empty({row_tile, col_tile}, opts);
-      auto grad_cols_acc = thread_grad_cols[tid];
+      auto grad_cols_acc = with_grad_cols ? thread_grad_cols[tid] : at::Tensor();
       for (int64_t t = first; t < last; ++t) {
         const int64_t row0 = t * row_tile;
         const int64_t rows_here = std::min(row_tile, n_rows - row0);
@@ -214,10 +217,10 @@ std::tuple<at::Tensor, at::Tensor> lse_backward(
         });
         auto grad_rows_here = grad_rows.narrow(0, row0, rows_here);
         grad_rows_here.addmm_(grad_logits, col_block, 1.0, scale);
-        grad_cols_acc.addmm_(grad_logits.t(), row_block, 1.0, scale);
+        if (with_grad_cols) grad_cols_acc.addmm_(grad_logits.t(), row_block, 1.0, scale);
       }
     });
-    grad_cols.narrow(0, col0, col_tile).copy_(thread_grad_cols.sum(0));
+    if (with_grad_cols) grad_cols.narrow(0, col0, col_tile).copy_(thread_grad_cols.sum(0));
   }
   return {grad_rows, grad_cols};
 }
@@ -230,7 +233,7 @@ TORCH_LIBRARY(directclr_cpu, m) {
       " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "lse_backward(Tensor rows, Tensor cols, Tensor pos, Tensor excl, float scale, Tensor row_lse,"
-      " Tensor row_w, Tensor col_lse, Tensor col_w) -> (Tensor, Tensor)");
+      " Tensor row_w, Tensor col_lse, Tensor col_w, bool with_grad_cols) -> (Tensor, Tensor)");
   m.impl("lse_forward", c10::DispatchKey::CPU, TORCH_FN(lse_forward));
   m.impl("lse_backward", c10::DispatchKey::CPU, TORCH_FN(lse_backward));
 }

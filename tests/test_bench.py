@@ -1,0 +1,30 @@
+"""The loss benchmark runs end to end and writes well-formed rows (a smoke test, not a timing)."""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import bench_loss  # noqa: E402
+
+
+def test_bench_loss_writes_rows(tmp_path):
+    rows = bench_loss.main(["--n", "32", "--width", "48", "--dim", "20", "--repeats", "1",
+                            "--variants", "cross", "ntxent", "--providers", "fused", "reference",
+                            "--results-dir", str(tmp_path)])
+    assert [r["status"] for r in rows] == ["ok"] * 4, rows
+    written = [json.loads(line) for line in (tmp_path / "bench_loss.jsonl").read_text().splitlines()]
+    assert written == rows
+    for row in written:
+        assert {"op", "backend", "variant", "N", "dim", "dtype", "device", "fwd_bwd_ms",
+                "peak_mem_mb", "commit", "date"} <= row.keys()
+        assert row["fwd_bwd_ms"] > 0 and row["peak_mem_mb"] >= 0
+    fused = [r for r in written if r["provider"] == "fused"]
+    assert all(r["vs_reference"] > 0 for r in fused)
+
+
+def test_cases_that_cannot_fit_are_skipped_not_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_loss, "available_bytes", lambda device: 1)
+    rows = bench_loss.main(["--n", "16", "--width", "16", "--dim", "8", "--repeats", "1",
+                            "--variants", "cross", "--providers", "reference",
+                            "--results-dir", str(tmp_path)])
+    assert rows[0]["status"].startswith("skipped")

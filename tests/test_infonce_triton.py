@@ -1,0 +1,125 @@
+"""The Triton backend: under TRITON_INTERPRET=1 on CPU tensors here, on CUDA where there is one."""
+import pytest
+import torch
+
+from directclr import infonce
+from helpers import (assert_rel_close, loss_and_grads, make_views, max_err,
+                     reference_loss_and_grads)
+
+CUDA = torch.cuda.is_available()
+interpreted = pytest.mark.skipif(
+    __import__("os").environ.get("TRITON_INTERPRET") != "1",
+    reason="CPU tensors reach the Triton kernels only through the interpreter")
+
+
+def _cases():
+    for variant in ("cross", "ntxent"):
+        for n in (1, 3, 65, 130):
+            if variant == "ntxent" and n == 1:
+                continue
+            for dim in (1, 7, 64, 360):
+                yield variant, n, dim
+
+
+@interpreted
+@pytest.mark.parametrize("variant,n,dim", list(_cases()))
+def test_triton_fp32_matches_float64(variant, n, dim):
+    z1, z2 = make_views(n, 2048, layout="strided")  # D = 2048, row stride 4096, column stride 2
+    loss, g1, g2 = loss_and_grads(z1, z2, dim=dim, variant=variant, backend="triton")
+    ref_loss, ref_g1, ref_g2 = reference_loss_and_grads(z1, z2, dim=dim, variant=variant)
+    atol = 2e-6 / torch.cat([z1, z2])[:, 0].detach().abs().min().item() if dim == 1 else 0.0
+    assert_rel_close(loss, ref_loss, 1e-5, "loss")
+    assert_rel_close(g1, ref_g1, 1e-4, "grad z1", atol)
+    assert_rel_close(g2, ref_g2, 1e-4, "grad z2", atol)
+    assert torch.equal(g1[:, dim:], torch.zeros_like(g1[:, dim:]))
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("variant,n,dim", [("cross", 65, 360), ("ntxent", 3, 7),
+                                           ("cross", 1, 64), ("ntxent", 130, 64)])
+def test_triton_low_precision_within_pytorch_error(dtype, variant, n, dim):
+    z1, z2 = make_views(n, 2048, dtype=dtype, layout="strided")
+    ours = loss_and_grads(z1, z2, dim=dim, variant=variant, backend="triton")
+    exact = reference_loss_and_grads(z1, z2, dim=dim, variant=variant)
+    pytorch = reference_loss_and_grads(z1, z2, dim=dim, variant=variant, dtype=dtype)
+    assert ours[1].dtype == dtype
+    for name, got, ref, pt in zip(("loss", "grad z1", "grad z2"), ours, exact, pytorch):
+        atol = 1e-3 * ref.abs().max().item()
+        assert max_err(got, ref) <= 2 * max_err(pt, ref) + atol, name
+
+
+@interpreted
+@pytest.mark.parametrize("variant", ["cross", "ntxent"])
+def test_triton_reduction_none_weights_and_zero_rows(variant):
+    z1, z2 = make_views(9, 32)
+    with torch.no_grad():
+        z1[4].zero_()
+    weights = torch.randn(9)
+    ours = loss_and_grads(z1, z2, "none", weights, dim=20, variant=variant, backend="triton")
+    cpu = loss_and_grads(z1, z2, "none", weights, dim=20, variant=variant, backend="cpu")
+    for name, got, ref in zip(("loss", "grad z1", "grad z2"), ours, cpu):
+        assert_rel_close(got, ref, 1e-5, name)
+    assert torch.equal(ours[1][4], torch.zeros_like(ours[1][4]))
+
+
+@interpreted
+def test_triton_is_deterministic():
+    z1, z2 = make_views(40, 64)
+    first = loss_and_grads(z1, z2, dim=48, backend="triton")
+    second = loss_and_grads(z1, z2, dim=48, backend="triton")
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_triton_rejects_float64():
+    z1, z2 = make_views(4, 8, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        infonce(z1, z2, dim=4, backend="triton")
+
+
+# --------------------------------------------------------------------------- GPU only
+cuda_only = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+
+
+@cuda_only
+@pytest.mark.parametrize("variant", ["cross", "ntxent"])
+@pytest.mark.parametrize("n", [1000, 8192, 65536])
+def test_cuda_bf16_against_reference(variant, n):
+    if variant == "ntxent" and n > 8192:
+        n = 16384  # the fp64 reference of a 2N x 2N matrix must fit
+    z1, z2 = make_views(n, 2048, dtype=torch.bfloat16)
+    z1 = z1.detach().cuda().requires_grad_()
+    z2 = z2.detach().cuda().requires_grad_()
+    ours = loss_and_grads(z1, z2, dim=360, variant=variant)
+    exact = reference_loss_and_grads(z1, z2, dim=360, variant=variant)
+    pytorch = reference_loss_and_grads(z1, z2, dim=360, variant=variant, dtype=torch.bfloat16)
+    for name, got, ref, pt in zip(("loss", "grad z1", "grad z2"), ours, exact, pytorch):
+        atol = 1e-3 * ref.abs().max().item()
+        assert max_err(got, ref) <= 2 * max_err(pt, ref) + atol, name
+
+
+@cuda_only
+@pytest.mark.parametrize("variant", ["cross", "ntxent"])
+def test_cuda_fp32_against_float64(variant):
+    z1, z2 = make_views(3000, 512)
+    z1 = z1.detach().cuda().requires_grad_()
+    z2 = z2.detach().cuda().requires_grad_()
+    loss, g1, _ = loss_and_grads(z1, z2, dim=360, variant=variant)
+    ref_loss, ref_g1, _ = reference_loss_and_grads(z1, z2, dim=360, variant=variant)
+    rel = 1e-2 if torch.backends.cuda.matmul.allow_tf32 else 1e-4
+    assert_rel_close(loss, ref_loss, rel, "loss")
+    assert_rel_close(g1, ref_g1, rel, "grad z1")
+
+
+@cuda_only
+def test_cuda_opcheck_and_compile():
+    z1, z2 = (torch.randn(64, 128, device="cuda", requires_grad=True) for _ in range(2))
+    for variant in ("cross", "ntxent"):
+        torch.library.opcheck(torch.ops.directclr.infonce.default,
+                              (z1, z2, 100, 0.1, variant, "triton"))
+    torch._dynamo.reset()
+    step = torch.compile(lambda a, b: infonce(a, b, dim=100), fullgraph=True)
+    loss = step(z1, z2)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(z1.grad).all()
