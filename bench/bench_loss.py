@@ -71,6 +71,24 @@ def make_loss(provider: str, variant: str, dim: int):
     return torch.compile(reference) if provider == "compiled" else reference
 
 
+def matmul_peak_tflops(device: str, dtype: str, size: int = 8192, repeats: int = 10) -> float:
+    """This device's own dense matmul rate in `dtype` (median of `repeats`), measured in the
+    same run as the loss so that the fraction of peak is honest for this machine."""
+    import torch
+
+    a = torch.randn(size, size, device=device, dtype=getattr(torch, dtype))
+    b = torch.randn(size, size, device=device, dtype=getattr(torch, dtype))
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    times = []
+    for _ in range(repeats + 1):  # the first is warm-up
+        sync()
+        start = time.perf_counter()
+        a @ b
+        sync()
+        times.append(time.perf_counter() - start)
+    return 2.0 * size**3 / statistics.median(times[1:]) / 1e12
+
+
 def rss_bytes() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -153,6 +171,10 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
     parser.add_argument("--repeats", type=int, default=None, help="default: by size")
+    parser.add_argument("--compiled-max-n", type=int, default=None,
+                        help="largest N for torch.compile(reference) (its compile time grows)")
+    parser.add_argument("--matmul-peak", action="store_true",
+                        help="measure this device's matmul rate in --dtype; adds pct_of_peak")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per case")
     parser.add_argument("--results-dir", type=Path, default=common.RESULTS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -167,6 +189,8 @@ def main(argv=None) -> list[dict]:
             if variant == "ntxent" and n > args.ntxent_max_n:
                 continue
             for provider in args.providers:
+                if provider == "compiled" and args.compiled_max_n and n > args.compiled_max_n:
+                    continue
                 case = dict(provider=provider, variant=variant, n=n, width=args.width,
                             dim=args.dim, dtype=args.dtype, device=args.device,
                             repeats=args.repeats or repeats_for(n, variant))
@@ -179,10 +203,19 @@ def main(argv=None) -> list[dict]:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     add_ratios(rows)
+    if args.matmul_peak:
+        peak = matmul_peak_tflops(args.device, args.dtype, size=8192 if "cuda" in args.device
+                                  else 2048)
+        print(f"{args.dtype} matmul peak on {args.device}: {peak:.1f} TFLOP/s")
+        for row in rows:
+            row["matmul_peak_tflops"] = peak
+            if row["status"] == "ok":
+                row["pct_of_peak"] = 100 * row["tflops"] / peak
     rows = common.stamp(rows, args.device)
     path = common.append_rows(rows, "bench_loss", args.results_dir)
     print(common.format_table(rows, ["variant", "N", "dtype", "provider", "fwd_bwd_ms",
-                                     "vs_reference", "vs_compiled", "tflops", "peak_mem_mb",
+                                     "vs_reference", "vs_compiled", "tflops", "pct_of_peak",
+                                     "peak_mem_mb",
                                      "grad_mb", "status"]))
     print(f"rows appended to {path}")
     return rows

@@ -30,6 +30,15 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# Above this size class (N > 131072) one launch takes seconds: autotuning every configuration
+# would cost minutes, so the first (the Hopper default) is taken.
+AUTOTUNE_MAX_SIZE_CLASS = 17
+
+
+def _prune_large(configs, named_args, **kwargs):
+    return configs[:1] if named_args["size_class"] > AUTOTUNE_MAX_SIZE_CLASS else configs
+
+
 def _lse_configs(interpret: bool = INTERPRET):
     if interpret:  # it cannot benchmark, and numpy pays per op: one configuration, big tiles
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64})]
@@ -75,7 +84,8 @@ def _logits_tile(rows_ptr, row_stride, row_k_stride, cols_ptr, col_stride, col_k
     return acc * (row_inv[:, None] * col_inv[None, :] * scale)
 
 
-@triton.autotune(configs=_lse_configs(), key=["size_class", "dim"])
+@triton.autotune(configs=_lse_configs(), key=["size_class", "dim"],
+                 prune_configs_by={"early_config_prune": _prune_large})
 @triton.jit
 def _lse_kernel(rows_ptr, row_stride, row_k_stride, row_inv_ptr,
                 cols_ptr, col_stride, col_k_stride, col_inv_ptr,
@@ -110,7 +120,8 @@ def _lse_kernel(rows_ptr, row_stride, row_k_stride, row_inv_ptr,
     tl.store(pos_logit_ptr + offs_m, pos_logit, mask=mask_m)
 
 
-@triton.autotune(configs=_grad_configs(), key=["size_class", "dim"])
+@triton.autotune(configs=_grad_configs(), key=["size_class", "dim"],
+                 prune_configs_by={"early_config_prune": _prune_large})
 @triton.jit
 def _grad_kernel(rows_ptr, row_stride, row_k_stride, row_inv_ptr,
                  cols_ptr, col_stride, col_k_stride, col_inv_ptr,

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The GPU check, one command, under 8 minutes on one H200 benchmark host:
+#
+#     bash bench/gpu_check.sh [OUT_DIR]          # default OUT_DIR: bench/results
+#
+# That host runs a fixed image (its own python3 with torch 2.11 and Triton 3.6, no DALI, no
+# package index), so nothing is installed or built: the CUDA path of directclr needs no native
+# extension. Steps:
+#   1. environment facts              -> OUT_DIR/gpu_env.json
+#   2. the GPU tests (CUDA cases of tests/test_infonce_triton.py) -> OUT_DIR/gpu_tests.xml
+#   3. the loss benchmark, bf16, dim 360, N in {4096 ... 1048576}, fused / reference eager /
+#      torch.compile(reference) where they fit, with this GPU's own bf16 matmul peak measured in
+#      the same run -> rows appended to OUT_DIR/bench_loss.jsonl, table printed
+# DALI rows are skipped here (no DALI in the image).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-bench/results}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TRITON_INTERPRET=0
+start=$(date +%s)
+
+"$PY" - <<'PYEOF' | tee "$OUT/gpu_env.json"
+import json, platform, torch, triton
+print(json.dumps({"torch": torch.__version__, "triton": triton.__version__,
+                  "cuda": torch.version.cuda, "device": torch.cuda.get_device_name(),
+                  "capability": torch.cuda.get_device_capability(),
+                  "python": platform.python_version()}))
+PYEOF
+echo "DALI: skipped (the benchmark host's image has no DALI)"
+
+timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_infonce_triton.py -k cuda \
+  --junitxml "$OUT/gpu_tests.xml" 2>&1 | tail -25
+tests_rc=${PIPESTATUS[0]}
+
+timeout 330 "$PY" bench/bench_loss.py --device cuda --dtype bfloat16 \
+  --n 4096 16384 65536 262144 1048576 --ntxent-max-n 262144 --compiled-max-n 16384 \
+  --repeats 3 --matmul-peak --timeout 120 --results-dir "$OUT"
+bench_rc=$?
+
+echo "gpu_check: tests rc=$tests_rc, bench rc=$bench_rc, $(( $(date +%s) - start )) s in all"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
