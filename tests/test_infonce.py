@@ -180,7 +180,7 @@ def test_torch_compile_fullgraph():
         return infonce(z1 * 2.0, z2, dim=10, variant="cross") + 0.1 * infonce(
             z1, z2, dim=10, variant="ntxent")
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(step, fullgraph=True)  # inductor: the op stays opaque inside
     z1, z2 = make_views(12, 24)
     loss = compiled(z1, z2)
     loss.backward()
