@@ -420,14 +420,14 @@ class DirectCLRLoss(torch.nn.Module):
     """``infonce`` as a module: ``DirectCLRLoss(dim=360)(z1, z2)``."""
 
     def __init__(self, dim: int | None = 360, temperature: float = 0.1, variant: str = "cross",
-                 reduction: str = "mean", backend: str = "auto"):
+                 reduction: str = "mean", backend: str = "auto", group=None):
         super().__init__()
         self.dim, self.temperature, self.variant = dim, temperature, variant
-        self.reduction, self.backend = reduction, backend
+        self.reduction, self.backend, self.group = reduction, backend, group
 
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
         return infonce(z1, z2, self.dim, self.temperature, self.variant, self.reduction,
-                       self.backend)
+                       self.backend, self.group)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, temperature={self.temperature}, variant={self.variant!r}, "

@@ -11,11 +11,11 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels import infonce  # noqa: E402
+from kernels import covariance, infonce  # noqa: E402
 
 ELEMENT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 INT64_POINTERS = {"pos_ptr", "excl_ptr"}
-INPUT_POINTERS = {"rows_ptr", "cols_ptr"}
+INPUT_POINTERS = {"rows_ptr", "cols_ptr", "x_ptr"}
 
 
 def signature(fn, dtype, constexprs):
@@ -53,10 +53,19 @@ def cases():
                     yield "_grad_kernel", config, flags, dtype, precision, arch
 
 
+    for config in covariance._configs(False):
+        for dtype in ("bfloat16", "float32"):
+            for arch in (90, 80):
+                yield "_centered_gram_kernel", config, {}, dtype, None, arch
+
+
 def compile_one(case):
     name, config, flags, dtype, precision, arch = case
-    kernel = getattr(infonce, name)
-    constexprs = dict(config.kwargs, **flags, PRECISION=precision, UPCAST=False)
+    module = covariance if name == "_centered_gram_kernel" else infonce
+    kernel = getattr(module, name)
+    constexprs = dict(config.kwargs, **flags)
+    if precision is not None:
+        constexprs.update(PRECISION=precision, UPCAST=False)
     src = ASTSource(kernel.fn, signature(kernel.fn, dtype, constexprs), constexprs=constexprs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": config.num_warps,

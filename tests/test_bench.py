@@ -28,3 +28,18 @@ def test_cases_that_cannot_fit_are_skipped_not_run(tmp_path, monkeypatch):
                             "--variants", "cross", "--providers", "reference",
                             "--results-dir", str(tmp_path)])
     assert rows[0]["status"].startswith("skipped")
+
+
+def test_fused_never_allocates_the_n_by_n_matrix():
+    """Peak RSS of a fresh process stays below one N x N fp32 buffer; the reference's does not."""
+    n, width = 4096, 64
+    nxn_mb = n * n * 4 / 2**20  # 64 MiB
+    peaks = {}
+    for provider in ("fused", "reference"):
+        case = dict(provider=provider, variant="cross", n=n, width=width, dim=width,
+                    dtype="float32", device="cpu", repeats=1)
+        row = bench_loss.run_in_subprocess(case, timeout=300)
+        assert row["status"] == "ok", row
+        peaks[provider] = row["peak_mem_mb"]
+    assert peaks["fused"] < 0.5 * nxn_mb, peaks
+    assert peaks["reference"] > nxn_mb, peaks

@@ -1,0 +1,64 @@
+"""Triton kernel of the per-batch covariance update: M2 = sum_i (x_i - mean)(x_i - mean)^T.
+
+One program per tile (I, J) of the upper triangle (lower ones return at once); it streams all rows, centers them as it
+loads them (in fp32), accumulates in fp32 with IEEE products (TF32 would swamp the small
+eigenvalues that show collapse), and writes the tile and its mirror. Deterministic: each tile is
+reduced by one program in row order.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs(interpret: bool = INTERPRET):
+    if interpret:  # no benchmarking in the interpreter; few big tiles
+        return [triton.Config({"BLOCK": 32, "BLOCK_R": 64})]
+    return [triton.Config({"BLOCK": b, "BLOCK_R": r}, num_warps=w, num_stages=s)
+            for b, r, w, s in [(64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 2)]]
+
+
+@triton.autotune(configs=_configs(), key=["width"])
+@triton.jit
+def _centered_gram_kernel(x_ptr, row_stride, col_stride, mean_ptr, out_ptr,
+                          n_rows, width, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr):
+    tile_i = tl.program_id(0)
+    tile_j = tl.program_id(1)
+    if tile_j < tile_i:  # lower triangle: written as the mirror of (j, i)
+        return
+    offs_i = tile_i * BLOCK + tl.arange(0, BLOCK)
+    offs_j = tile_j * BLOCK + tl.arange(0, BLOCK)
+    mask_i = offs_i < width
+    mask_j = offs_j < width
+    mean_i = tl.load(mean_ptr + offs_i, mask=mask_i, other=0.0)
+    mean_j = tl.load(mean_ptr + offs_j, mask=mask_j, other=0.0)
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    for r0 in range(0, n_rows, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < n_rows
+        base = x_ptr + offs_r.to(tl.int64)[:, None] * row_stride
+        xi = tl.load(base + offs_i[None, :] * col_stride, mask=mask_r[:, None] & mask_i[None, :],
+                     other=0.0).to(tl.float32)
+        xj = tl.load(base + offs_j[None, :] * col_stride, mask=mask_r[:, None] & mask_j[None, :],
+                     other=0.0).to(tl.float32)
+        xi = tl.where(mask_r[:, None], xi - mean_i[None, :], 0.0)
+        xj = tl.where(mask_r[:, None], xj - mean_j[None, :], 0.0)
+        acc = tl.dot(tl.trans(xi), xj, acc, input_precision="ieee")
+    mask = mask_i[:, None] & mask_j[None, :]
+    tl.store(out_ptr + offs_i[:, None] * width + offs_j[None, :], acc, mask=mask)
+    tl.store(out_ptr + offs_j[None, :] * width + offs_i[:, None], acc, mask=mask)
+
+
+def centered_gram(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """sum_i (x_i - mean)(x_i - mean)^T in fp32, x (N, D) of any float dtype and strides."""
+    n_rows, width = x.shape
+    out = torch.empty((width, width), dtype=torch.float32, device=x.device)
+    mean = mean.to(torch.float32).contiguous()
+    grid = lambda meta: (triton.cdiv(width, meta["BLOCK"]),) * 2  # noqa: E731
+    _centered_gram_kernel[grid](x, x.stride(0), x.stride(1), mean, out, n_rows, width)
+    return out

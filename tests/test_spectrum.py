@@ -1,0 +1,132 @@
+"""Spectrum accumulation against numpy float64 (np.cov(bias=True) + eigvalsh)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from directclr import SpectrumAccumulator, embedding_spectrum
+from directclr.spectrum import centered_gram
+
+
+def numpy_eigenvalues(x, normalize=False):
+    x = np.asarray(x, dtype=np.float64)
+    if normalize:
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return np.sort(np.clip(np.linalg.eigvalsh(np.cov(x, rowvar=False, bias=True)), 0, None))[::-1]
+
+
+def low_rank(n, width, rank, offset=0.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, rank, generator=gen) @ torch.randn(rank, width, generator=gen) + offset
+
+
+@pytest.mark.parametrize("backend,dtype", [("cpu", torch.float32), ("cpu", torch.float64),
+                                           ("triton", torch.float32)])
+def test_centered_gram_matches_float64(backend, dtype):
+    x = torch.randn(301, 300, dtype=torch.float64)[:, ::2]  # strided, D=150 not a tile multiple
+    mean = x.mean(0)
+    got = centered_gram(x.to(dtype), mean, backend)
+    exact = (x - mean).T @ (x - mean)
+    rel = 1e-12 if dtype == torch.float64 else 2e-6
+    assert (got.double() - exact).abs().max() <= rel * exact.abs().max()
+    assert torch.equal(got, got.T)
+
+
+@pytest.mark.parametrize("width,rank", [(64, 64), (300, 40), (257, 1)])
+def test_full_and_low_rank_against_numpy(width, rank):
+    x = low_rank(2000, width, rank, offset=1e3)  # offset breaks E[zz^T] - mu mu^T in fp32
+    spec = embedding_spectrum(x)
+    ref = numpy_eigenvalues(x)
+    top = ref[0]
+    assert np.abs(spec.eigenvalues.numpy() - ref).max() <= 1e-5 * top
+    assert spec.collapsed() == width - rank
+    assert torch.allclose(spec.singular_values, (spec.eigenvalues * 2000).sqrt())
+
+
+def test_naive_formula_fails_where_ours_holds():
+    """The test data really defeats E[zz^T] - mu mu^T in fp32 (so the test above means it)."""
+    x = low_rank(2000, 64, 8, offset=1e3)
+    naive = (x.T @ x) / len(x) - torch.outer(x.mean(0), x.mean(0))
+    eig = torch.linalg.eigvalsh(naive.double()).flip(0)
+    ours = embedding_spectrum(x).eigenvalues
+    assert (eig - ours).abs().max() > 1e-3 * ours[0]
+    assert embedding_spectrum(x).collapsed() == 56
+
+
+@pytest.mark.parametrize("dtype,rel", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+def test_streaming_and_merging_in_any_split_equal_one_pass(dtype, rel):
+    """float64 input: the CPU kernel works in float64, so only the merge algebra is judged."""
+    x = low_rank(1000, 48, 20, offset=50.0, seed=1).to(dtype)
+    one = SpectrumAccumulator(48).update(x)
+    streamed = SpectrumAccumulator(48)
+    for chunk in torch.split(x, [1, 2, 300, 0, 97, 600]):
+        streamed.update(chunk)
+    left = SpectrumAccumulator(48).update(x[:123])
+    right = SpectrumAccumulator(48).update(x[123:500]).update(x[500:])
+    merged = left.merge(right)
+    scale = one.m2.abs().max()
+    for acc in (streamed, merged):
+        assert acc.n == 1000
+        assert (acc.mean - one.mean).abs().max() <= rel * one.mean.abs().max()
+        assert (acc.m2 - one.m2).abs().max() <= rel * scale
+        eig, ref = acc.result().eigenvalues, one.result().eigenvalues
+        assert (eig - ref).abs().max() <= rel * ref[0]
+
+
+def test_normalized_rows_trace_is_one_minus_mean_norm():
+    x = torch.randn(500, 32) + 2.0
+    acc = SpectrumAccumulator(32, normalize=True).update(x)
+    unit = x.double() / x.double().norm(dim=1, keepdim=True)
+    trace = acc.result().eigenvalues.sum().item()
+    assert abs(trace - (1 - unit.mean(0).norm().item() ** 2)) < 1e-6
+    assert np.allclose(acc.result().eigenvalues.numpy(), numpy_eigenvalues(x, True), atol=1e-7)
+
+
+def test_effective_rank_and_summary():
+    iso = embedding_spectrum(torch.randn(20000, 16))
+    assert 15.0 < iso.effective_rank <= 16.0
+    line = embedding_spectrum(low_rank(1000, 16, 1).double())  # fp64: exact zeros stay ~0
+    assert line.effective_rank == pytest.approx(1.0, abs=1e-3)
+    summary = line.summary()
+    assert summary["collapsed"] == 15 and summary["dim"] == 16 and summary["n"] == 1000
+
+
+def test_triton_backend_accumulates_like_cpu():
+    x = low_rank(700, 70, 30, offset=10.0)
+    cpu = SpectrumAccumulator(70, backend="cpu").update(x).result()
+    tri = SpectrumAccumulator(70, backend="triton").update(x).result()
+    assert torch.allclose(cpu.eigenvalues, tri.eigenvalues, atol=1e-5 * cpu.eigenvalues[0])
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda a: a.update(torch.randn(4, 7)), ValueError, "shape"),
+    (lambda a: a.update(torch.randn(8)), ValueError, "shape"),
+    (lambda a: a.update(torch.ones(4, 8, dtype=torch.int64)), TypeError, "floating"),
+    (lambda a: a.update(torch.tensor([[float("nan")] * 8, [float("inf")] * 8])), ValueError,
+     "16 non-finite"),
+    (lambda a: a.update(torch.randn(1, 8)).result(), ValueError, "at least 2 rows"),
+    (lambda a: a.result(), ValueError, "at least 2 rows"),
+    (lambda a: a.merge(SpectrumAccumulator(9)), ValueError, "same dim"),
+    (lambda a: SpectrumAccumulator(0), ValueError, "dim"),
+])
+def test_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call(SpectrumAccumulator(8))
+
+
+def test_all_reduce_two_process_gloo(tmp_path):
+    worker = Path(__file__).with_name("spectrum_worker.py")
+    out = tmp_path / "spec.pt"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", str(worker), str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = torch.load(out, weights_only=True)
+    one = SpectrumAccumulator(24).update(saved["x"])  # float64 data: exact up to round-off
+    assert saved["n"] == len(saved["x"])
+    assert torch.allclose(saved["mean"], one.mean, atol=1e-9)
+    assert torch.allclose(saved["m2"], one.m2, rtol=1e-9, atol=1e-6)
