@@ -1,5 +1,5 @@
 # `make test` on a fresh clone: creates .venv, installs everything, builds directclr._C, runs
-# the whole suite. `make bench` runs the CPU loss benchmark and appends rows to bench/results/.
+# the whole suite. `make bench` runs the CPU benchmarks and appends rows to bench/results/.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -29,6 +29,7 @@ test: build
 
 bench: build
 	$(BIN)/python bench/bench_loss.py
+	$(BIN)/python bench/bench_spectrum.py
 
 clean:
 	rm -rf build directclr/_C*.so *.egg-info

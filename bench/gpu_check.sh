@@ -11,6 +11,8 @@
 #   3. the loss benchmark, bf16, dim 360, N in {4096 ... 1048576}, fused / reference eager /
 #      torch.compile(reference) where they fit, with this GPU's own bf16 matmul peak measured in
 #      the same run -> rows appended to OUT_DIR/bench_loss.jsonl, table printed
+#   4. the spectrum benchmark, bf16, 50,000 and 65,536 x 2048, vs torch.cov
+#      -> OUT_DIR/bench_spectrum.jsonl
 # DALI rows are skipped here (no DALI in the image).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +32,7 @@ print(json.dumps({"torch": torch.__version__, "triton": triton.__version__,
 PYEOF
 echo "DALI: skipped (the benchmark host's image has no DALI)"
 
-timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_infonce_triton.py -k cuda \
+timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_infonce_triton.py tests/test_spectrum.py -k "cuda or gpu" \
   --junitxml "$OUT/gpu_tests.xml" 2>&1 | tail -25
 tests_rc=${PIPESTATUS[0]}
 
@@ -39,5 +41,10 @@ timeout 330 "$PY" bench/bench_loss.py --device cuda --dtype bfloat16 \
   --repeats 3 --matmul-peak --timeout 120 --results-dir "$OUT"
 bench_rc=$?
 
-echo "gpu_check: tests rc=$tests_rc, bench rc=$bench_rc, $(( $(date +%s) - start )) s in all"
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+timeout 90 "$PY" bench/bench_spectrum.py --device cuda --dtype bfloat16 --n 50000 65536 \
+  --repeats 5 --results-dir "$OUT"
+spectrum_rc=$?
+
+echo "gpu_check: tests rc=$tests_rc, loss bench rc=$bench_rc, spectrum bench rc=$spectrum_rc," \
+  "$(( $(date +%s) - start )) s in all"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$spectrum_rc" -eq 0 ]

@@ -17,10 +17,10 @@ from torch import Tensor
 NORM_EPS = 1e-12
 
 
-def centered_gram(x: Tensor, mean: Tensor, backend: str = "auto") -> Tensor:
-    """sum_i (x_i - mean)(x_i - mean)^T with fp32 accumulation (fp64 for fp64 input on CPU).
-    backend: "auto" (Triton on CUDA, C++ on CPU), "triton" (CPU tensors need TRITON_INTERPRET=1)
-    or "cpu"."""
+def centered_gram(x: Tensor, mean: Tensor, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """(sum_i (x_i - mean)(x_i - mean)^T, sum_i (x_i - mean)) with fp32 accumulation (fp64 for
+    fp64 input on CPU). backend: "auto" (Triton on CUDA, C++ on CPU), "cpu", or "triton" (CPU
+    tensors need TRITON_INTERPRET=1)."""
     if backend not in ("auto", "triton", "cpu"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'cpu', got {backend!r}")
     if backend == "triton" or (backend == "auto" and x.is_cuda):
@@ -106,17 +106,24 @@ class SpectrumAccumulator:
             raise ValueError(f"z must have shape (N, {self.dim}), got {tuple(z.shape)}")
         if not z.dtype.is_floating_point:
             raise TypeError(f"z must be a floating-point tensor, got {z.dtype}")
-        bad = int((~torch.isfinite(z)).sum().item())
-        if bad:
-            raise ValueError(f"z holds {bad} non-finite values (NaN or inf)")
         if z.shape[0] == 0:
             return self
         if self.normalize:
             norms = torch.linalg.vector_norm(z, dim=1, dtype=torch.float32, keepdim=True)
             z = z / norms.clamp_min(NORM_EPS)
-        mean_b = z.mean(0, dtype=torch.float64)
-        m2_b = centered_gram(z, mean_b, self.backend)
-        self._merge_state(z.shape[0], mean_b.cpu(), m2_b.cpu())
+        n_b = z.shape[0]
+        # A working-precision mean is cheap; the centered sums from the kernel make it exact:
+        # with s = sum(z - m), the batch mean is m + s/n and M2 = sum (z-m)(z-m)^T - s s^T / n.
+        center = z.mean(0, dtype=torch.float64 if z.dtype == torch.float64 else torch.float32)
+        # Any NaN/inf makes its column mean non-finite: the full count runs only then.
+        if not torch.isfinite(center).all():
+            bad = int((~torch.isfinite(z)).sum().item())
+            raise ValueError(f"z holds {bad} non-finite values (NaN or inf)")
+        m2_b, centered_sum = centered_gram(z, center, self.backend)
+        centered_sum = centered_sum.double().cpu()
+        mean_b = center.double().cpu() + centered_sum / n_b
+        m2_b = m2_b.double().cpu() - torch.outer(centered_sum, centered_sum) / n_b
+        self._merge_state(n_b, mean_b, m2_b)
         return self
 
     def merge(self, other: "SpectrumAccumulator") -> "SpectrumAccumulator":

@@ -1,6 +1,7 @@
 """Triton kernel of the per-batch covariance update: M2 = sum_i (x_i - mean)(x_i - mean)^T.
 
-One program per tile (I, J) of the upper triangle (lower ones return at once); it streams all rows, centers them as it
+It also returns the centered column sums, so that a cheap fp32 mean suffices (the caller
+corrects M2 exactly). One program per tile (I, J) of the upper triangle (lower ones return at once); it streams all rows, centers them as it
 loads them (in fp32), accumulates in fp32 with IEEE products (TF32 would swamp the small
 eigenvalues that show collapse), and writes the tile and its mirror. Deterministic: each tile is
 reduced by one program in row order.
@@ -25,7 +26,7 @@ def _configs(interpret: bool = INTERPRET):
 
 @triton.autotune(configs=_configs(), key=["width"])
 @triton.jit
-def _centered_gram_kernel(x_ptr, row_stride, col_stride, mean_ptr, out_ptr,
+def _centered_gram_kernel(x_ptr, row_stride, col_stride, mean_ptr, out_ptr, sum_ptr,
                           n_rows, width, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr):
     tile_i = tl.program_id(0)
     tile_j = tl.program_id(1)
@@ -38,6 +39,7 @@ def _centered_gram_kernel(x_ptr, row_stride, col_stride, mean_ptr, out_ptr,
     mean_i = tl.load(mean_ptr + offs_i, mask=mask_i, other=0.0)
     mean_j = tl.load(mean_ptr + offs_j, mask=mask_j, other=0.0)
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    col_sum = tl.zeros((BLOCK,), dtype=tl.float32)
     for r0 in range(0, n_rows, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < n_rows
@@ -49,16 +51,22 @@ def _centered_gram_kernel(x_ptr, row_stride, col_stride, mean_ptr, out_ptr,
         xi = tl.where(mask_r[:, None], xi - mean_i[None, :], 0.0)
         xj = tl.where(mask_r[:, None], xj - mean_j[None, :], 0.0)
         acc = tl.dot(tl.trans(xi), xj, acc, input_precision="ieee")
+        col_sum += tl.sum(xi, axis=0)
     mask = mask_i[:, None] & mask_j[None, :]
     tl.store(out_ptr + offs_i[:, None] * width + offs_j[None, :], acc, mask=mask)
     tl.store(out_ptr + offs_j[None, :] * width + offs_i[:, None], acc, mask=mask)
+    if tile_i == tile_j:  # one program per column tile reports the centered column sums
+        tl.store(sum_ptr + offs_i, col_sum, mask=mask_i)
 
 
-def centered_gram(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """sum_i (x_i - mean)(x_i - mean)^T in fp32, x (N, D) of any float dtype and strides."""
+def centered_gram(x: torch.Tensor, mean: torch.Tensor):
+    """(sum_i (x_i - mean)(x_i - mean)^T, sum_i (x_i - mean)) in fp32; x (N, D) of any float
+    dtype and strides."""
     n_rows, width = x.shape
     out = torch.empty((width, width), dtype=torch.float32, device=x.device)
+    centered_sum = torch.empty(width, dtype=torch.float32, device=x.device)
     mean = mean.to(torch.float32).contiguous()
     grid = lambda meta: (triton.cdiv(width, meta["BLOCK"]),) * 2  # noqa: E731
-    _centered_gram_kernel[grid](x, x.stride(0), x.stride(1), mean, out, n_rows, width)
-    return out
+    _centered_gram_kernel[grid](x, x.stride(0), x.stride(1), mean, out, centered_sum, n_rows,
+                                width)
+    return out, centered_sum

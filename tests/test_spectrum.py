@@ -28,12 +28,14 @@ def low_rank(n, width, rank, offset=0.0, seed=0):
                                            ("triton", torch.float32)])
 def test_centered_gram_matches_float64(backend, dtype):
     x = torch.randn(301, 300, dtype=torch.float64)[:, ::2]  # strided, D=150 not a tile multiple
-    mean = x.mean(0)
-    got = centered_gram(x.to(dtype), mean, backend)
-    exact = (x - mean).T @ (x - mean)
+    center = x.mean(0) + 0.25  # not the batch mean: the returned sums must say by how much
+    got, centered_sum = centered_gram(x.to(dtype), center, backend)
+    exact = (x - center).T @ (x - center)
     rel = 1e-12 if dtype == torch.float64 else 2e-6
     assert (got.double() - exact).abs().max() <= rel * exact.abs().max()
     assert torch.equal(got, got.T)
+    exact_sum = (x - center).sum(0)
+    assert (centered_sum.double() - exact_sum).abs().max() <= rel * exact_sum.abs().max()
 
 
 @pytest.mark.parametrize("width,rank", [(64, 64), (300, 40), (257, 1)])
@@ -130,3 +132,12 @@ def test_all_reduce_two_process_gloo(tmp_path):
     assert saved["n"] == len(saved["x"])
     assert torch.allclose(saved["mean"], one.mean, atol=1e-9)
     assert torch.allclose(saved["m2"], one.m2, rtol=1e-9, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_spectrum_against_float64():
+    x = low_rank(50000, 2048, 300, offset=5.0).cuda()
+    spec = SpectrumAccumulator(2048).update(x.bfloat16()).result()
+    ref = torch.linalg.eigvalsh(torch.cov(x.bfloat16().double().T).cpu()).flip(0).clamp_min(0)
+    assert (spec.eigenvalues - ref).abs().max() <= 1e-5 * ref[0]
+    assert spec.collapsed() == 2048 - 300

@@ -1,4 +1,6 @@
-// CPU kernel of the per-batch covariance update: M2 = sum_i (x_i - mean)(x_i - mean)^T.
+// CPU kernel of the per-batch covariance update: M2 = sum_i (x_i - mean)(x_i - mean)^T, and the
+// column sums of x_i - mean, with which the caller corrects for a `mean` that is not exactly the
+// batch mean (a cheap fp32 mean suffices: M2_exact = M2 - s s^T / n).
 //
 // Only the upper triangle of column tiles is computed (symmetry halves the GEMM work) and then
 // mirrored. The batch is centered one row chunk at a time into a working-dtype buffer (fp32, or
@@ -7,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
 
 namespace directclr {
 namespace {
@@ -14,7 +17,7 @@ namespace {
 constexpr int64_t kRowChunk = 8192;  // rows centered at a time: 64 MiB of fp32 at D = 2048
 constexpr int64_t kColTile = 256;    // square tiles of M2; a 256-wide column panel stays in cache
 
-at::Tensor centered_gram(const at::Tensor& x, const at::Tensor& mean) {
+std::tuple<at::Tensor, at::Tensor> centered_gram(const at::Tensor& x, const at::Tensor& mean) {
   TORCH_CHECK(x.dim() == 2, "x must be 2-D");
   TORCH_CHECK(x.device().is_cpu() && mean.device().is_cpu(), "CPU kernel got a non-CPU tensor");
   TORCH_CHECK(mean.dim() == 1 && mean.size(0) == x.size(1), "mean must have one entry per column");
@@ -22,12 +25,14 @@ at::Tensor centered_gram(const at::Tensor& x, const at::Tensor& mean) {
   const int64_t n_rows = x.size(0), width = x.size(1);
   const auto opts = x.options().dtype(work);
   auto m2 = at::zeros({width, width}, opts);
+  auto centered_sum = at::zeros({width}, opts);
   const auto mean_w = mean.to(work).unsqueeze(0);
   auto centered_buf = at::empty({std::min(kRowChunk, n_rows), width}, opts);
   for (int64_t row0 = 0; row0 < n_rows; row0 += kRowChunk) {
     const int64_t rows = std::min(kRowChunk, n_rows - row0);
     auto centered = centered_buf.narrow(0, 0, rows);
     at::sub_out(centered, x.narrow(0, row0, rows), mean_w);
+    centered_sum.add_(centered.sum(0));
     for (int64_t i0 = 0; i0 < width; i0 += kColTile) {
       const int64_t wi = std::min(kColTile, width - i0);
       const auto left = centered.narrow(1, i0, wi).t();
@@ -41,13 +46,13 @@ at::Tensor centered_gram(const at::Tensor& x, const at::Tensor& mean) {
     const int64_t wi = std::min(kColTile, width - i0);
     m2.narrow(0, i0, wi).narrow(1, 0, i0).copy_(m2.narrow(0, 0, i0).narrow(1, i0, wi).t());
   }
-  return m2;
+  return {m2, centered_sum};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(directclr_cpu, m) {
-  m.def("centered_gram(Tensor x, Tensor mean) -> Tensor");
+  m.def("centered_gram(Tensor x, Tensor mean) -> (Tensor, Tensor)");
   m.impl("centered_gram", c10::DispatchKey::CPU, TORCH_FN(centered_gram));
 }
 
