@@ -53,4 +53,5 @@ setup(
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy"],
+    entry_points={"console_scripts": ["directclr = directclr.cli:main"]},
 )

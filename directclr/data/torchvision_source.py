@@ -1,0 +1,96 @@
+"""torchvision backend: PIL decode and the recipe's transforms in DataLoader workers.
+
+Workers start with "forkserver", never "fork": a process that already runs DALI (or any other
+threaded library) can deadlock in a forked child.
+"""
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms as T
+
+from .recipe import Recipe
+
+
+def view_transform(recipe: Recipe, view: int, image_size: int) -> T.Compose:
+    """The torchvision form of view `view` (0 or 1) of the recipe."""
+    ops = [T.RandomResizedCrop(image_size, scale=recipe.crop_scale,
+                               interpolation=T.InterpolationMode.BICUBIC),
+           T.RandomHorizontalFlip(recipe.flip_p),
+           T.RandomApply([T.ColorJitter(*recipe.jitter)], p=recipe.jitter_p),
+           T.RandomGrayscale(recipe.grayscale_p)]
+    if recipe.blur_p[view] > 0:
+        ops.append(T.RandomApply([T.GaussianBlur(recipe.blur_kernel(image_size),
+                                                 recipe.blur_sigma)], p=recipe.blur_p[view]))
+    if recipe.solarize_p[view] > 0:
+        ops.append(T.RandomSolarize(recipe.solarize_threshold, p=recipe.solarize_p[view]))
+    ops += [T.ToTensor(), T.Normalize(recipe.mean, recipe.std)]
+    return T.Compose(ops)
+
+
+def load_rgb(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")  # forces the full decode here, inside the try
+    except Exception as err:  # PIL raises many types; the caller needs the file's name
+        raise ValueError(f"cannot decode image {path}: {err}") from err
+
+
+class TwoViewDataset(Dataset):
+    """Item `epoch * n + i`: both views of image i, augmented from a seed of (seed, epoch, i)."""
+
+    def __init__(self, files, labels, recipe: Recipe, image_size: int, seed: int):
+        self.files, self.labels, self.seed = files, labels, seed
+        self.views = (view_transform(recipe, 0, image_size), view_transform(recipe, 1, image_size))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, key: int):
+        epoch, i = divmod(key, len(self.files))
+        image = load_rgb(self.files[i])
+        # torchvision's transforms draw from torch's global RNG: fork it so that the caller's
+        # stream is untouched when there are no workers.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + i)
+            return self.views[0](image), self.views[1](image), self.labels[i]
+
+
+class _ResumableSampler(Sampler):
+    """Yields dataset keys of one epoch from a given batch on; set before each pass."""
+
+    def __init__(self):
+        self.keys: list[int] = []
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+class TorchvisionSource:
+    def __init__(self, index, recipe: Recipe, image_size: int, num_threads: int, seed: int,
+                 pin_memory: bool):
+        self.dataset = TwoViewDataset(index.files, index.labels, recipe, image_size, seed)
+        self.sampler = _ResumableSampler()
+        self.num_workers = num_threads
+        self.pin_memory = pin_memory
+        self._loader = None
+
+    def _dataloader(self, batch_size: int) -> DataLoader:
+        if self._loader is None:
+            workers = self.num_workers
+            self._loader = DataLoader(
+                self.dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
+                num_workers=workers, pin_memory=self.pin_memory,
+                persistent_workers=workers > 0,
+                multiprocessing_context="forkserver" if workers > 0 else None)
+        return self._loader
+
+    def batches(self, loader, epoch: int, start_batch: int):
+        n = len(self.dataset)
+        order = loader.order(epoch)[start_batch * loader.batch_size:]
+        self.sampler.keys = (epoch * n + order).tolist()
+        yield from self._dataloader(loader.batch_size)

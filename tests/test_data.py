@@ -1,0 +1,209 @@
+"""The pretraining loader (torchvision backend here) and dataset preparation."""
+import gzip
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.datasets import ImageFolder
+
+from directclr.data import (ImageFolderIndex, build_pretrain_loader, epoch_order,
+                            prepare_fashion_mnist, prepare_synthetic)
+from directclr.data.prepare import FASHION_MNIST_DIR
+from directclr.data.recipe import IMAGENET_MEAN, IMAGENET_STD
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    return prepare_synthetic(tmp_path_factory.mktemp("syn"), n=60, classes=3, min_side=40,
+                             max_side=90, progress=False)
+
+
+def loader(root, **kwargs):
+    args = dict(backend="torchvision", device="cpu", image_size=SIZE, num_threads=0, seed=3,
+                recipe="small")
+    args.update(kwargs)
+    batch_size = args.pop("batch_size", 8)
+    return build_pretrain_loader(root, batch_size, **args)
+
+
+def test_index_matches_torchvision_imagefolder(synthetic):
+    index = ImageFolderIndex(synthetic)
+    reference = ImageFolder(synthetic)
+    assert index.classes == reference.classes
+    assert list(zip(index.files, index.labels)) == [(p, c) for p, c in reference.samples]
+
+
+def test_batches_shapes_labels_and_statistics(synthetic):
+    data = loader(synthetic)
+    index = ImageFolderIndex(synthetic)
+    assert len(data) == 60 // 8
+    order = data.order(0)
+    batches = list(data)
+    assert len(batches) == len(data)
+    for b, (view1, view2, labels) in enumerate(batches):
+        assert view1.shape == view2.shape == (8, 3, SIZE, SIZE)
+        assert view1.dtype == torch.float32 and labels.dtype == torch.int64
+        expected = torch.tensor([index.labels[i] for i in order[b * 8:(b + 1) * 8]])
+        assert torch.equal(labels, expected)
+        assert not torch.equal(view1, view2)
+    pixels = torch.cat([v for batch in batches for v in batch[:2]])
+    assert -1.5 < pixels.mean() < 1.5 and 0.3 < pixels.std() < 2.0
+    assert data.state_dict()["epoch"] == 1
+
+
+def test_same_seed_same_batches_and_epochs_differ(synthetic):
+    first, second, other = loader(synthetic), loader(synthetic), loader(synthetic, seed=4)
+    a, b, c = next(iter(first)), next(iter(second)), next(iter(other))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+    assert not torch.equal(epoch_order(60, 3, 0, 0, 1), epoch_order(60, 3, 1, 0, 1))
+
+
+def test_ranks_get_equal_disjoint_shards_covering_the_set():
+    shards = [epoch_order(40, 0, 2, rank, 3) for rank in range(3)]
+    assert {len(s) for s in shards} == {14}
+    assert set(torch.cat(shards).tolist()) == set(range(40))
+    assert len(torch.cat(shards).unique()) == 40  # only the 2 padding entries repeat
+    exact = [epoch_order(40, 0, 2, rank, 4) for rank in range(4)]
+    assert sorted(torch.cat(exact).tolist()) == list(range(40))
+
+
+def test_resume_mid_epoch_continues_exactly(synthetic):
+    uninterrupted = loader(synthetic)
+    expected = list(uninterrupted)[3:]
+    interrupted = loader(synthetic)
+    batches = iter(interrupted)
+    for _ in range(3):
+        next(batches)
+    state = interrupted.state_dict()
+    assert state["batches_done"] == 3 and state["epoch"] == 0
+    resumed = loader(synthetic)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert len(rest) == len(expected)
+    for got, want in zip(rest, expected):
+        assert all(torch.equal(x, y) for x, y in zip(got, want))
+    assert resumed.state_dict()["epoch"] == 1
+    with pytest.raises(ValueError, match="batch_size"):
+        loader(synthetic, batch_size=4).load_state_dict(state)
+
+
+def test_grayscale_fraction_follows_the_recipe(synthetic):
+    data = loader(synthetic, batch_size=20)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    gray = []
+    for _ in range(4):  # 4 epochs x 60 images x 2 views = 480 views
+        for view1, view2, _ in data:
+            for view in (view1, view2):
+                rgb = view * std + mean
+                gray.append(((rgb[:, 0] - rgb[:, 1]).abs().amax((1, 2)) < 1e-4)
+                            & ((rgb[:, 1] - rgb[:, 2]).abs().amax((1, 2)) < 1e-4))
+    fraction = torch.cat(gray).float().mean().item()
+    assert 0.14 < fraction < 0.26, fraction  # p = 0.2; 480 draws: 3 sigma is 0.055
+
+
+def test_workers_give_the_same_batches(synthetic):
+    script = textwrap.dedent(f"""
+        import torch
+        from directclr.data import build_pretrain_loader
+        if __name__ == "__main__":
+            args = dict(backend="torchvision", device="cpu", image_size={SIZE}, seed=3,
+                        recipe="small")
+            a = next(iter(build_pretrain_loader("{synthetic}", 8, num_threads=2, **args)))
+            b = next(iter(build_pretrain_loader("{synthetic}", 8, num_threads=0, **args)))
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+            print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_torchvision_workers_after_a_dali_pipeline_do_not_hang(synthetic):
+    pytest.importorskip("nvidia.dali")
+    script = textwrap.dedent(f"""
+        from nvidia.dali import fn, pipeline_def
+        from directclr.data import build_pretrain_loader
+        if __name__ == "__main__":
+            @pipeline_def(batch_size=4, num_threads=2, device_id=None)
+            def decode():
+                jpegs, labels = fn.readers.file(file_root="{synthetic}")
+                return fn.decoders.image(jpegs, device="cpu"), labels
+            pipe = decode()
+            pipe.build()
+            pipe.run()  # DALI's threads are running now
+            data = build_pretrain_loader("{synthetic}", 8, backend="torchvision", device="cpu",
+                                         image_size={SIZE}, num_threads=2, recipe="small")
+            print(sum(1 for _ in data))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("7"), proc.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------- bad data
+def test_truncated_image_error_names_the_file(tmp_path):
+    root = prepare_synthetic(tmp_path / "bad", n=16, classes=2, min_side=40, max_side=60,
+                             progress=False)
+    victim = sorted((root / "class_001").iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:200])
+    with pytest.raises(ValueError, match=victim.name):
+        for _ in loader(root, batch_size=16):
+            pass
+
+
+def test_non_image_files_are_skipped_and_counted(tmp_path):
+    root = prepare_synthetic(tmp_path / "skip", n=16, classes=2, min_side=40, max_side=60,
+                             progress=False)
+    (root / "class_000" / "notes.txt").write_text("not an image")
+    index = ImageFolderIndex(root)
+    assert len(index) == 16 and len(index.skipped) == 1 and index.skipped[0].endswith("notes.txt")
+
+
+def test_empty_class_folder_empty_root_and_missing_root(tmp_path):
+    root = prepare_synthetic(tmp_path / "empty", n=8, classes=2, min_side=40, max_side=60,
+                             progress=False)
+    (root / "class_zzz").mkdir()
+    with pytest.raises(ValueError, match="class_zzz"):
+        ImageFolderIndex(root)
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(ValueError, match="no class folders"):
+        ImageFolderIndex(tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        ImageFolderIndex(tmp_path / "missing")
+
+
+def test_bad_arguments(synthetic):
+    with pytest.raises(ValueError, match="backend"):
+        loader(synthetic, backend="opencv")
+    with pytest.raises(ValueError, match="batch_size"):
+        loader(synthetic, batch_size=0)
+    with pytest.raises(ValueError, match="rank"):
+        loader(synthetic, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="recipe"):
+        loader(synthetic, recipe="cifar")
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        loader(synthetic, batch_size=61)
+
+
+# --------------------------------------------------------------------------- datasets
+@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_prepare_fashion_mnist_labels_match_the_idx_files(tmp_path):
+    out = prepare_fashion_mnist(tmp_path / "fm", limit=300, progress=False)
+    with gzip.open(FASHION_MNIST_DIR / "train-labels-idx1-ubyte.gz", "rb") as f:
+        labels = np.frombuffer(f.read(), dtype=np.uint8, offset=8)[:300]
+    index = ImageFolderIndex(out / "train")
+    assert len(index) == 300
+    for path, label in zip(index.files, index.labels):
+        assert labels[int(path[-9:-4])] == label
+    image = Image.open(index.files[0])
+    assert image.size == (32, 32) and image.mode == "RGB"
+    assert np.asarray(image)[:2].max() == 0  # the 2-pixel padding
