@@ -24,9 +24,21 @@ def synthetic(tmp_path_factory):
                              max_side=90, progress=False)
 
 
+BACKENDS = ["torchvision", "dali"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    if request.param == "dali":
+        pytest.importorskip("nvidia.dali")
+    return request.param
+
+
 def loader(root, **kwargs):
     args = dict(backend="torchvision", device="cpu", image_size=SIZE, num_threads=0, seed=3,
                 recipe="small")
+    if args["backend"] == "dali" or kwargs.get("backend") == "dali":
+        args["num_threads"] = 2
     args.update(kwargs)
     batch_size = args.pop("batch_size", 8)
     return build_pretrain_loader(root, batch_size, **args)
@@ -39,8 +51,8 @@ def test_index_matches_torchvision_imagefolder(synthetic):
     assert list(zip(index.files, index.labels)) == [(p, c) for p, c in reference.samples]
 
 
-def test_batches_shapes_labels_and_statistics(synthetic):
-    data = loader(synthetic)
+def test_batches_shapes_labels_and_statistics(backend, synthetic):
+    data = loader(synthetic, backend=backend)
     index = ImageFolderIndex(synthetic)
     assert len(data) == 60 // 8
     order = data.order(0)
@@ -57,8 +69,9 @@ def test_batches_shapes_labels_and_statistics(synthetic):
     assert data.state_dict()["epoch"] == 1
 
 
-def test_same_seed_same_batches_and_epochs_differ(synthetic):
-    first, second, other = loader(synthetic), loader(synthetic), loader(synthetic, seed=4)
+def test_same_seed_same_batches_and_epochs_differ(backend, synthetic):
+    first, second = loader(synthetic, backend=backend), loader(synthetic, backend=backend)
+    other = loader(synthetic, backend=backend, seed=4)
     a, b, c = next(iter(first)), next(iter(second)), next(iter(other))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(a[0], c[0])
@@ -74,16 +87,16 @@ def test_ranks_get_equal_disjoint_shards_covering_the_set():
     assert sorted(torch.cat(exact).tolist()) == list(range(40))
 
 
-def test_resume_mid_epoch_continues_exactly(synthetic):
-    uninterrupted = loader(synthetic)
+def test_resume_mid_epoch_continues_exactly(backend, synthetic):
+    uninterrupted = loader(synthetic, backend=backend)
     expected = list(uninterrupted)[3:]
-    interrupted = loader(synthetic)
+    interrupted = loader(synthetic, backend=backend)
     batches = iter(interrupted)
     for _ in range(3):
         next(batches)
     state = interrupted.state_dict()
     assert state["batches_done"] == 3 and state["epoch"] == 0
-    resumed = loader(synthetic)
+    resumed = loader(synthetic, backend=backend)
     resumed.load_state_dict(state)
     rest = list(resumed)
     assert len(rest) == len(expected)
@@ -94,8 +107,8 @@ def test_resume_mid_epoch_continues_exactly(synthetic):
         loader(synthetic, batch_size=4).load_state_dict(state)
 
 
-def test_grayscale_fraction_follows_the_recipe(synthetic):
-    data = loader(synthetic, batch_size=20)
+def test_grayscale_fraction_follows_the_recipe(backend, synthetic):
+    data = loader(synthetic, backend=backend, batch_size=20)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     gray = []
@@ -148,14 +161,42 @@ def test_torchvision_workers_after_a_dali_pipeline_do_not_hang(synthetic):
     assert proc.returncode == 0 and proc.stdout.strip().endswith("7"), proc.stderr[-3000:]
 
 
+def test_solarize_only_in_view_two_at_its_rate(backend, tmp_path, monkeypatch):
+    """A flat grey image (200) and a recipe with nothing else that changes pixel values: a view is
+    solarized iff its pixels read 255 - 200 = 55."""
+    from directclr.data import recipe as recipes
+    plain = recipes.Recipe(crop_scale=(0.5, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.0,
+                           grayscale_p=0.0, blur_p=(0.0, 0.0), blur_sigma=(0.1, 2.0),
+                           blur_kernel_fraction=0.1, solarize_p=(0.0, 0.2))
+    monkeypatch.setitem(recipes.RECIPES, "plain", plain)
+    for c in range(2):
+        (tmp_path / f"c{c}").mkdir()
+        for i in range(50):
+            Image.new("RGB", (40, 40), (200, 200, 200)).save(tmp_path / f"c{c}" / f"{i}.png")
+    data = loader(tmp_path, backend=backend, batch_size=25, recipe="plain")
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    solarized = [[], []]
+    for _ in range(3):  # 300 views of each kind
+        for batch in data:
+            for view in range(2):
+                pixels = (batch[view] * std + mean) * 255
+                assert ((pixels - 200).abs() < 1.5).all(-1).all(-1).all(-1).logical_or(
+                    ((pixels - 55).abs() < 1.5).all(-1).all(-1).all(-1)).all()
+                solarized[view].append(((pixels - 55).abs() < 1.5).flatten(1).all(1))
+    assert torch.cat(solarized[0]).sum() == 0
+    fraction = torch.cat(solarized[1]).float().mean().item()
+    assert 0.13 < fraction < 0.27, fraction  # p = 0.2 over 300 draws: 3 sigma is 0.07
+
+
 # --------------------------------------------------------------------------- bad data
-def test_truncated_image_error_names_the_file(tmp_path):
+def test_truncated_image_error_names_the_file(backend, tmp_path):
     root = prepare_synthetic(tmp_path / "bad", n=16, classes=2, min_side=40, max_side=60,
                              progress=False)
     victim = sorted((root / "class_001").iterdir())[0]
     victim.write_bytes(victim.read_bytes()[:200])
     with pytest.raises(ValueError, match=victim.name):
-        for _ in loader(root, batch_size=16):
+        for _ in loader(root, backend=backend, batch_size=16):
             pass
 
 

@@ -109,7 +109,7 @@ def build_pretrain_loader(root, batch_size: int, *, backend: str = "auto", devic
         backend = "dali" if dali_available() else "torchvision"
     if backend == "dali":
         from .dali import DaliSource
-        source = DaliSource(recipe_params, image_size, num_threads, device)
+        source = DaliSource(index, recipe_params, image_size, num_threads, seed, device)
     else:
         from .torchvision_source import TorchvisionSource
         source = TorchvisionSource(index, recipe_params, image_size, num_threads, seed,

@@ -1,0 +1,189 @@
+"""DALI backend: decode once per image (GPU "mixed" decoder on CUDA, CPU otherwise), two views.
+
+The random parameters of both views are drawn in Python from a per-sample seed of (seed, epoch,
+index), exactly like the torchvision backend's, and fed to DALI as per-sample argument inputs.
+So a batch does not depend on DALI's own RNG streams: resuming mid-epoch reproduces the
+uninterrupted run, and ranks and epochs behave as in torchvision. Operators whose effect is
+optional (jitter, grayscale, blur, solarize) get identity parameters when not applied, which
+keeps the graph free of conditionals.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .recipe import Recipe
+
+# A Gaussian this narrow puts all its weight on the centre tap: "no blur" for the blur operator.
+NO_BLUR_SIGMA = 1e-3
+
+
+def _crop_box(rng: np.random.Generator, height: int, width: int, scale, ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop box as relative (y0, x0, y1, x1)."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            y0 = int(rng.integers(0, height - h + 1))
+            x0 = int(rng.integers(0, width - w + 1))
+            return y0 / height, x0 / width, (y0 + h) / height, (x0 + w) / width
+    # Fallback as torchvision: a centre crop with the ratio clamped into range.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        h, w = height, round(height * ratio[1])
+    else:
+        w, h = width, height
+    y0, x0 = (height - h) // 2, (width - w) // 2
+    return y0 / height, x0 / width, (y0 + h) / height, (x0 + w) / width
+
+
+def view_params(recipe: Recipe, view: int, rng: np.random.Generator, height: int, width: int):
+    """One view's random parameters, identity where an augmentation is not applied."""
+    y0, x0, y1, x1 = _crop_box(rng, height, width, recipe.crop_scale)
+    flip = int(rng.random() < recipe.flip_p)
+    b, c, s, h = recipe.jitter
+    if rng.random() < recipe.jitter_p:
+        jitter = (rng.uniform(1 - b, 1 + b), rng.uniform(1 - c, 1 + c),
+                  rng.uniform(1 - s, 1 + s), rng.uniform(-h, h) * 360.0)  # DALI hue: degrees
+    else:
+        jitter = (1.0, 1.0, 1.0, 0.0)
+    gray = rng.random() < recipe.grayscale_p
+    blur = rng.random() < recipe.blur_p[view]
+    sigma = rng.uniform(*recipe.blur_sigma) if blur else NO_BLUR_SIGMA
+    solarize = rng.random() < recipe.solarize_p[view]
+    return {"roi_start": (y0, x0), "roi_end": (y1, x1), "flip": flip, "jitter": jitter,
+            "gray": float(gray), "sigma": sigma, "solarize": float(solarize)}
+
+
+class DaliSource:
+    """Feeds encoded files and per-sample parameters into one DALI pipeline per loader."""
+
+    PARAMS = ("roi_start", "roi_end", "flip", "brightness", "contrast", "saturation_jitter",
+              "hue", "gray", "sigma", "solarize")
+
+    def __init__(self, index, recipe: Recipe, image_size: int, num_threads: int, seed: int,
+                 device: torch.device):
+        self.index, self.recipe, self.image_size = index, recipe, image_size
+        self.num_threads, self.seed, self.device = num_threads, seed, device
+        self._pipe = None
+        self._sizes: dict[int, tuple[int, int]] = {}
+
+    def _build(self, batch_size: int):
+        from nvidia.dali import fn, pipeline_def, types
+
+        gpu = self.device.type == "cuda"
+        recipe, size = self.recipe, self.image_size
+        window = recipe.blur_kernel(size)
+
+        @pipeline_def(batch_size=batch_size, num_threads=max(1, self.num_threads),
+                      device_id=(self.device.index or 0) if gpu else None,
+                      prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)
+        def two_views():
+            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+            labels = fn.external_source(name="labels", dtype=types.INT64, ndim=0)
+            decoded = fn.decoders.image(encoded, device="mixed" if gpu else "cpu",
+                                        output_type=types.RGB)
+            outputs = []
+            for view in range(2):
+                p = {name: fn.external_source(name=f"v{view}_{name}", dtype=types.FLOAT,
+                                              ndim=1 if name.startswith("roi") else 0)
+                     for name in self.PARAMS}
+                image = fn.resize(decoded, size=(size, size), roi_start=p["roi_start"],
+                                  roi_end=p["roi_end"], roi_relative=True,
+                                  interp_type=types.INTERP_CUBIC, antialias=True)
+                image = fn.flip(image, horizontal=fn.cast(p["flip"], dtype=types.INT32))
+                image = fn.color_twist(image, brightness=p["brightness"],
+                                       contrast=p["contrast"],
+                                       saturation=p["saturation_jitter"], hue=p["hue"])
+                # Grayscale as torchvision's (ITU-R 601 luma in all three channels), mixed in
+                # per sample: saturation=0 in color_twist leaves channels 1 level apart.
+                luma = fn.color_space_conversion(image, image_type=types.RGB,
+                                                 output_type=types.GRAY)
+                luma = fn.cast(fn.cat(luma, luma, luma, axis=2), dtype=types.FLOAT)
+                pixels = fn.cast(image, dtype=types.FLOAT)
+                pixels = pixels + p["gray"] * (luma - pixels)
+                pixels = fn.gaussian_blur(pixels, sigma=p["sigma"], window_size=window)
+                bright = fn.cast(pixels >= float(recipe.solarize_threshold), dtype=types.FLOAT)
+                pixels = pixels + p["solarize"] * bright * (255.0 - 2.0 * pixels)
+                outputs.append(fn.crop_mirror_normalize(
+                    pixels, dtype=types.FLOAT, output_layout="CHW",
+                    mean=[255.0 * m for m in recipe.mean], std=[255.0 * s for s in recipe.std]))
+            return outputs[0], outputs[1], labels
+
+        pipe = two_views()
+        pipe.build()
+        return pipe
+
+    def _size(self, i: int) -> tuple[int, int]:
+        if i not in self._sizes:
+            with Image.open(self.index.files[i]) as image:  # reads the header only
+                self._sizes[i] = (image.height, image.width)
+        return self._sizes[i]
+
+    def _feed(self, keys: list[tuple[int, int]]) -> None:
+        encoded, labels = [], []
+        params = {f"v{v}_{name}": [] for v in range(2) for name in self.PARAMS}
+        for epoch, i in keys:
+            path = self.index.files[i]
+            with open(path, "rb") as f:
+                encoded.append(np.frombuffer(f.read(), dtype=np.uint8))
+            labels.append(np.array(self.index.labels[i], dtype=np.int64))
+            rng = np.random.default_rng([self.seed, epoch, i])
+            height, width = self._size(i)
+            for view in range(2):
+                v = view_params(self.recipe, view, rng, height, width)
+                values = {"roi_start": v["roi_start"], "roi_end": v["roi_end"],
+                          "flip": v["flip"], "brightness": v["jitter"][0],
+                          "contrast": v["jitter"][1], "saturation_jitter": v["jitter"][2],
+                          "hue": v["jitter"][3], "gray": v["gray"],
+                          "sigma": v["sigma"], "solarize": v["solarize"]}
+                for name, value in values.items():
+                    params[f"v{view}_{name}"].append(np.asarray(value, dtype=np.float32))
+        self._pipe.feed_input("encoded", encoded)
+        self._pipe.feed_input("labels", labels)
+        for name, values in params.items():
+            self._pipe.feed_input(name, values)
+
+    def _to_torch(self, tensor_list) -> torch.Tensor:
+        if self.device.type == "cuda":
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+            dense = tensor_list.as_tensor()
+            out = torch.empty(dense.shape(), dtype=torch.float32, device=self.device)
+            feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(self.device))
+            return out
+        return torch.from_numpy(np.array(tensor_list.as_tensor()))
+
+    def batches(self, loader, epoch: int, start_batch: int):
+        if self._pipe is None:
+            self._pipe = self._build(loader.batch_size)
+        order = loader.order(epoch).tolist()
+        for b in range(start_batch, len(loader)):
+            indices = order[b * loader.batch_size:(b + 1) * loader.batch_size]
+            try:
+                self._feed([(epoch, i) for i in indices])
+                view1, view2, labels = self._pipe.run()
+            except Exception as err:  # DALI's errors name the operator, not the file
+                raise ValueError(f"DALI failed on a batch holding {_first_bad(self.index, indices)}"
+                                 f": {err}") from err
+            yield (self._to_torch(view1), self._to_torch(view2),
+                   torch.from_numpy(np.array(labels.as_tensor())).reshape(-1))
+
+
+def _first_bad(index, indices) -> str:
+    """The first file of the batch that PIL cannot decode (else the batch's first file)."""
+    for i in indices:
+        try:
+            with Image.open(index.files[i]) as image:
+                image.load()
+        except Exception:
+            return index.files[i]
+    return index.files[indices[0]]
