@@ -173,13 +173,18 @@ def _world(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def _nccl(x: Tensor, group) -> bool:
+    """NCCL's tensor collectives apply (the backend may read "cpu:gloo,cuda:nccl")."""
+    return x.is_cuda and "nccl" in str(dist.get_backend(group))
+
+
 def _all_gather_rows(x: Tensor, group) -> Tensor:
     rank, world = _world(group)
     if world == 1:
         return x
     x = x.contiguous()
     out = x.new_empty((world * x.shape[0], *x.shape[1:]))
-    if dist.get_backend(group) == "nccl":
+    if _nccl(x, group):
         dist.all_gather_into_tensor(out, x, group=group)
     else:  # gloo has no all_gather_into_tensor; chunks of a contiguous tensor are contiguous
         dist.all_gather(list(out.chunk(world)), x, group=group)
@@ -193,7 +198,7 @@ def _reduce_scatter_rows(x: Tensor, group) -> Tensor:
         return x
     x = x.contiguous()
     block = x.shape[0] // world
-    if dist.get_backend(group) == "nccl":
+    if _nccl(x, group):
         out = x.new_empty((block, *x.shape[1:]))
         dist.reduce_scatter_tensor(out, x, group=group)
         return out

@@ -60,7 +60,10 @@ class Spectrum:
 
     def collapsed(self, rel: float = 1e-6) -> int:
         """How many dimensions have an eigenvalue below rel x the largest."""
-        return int((self.eigenvalues < rel * self.eigenvalues[0]).sum().item())
+        top = self.eigenvalues[0]
+        if top <= 0:  # constant embeddings: every dimension has collapsed
+            return self.eigenvalues.numel()
+        return int((self.eigenvalues < rel * top).sum().item())
 
     def summary(self, rel: float = 1e-6) -> dict:
         return {"n": self.n, "dim": self.eigenvalues.numel(),
@@ -141,8 +144,8 @@ class SpectrumAccumulator:
         world = dist.get_world_size(group)
         if world == 1:
             return self
-        device = torch.device("cuda", torch.cuda.current_device()) \
-            if dist.get_backend(group) == "nccl" else torch.device("cpu")
+        nccl = "nccl" in str(dist.get_backend(group)) and torch.cuda.is_available()
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         head = torch.cat([torch.tensor([float(self.n)], dtype=torch.float64), self.mean.double()])
         heads = [torch.empty_like(head, device=device) for _ in range(world)]
         dist.all_gather(heads, head.to(device), group=group)

@@ -44,9 +44,9 @@ def _centered_gram_kernel(x_ptr, row_stride, col_stride, mean_ptr, out_ptr, sum_
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < n_rows
         base = x_ptr + offs_r.to(tl.int64)[:, None] * row_stride
-        xi = tl.load(base + offs_i[None, :] * col_stride, mask=mask_r[:, None] & mask_i[None, :],
+        xi = tl.load(base + offs_i.to(tl.int64)[None, :] * col_stride, mask=mask_r[:, None] & mask_i[None, :],
                      other=0.0).to(tl.float32)
-        xj = tl.load(base + offs_j[None, :] * col_stride, mask=mask_r[:, None] & mask_j[None, :],
+        xj = tl.load(base + offs_j.to(tl.int64)[None, :] * col_stride, mask=mask_r[:, None] & mask_j[None, :],
                      other=0.0).to(tl.float32)
         xi = tl.where(mask_r[:, None], xi - mean_i[None, :], 0.0)
         xj = tl.where(mask_r[:, None], xj - mean_j[None, :], 0.0)

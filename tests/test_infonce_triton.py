@@ -50,6 +50,20 @@ def test_triton_low_precision_within_pytorch_error(dtype, variant, n, dim):
 
 
 @interpreted
+@pytest.mark.parametrize("upstream", [1.0, 1e-3])
+def test_triton_fp16_gradients_survive_large_n(upstream):
+    """G ~ w/N falls below fp16's smallest subnormal at large N unless it is rescaled."""
+    z1, z2 = make_views(1024, 64, dtype=torch.float16)
+    weights = torch.full((1024,), upstream / 1024)
+    ours = loss_and_grads(z1, z2, "none", weights, dim=64, backend="triton")
+    exact = reference_loss_and_grads(z1, z2, "none", weights, dim=64)
+    pytorch = reference_loss_and_grads(z1, z2, "none", weights, dim=64, dtype=torch.float16)
+    for name, got, ref, pt in list(zip(("loss", "grad z1", "grad z2"), ours, exact, pytorch))[1:]:
+        err, pt_err = (got.double() - ref).norm() / ref.norm(), (pt.double() - ref).norm() / ref.norm()
+        assert err <= 2 * pt_err + 1e-3, (name, err.item(), pt_err.item())
+
+
+@interpreted
 @pytest.mark.parametrize("variant", ["cross", "ntxent"])
 def test_triton_reduction_none_weights_and_zero_rows(variant):
     z1, z2 = make_views(9, 32)

@@ -93,6 +93,8 @@ def test_effective_rank_and_summary():
     assert 15.0 < iso.effective_rank <= 16.0
     line = embedding_spectrum(low_rank(1000, 16, 1).double())  # fp64: exact zeros stay ~0
     assert line.effective_rank == pytest.approx(1.0, abs=1e-3)
+    constant = embedding_spectrum(torch.ones(10, 4))
+    assert constant.collapsed() == 4 and constant.effective_rank == 0.0
     summary = line.summary()
     assert summary["collapsed"] == 15 and summary["dim"] == 16 and summary["n"] == 1000
 

@@ -1,0 +1,99 @@
+"""Data benchmark: pairs of views per second, DALI vs torchvision, same cores, same JPEGs.
+
+Standalone (prints a table, appends JSON rows to bench/results/bench_data.jsonl):
+
+    python bench/bench_data.py                      # CPU: DALI-CPU vs torchvision, 2 threads
+    python bench/bench_data.py --device cuda --threads 16
+
+The images are `directclr prepare synthetic` JPEGs of ImageNet-like sizes (300-500 px sides),
+made once under --data. Each backend runs in a fresh subprocess: one warm-up batch (worker and
+pipeline start-up), then --batches timed batches at 224 px with the official recipe.
+Under pytest-benchmark (tiny images): pytest bench/bench_data.py
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+
+def run_backend(backend, root, device, threads, batch_size, batches, image_size) -> dict:
+    import torch
+
+    from directclr.data import build_pretrain_loader
+
+    loader = build_pretrain_loader(root, batch_size, backend=backend, device=device,
+                                   image_size=image_size, num_threads=threads)
+    stream = iter(loader)
+    next(stream)  # warm-up
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    done = 0
+    for _ in range(batches):
+        try:
+            next(stream)
+        except StopIteration:
+            stream = iter(loader)
+            next(stream)
+        done += 1
+    sync()
+    seconds = time.perf_counter() - start
+    return {"op": "data", "backend": backend, "device": device, "threads": threads,
+            "batch_size": batch_size, "image_size": image_size, "batches": done,
+            "pairs_per_s": done * batch_size / seconds, "status": "ok"}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path("/tmp/directclr_bench_jpegs"))
+    parser.add_argument("--images", type=int, default=600)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2, help="DALI threads = DataLoader workers")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batches", type=int, default=12)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--backends", nargs="+", default=["dali", "torchvision"])
+    parser.add_argument("--results-dir", type=Path, default=common.RESULTS)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(run_backend(**json.loads(args.child))))
+        return []
+    if not (args.data / ".complete").exists():
+        from directclr.data import prepare_synthetic
+        prepare_synthetic(args.data, args.images, classes=10, min_side=300, max_side=500)
+        (args.data / ".complete").touch()
+    rows = []
+    for backend in args.backends:
+        case = dict(backend=backend, root=str(args.data), device=args.device,
+                    threads=args.threads, batch_size=args.batch_size, batches=args.batches,
+                    image_size=args.image_size)
+        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(case)],
+                              capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+            rows.append({**case, "op": "data", "status": f"failed: {last[:200]}"})
+        else:
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    ok = {r["backend"]: r for r in rows if r["status"] == "ok"}
+    if "torchvision" in ok:
+        for row in ok.values():
+            row["vs_torchvision"] = row["pairs_per_s"] / ok["torchvision"]["pairs_per_s"]
+    rows = common.stamp(rows, args.device)
+    path = common.append_rows(rows, "bench_data", args.results_dir)
+    print(common.format_table(rows, ["backend", "device", "threads", "image_size", "batch_size",
+                                     "pairs_per_s", "vs_torchvision", "status"]))
+    print(f"rows appended to {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
