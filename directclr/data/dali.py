@@ -3,9 +3,9 @@
 The random parameters of both views are drawn in Python from a per-sample seed of (seed, epoch,
 index), exactly like the torchvision backend's, and fed to DALI as per-sample argument inputs.
 So a batch does not depend on DALI's own RNG streams: resuming mid-epoch reproduces the
-uninterrupted run, and ranks and epochs behave as in torchvision. Operators whose effect is
-optional (jitter, grayscale, blur, solarize) get identity parameters when not applied, which
-keeps the graph free of conditionals.
+uninterrupted run, and ranks and epochs behave as in torchvision. Jitter gets identity
+parameters when not applied; grayscale, blur and solarize are per-sample conditional branches
+(the blur window follows sigma, as PIL's blur in the torchvision backend does).
 """
 from __future__ import annotations
 
@@ -17,9 +17,7 @@ from PIL import Image
 
 from .recipe import Recipe
 
-# A Gaussian this narrow puts all its weight on the centre tap: "no blur" for the blur operator.
-NO_BLUR_SIGMA = 1e-3
-
+FLAGS = ("gray", "blur", "solarize")  # per-sample booleans that select a branch
 
 def _crop_box(rng: np.random.Generator, height: int, width: int, scale, ratio=(3 / 4, 4 / 3)):
     """torchvision's RandomResizedCrop box as relative (y0, x0, y1, x1)."""
@@ -58,17 +56,17 @@ def view_params(recipe: Recipe, view: int, rng: np.random.Generator, height: int
         jitter = (1.0, 1.0, 1.0, 0.0)
     gray = rng.random() < recipe.grayscale_p
     blur = rng.random() < recipe.blur_p[view]
-    sigma = rng.uniform(*recipe.blur_sigma) if blur else NO_BLUR_SIGMA
+    sigma = rng.uniform(*recipe.blur_sigma) if blur else 0.0
     solarize = rng.random() < recipe.solarize_p[view]
     return {"roi_start": (y0, x0), "roi_end": (y1, x1), "flip": flip, "jitter": jitter,
-            "gray": float(gray), "sigma": sigma, "solarize": float(solarize)}
+            "gray": gray, "blur": blur, "sigma": sigma, "solarize": solarize}
 
 
 class DaliSource:
     """Feeds encoded files and per-sample parameters into one DALI pipeline per loader."""
 
     PARAMS = ("roi_start", "roi_end", "flip", "brightness", "contrast", "saturation_jitter",
-              "hue", "gray", "sigma", "solarize")
+              "hue", "gray", "blur", "sigma", "solarize")
 
     def __init__(self, index, recipe: Recipe, image_size: int, num_threads: int, seed: int,
                  device: torch.device):
@@ -82,11 +80,11 @@ class DaliSource:
 
         gpu = self.device.type == "cuda"
         recipe, size = self.recipe, self.image_size
-        window = recipe.blur_kernel(size)
 
         @pipeline_def(batch_size=batch_size, num_threads=max(1, self.num_threads),
                       device_id=(self.device.index or 0) if gpu else None,
-                      prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)
+                      prefetch_queue_depth=1, exec_async=False, exec_pipelined=False,
+                      enable_conditionals=True)
         def two_views():
             encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
             labels = fn.external_source(name="labels", dtype=types.INT64, ndim=0)
@@ -94,9 +92,10 @@ class DaliSource:
                                         output_type=types.RGB)
             outputs = []
             for view in range(2):
-                p = {name: fn.external_source(name=f"v{view}_{name}", dtype=types.FLOAT,
-                                              ndim=1 if name.startswith("roi") else 0)
-                     for name in self.PARAMS}
+                p = {name: fn.external_source(
+                    name=f"v{view}_{name}", dtype=types.BOOL if name in FLAGS else types.FLOAT,
+                    ndim=1 if name.startswith("roi") else 0)
+                    for name in self.PARAMS if self._used(view, name)}
                 image = fn.resize(decoded, size=(size, size), roi_start=p["roi_start"],
                                   roi_end=p["roi_end"], roi_relative=True,
                                   interp_type=types.INTERP_CUBIC, antialias=True)
@@ -104,16 +103,19 @@ class DaliSource:
                 image = fn.color_twist(image, brightness=p["brightness"],
                                        contrast=p["contrast"],
                                        saturation=p["saturation_jitter"], hue=p["hue"])
-                # Grayscale as torchvision's (ITU-R 601 luma in all three channels), mixed in
-                # per sample: saturation=0 in color_twist leaves channels 1 level apart.
-                luma = fn.color_space_conversion(image, image_type=types.RGB,
-                                                 output_type=types.GRAY)
-                luma = fn.cast(fn.cat(luma, luma, luma, axis=2), dtype=types.FLOAT)
+                # Grayscale as torchvision's (ITU-R 601 luma in all three channels):
+                # saturation=0 in color_twist leaves the channels a level apart.
+                if p["gray"]:
+                    luma = fn.color_space_conversion(image, image_type=types.RGB,
+                                                     output_type=types.GRAY)
+                    image = fn.cat(luma, luma, luma, axis=2)
+                if "blur" in p and p["blur"]:  # per-sample branch: the costliest operator
+                    image = fn.gaussian_blur(image, sigma=p["sigma"])
                 pixels = fn.cast(image, dtype=types.FLOAT)
-                pixels = pixels + p["gray"] * (luma - pixels)
-                pixels = fn.gaussian_blur(pixels, sigma=p["sigma"], window_size=window)
-                bright = fn.cast(pixels >= float(recipe.solarize_threshold), dtype=types.FLOAT)
-                pixels = pixels + p["solarize"] * bright * (255.0 - 2.0 * pixels)
+                if "solarize" in p and p["solarize"]:
+                    bright = fn.cast(pixels >= float(recipe.solarize_threshold),
+                                     dtype=types.FLOAT)
+                    pixels = pixels + bright * (255.0 - 2.0 * pixels)
                 outputs.append(fn.crop_mirror_normalize(
                     pixels, dtype=types.FLOAT, output_layout="CHW",
                     mean=[255.0 * m for m in recipe.mean], std=[255.0 * s for s in recipe.std]))
@@ -123,6 +125,14 @@ class DaliSource:
         pipe.build()
         return pipe
 
+    def _used(self, view: int, name: str) -> bool:
+        """Whether the graph has this input (DALI drops inputs that nothing reads)."""
+        if name in ("blur", "sigma"):
+            return self.recipe.blur_p[view] > 0
+        if name == "solarize":
+            return self.recipe.solarize_p[view] > 0
+        return True
+
     def _size(self, i: int) -> tuple[int, int]:
         if i not in self._sizes:
             with Image.open(self.index.files[i]) as image:  # reads the header only
@@ -131,7 +141,8 @@ class DaliSource:
 
     def _feed(self, keys: list[tuple[int, int]]) -> None:
         encoded, labels = [], []
-        params = {f"v{v}_{name}": [] for v in range(2) for name in self.PARAMS}
+        params = {f"v{v}_{name}": [] for v in range(2) for name in self.PARAMS
+                  if self._used(v, name)}
         for epoch, i in keys:
             path = self.index.files[i]
             with open(path, "rb") as f:
@@ -144,10 +155,12 @@ class DaliSource:
                 values = {"roi_start": v["roi_start"], "roi_end": v["roi_end"],
                           "flip": v["flip"], "brightness": v["jitter"][0],
                           "contrast": v["jitter"][1], "saturation_jitter": v["jitter"][2],
-                          "hue": v["jitter"][3], "gray": v["gray"],
+                          "hue": v["jitter"][3], "gray": v["gray"], "blur": v["blur"],
                           "sigma": v["sigma"], "solarize": v["solarize"]}
                 for name, value in values.items():
-                    params[f"v{view}_{name}"].append(np.asarray(value, dtype=np.float32))
+                    if self._used(view, name):
+                        dtype = np.bool_ if name in FLAGS else np.float32
+                        params[f"v{view}_{name}"].append(np.asarray(value, dtype=dtype))
         self._pipe.feed_input("encoded", encoded)
         self._pipe.feed_input("labels", labels)
         for name, values in params.items():
