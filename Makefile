@@ -30,6 +30,7 @@ test: build
 bench: build
 	$(BIN)/python bench/bench_loss.py
 	$(BIN)/python bench/bench_spectrum.py
+	$(BIN)/python bench/bench_data.py
 
 clean:
 	rm -rf build directclr/_C*.so *.egg-info

@@ -13,7 +13,8 @@
 #      the same run -> rows appended to OUT_DIR/bench_loss.jsonl, table printed
 #   4. the spectrum benchmark, bf16, 50,000 and 65,536 x 2048, vs torch.cov
 #      -> OUT_DIR/bench_spectrum.jsonl
-# DALI rows are skipped here (no DALI in the image).
+#   5. the data benchmark (DALI GPU vs torchvision, all cores) where DALI imports; the H200
+#      host's image has none, so there it prints why it skipped
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-bench/results}
@@ -30,7 +31,6 @@ print(json.dumps({"torch": torch.__version__, "triton": triton.__version__,
                   "capability": torch.cuda.get_device_capability(),
                   "python": platform.python_version()}))
 PYEOF
-echo "DALI: skipped (the benchmark host's image has no DALI)"
 
 timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_infonce_triton.py tests/test_spectrum.py -k "cuda or gpu" \
   --junitxml "$OUT/gpu_tests.xml" 2>&1 | tail -25
@@ -44,6 +44,13 @@ bench_rc=$?
 timeout 90 "$PY" bench/bench_spectrum.py --device cuda --dtype bfloat16 --n 50000 65536 \
   --repeats 5 --results-dir "$OUT"
 spectrum_rc=$?
+
+if "$PY" -c "import nvidia.dali" 2>/dev/null; then
+  timeout 120 "$PY" bench/bench_data.py --device cuda --threads "$(nproc)" --batch-size 128 \
+    --batches 20 --images 2000 --results-dir "$OUT" || echo "data bench failed"
+else
+  echo "data bench: skipped (nvidia.dali does not import on this host)"
+fi
 
 echo "gpu_check: tests rc=$tests_rc, loss bench rc=$bench_rc, spectrum bench rc=$spectrum_rc," \
   "$(( $(date +%s) - start )) s in all"
