@@ -8,7 +8,6 @@ Standalone (prints a table, appends JSON rows to bench/results/bench_data.jsonl)
 The images are `directclr prepare synthetic` JPEGs of ImageNet-like sizes (300-500 px sides),
 made once under --data. Each backend runs in a fresh subprocess: one warm-up batch (worker and
 pipeline start-up), then --batches timed batches at 224 px with the official recipe.
-Under pytest-benchmark (tiny images): pytest bench/bench_data.py
 """
 from __future__ import annotations
 
