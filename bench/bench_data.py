@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -74,13 +73,7 @@ def main(argv=None):
         case = dict(backend=backend, root=str(args.data), device=args.device,
                     threads=args.threads, batch_size=args.batch_size, batches=args.batches,
                     image_size=args.image_size)
-        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(case)],
-                              capture_output=True, text=True, timeout=1800)
-        if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or ["?"])[-1]
-            rows.append({**case, "op": "data", "status": f"failed: {last[:200]}"})
-        else:
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        rows.append({"op": "data", **common.run_child(__file__, case, timeout=1800)})
         print(json.dumps(rows[-1]), flush=True)
     ok = {r["backend"]: r for r in rows if r["status"] == "ok"}
     if "torchvision" in ok:

@@ -19,7 +19,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -143,15 +142,7 @@ def run_case(provider, variant, n, width, dim, dtype, device, repeats) -> dict:
 
 
 def run_in_subprocess(case: dict, timeout: float) -> dict:
-    cmd = [sys.executable, __file__, "--child", json.dumps(case)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {**case, "status": f"timeout after {timeout:.0f} s"}
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["?"])[-1]
-        return {**case, "status": f"failed (rc {proc.returncode}): {last[:200]}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return common.run_child(__file__, case, timeout)
 
 
 def repeats_for(n: int, variant: str) -> int:

@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -65,3 +66,17 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def run_child(script: str, case: dict, timeout: float) -> dict:
+    """Runs `script --child <case as JSON>` in a fresh interpreter; its last stdout line is the
+    result row. Failures and timeouts come back as rows with a status instead of raising."""
+    cmd = [sys.executable, script, "--child", json.dumps(case)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**case, "status": f"timeout after {timeout:.0f} s"}
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return {**case, "status": f"failed (rc {proc.returncode}): {last[:200]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
