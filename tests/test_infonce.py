@@ -227,3 +227,18 @@ def test_bad_input_raises_clear_error(case):
     match, error, call = _bad_calls()[case]
     with pytest.raises(error, match=match):
         call()
+
+
+def test_many_threads_narrow_column_tiles():
+    """64 threads x width 2048 shrink the backward's column tiles (bounded per-thread partials)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(64)
+    try:
+        z1, z2 = make_views(700, 2048)
+        loss, g1, g2 = loss_and_grads(z1, z2, dim=None)
+    finally:
+        torch.set_num_threads(before)
+    ref_loss, ref_g1, ref_g2 = reference_loss_and_grads(z1, z2, dim=None)
+    assert_rel_close(loss, ref_loss, 1e-5, "loss")
+    assert_rel_close(g1, ref_g1, 1e-4, "grad z1")
+    assert_rel_close(g2, ref_g2, 1e-4, "grad z2")

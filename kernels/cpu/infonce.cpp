@@ -28,6 +28,8 @@ namespace {
 constexpr int64_t kMaxRowTile = 256;
 constexpr int64_t kMinRowTile = 32;
 constexpr int64_t kColTile = 1024;
+constexpr int64_t kMinColTile = 64;
+constexpr int64_t kMaxThreadPartials = int64_t(1) << 25;  // 128 MiB of fp32 column gradients
 
 // Row tiles shrink when there are few rows so that every thread still gets work.
 int64_t row_tile_size(int64_t rows) {
@@ -171,10 +173,13 @@ std::tuple<at::Tensor, at::Tensor> lse_backward(
   const int64_t* pos_ptr = pos.data_ptr<int64_t>();
   const int64_t* excl_ptr = excl.data_ptr<int64_t>();
 
-  for (int64_t col0 = 0; col0 < n_cols; col0 += kColTile) {
-    const int64_t col_tile = std::min(kColTile, n_cols - col0);
+  // Row tiles on different threads all add into a column tile: one partial per thread. Narrower
+  // column tiles on many-core machines keep those partials under kMaxThreadPartials elements.
+  const int64_t grad_col_tile = std::clamp<int64_t>(
+      kMaxThreadPartials / std::max<int64_t>(1, n_threads * width), kMinColTile, kColTile);
+  for (int64_t col0 = 0; col0 < n_cols; col0 += grad_col_tile) {
+    const int64_t col_tile = std::min(grad_col_tile, n_cols - col0);
     const auto col_block = cols.narrow(0, col0, col_tile);
-    // Row tiles on different threads all add into these columns: one partial per thread.
     auto thread_grad_cols =
         with_grad_cols ? at::zeros({n_threads, col_tile, width}, opts) : at::Tensor();
 
