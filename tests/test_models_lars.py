@@ -1,0 +1,64 @@
+"""LARS against a hand-computed step, and the backbones/projectors of each mode."""
+import pytest
+import torch
+import torchvision
+
+from directclr.lars import LARS
+from directclr.models import MODES, build_backbone, build_projector
+
+
+def test_lars_step_matches_hand_computation():
+    weight = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))  # |w| = 5
+    bias = torch.nn.Parameter(torch.tensor([1.0]))
+    weight.grad = torch.tensor([[0.0, 1.0]])
+    bias.grad = torch.tensor([2.0])
+    opt = LARS([weight, bias], lr=0.5, weight_decay=0.1, momentum=0.9, trust_coefficient=0.01)
+    opt.step()
+    update = torch.tensor([[0.3, 1.4]])  # g + wd w
+    ratio = 0.01 * 5.0 / update.norm()
+    assert torch.allclose(weight, torch.tensor([[3.0, 4.0]]) - 0.5 * ratio * update)
+    assert torch.allclose(bias, torch.tensor([1.0 - 0.5 * 2.0]))  # 1-D: no decay, no ratio
+    # Second step: momentum buffer = 0.9 * previous + new update.
+    before = weight.detach().clone()
+    weight.grad = torch.tensor([[0.0, 1.0]])
+    bias.grad = torch.tensor([0.0])
+    opt.step()
+    update2 = torch.tensor([[0.0, 1.0]]) + 0.1 * before
+    buffer = 0.9 * ratio * update + 0.01 * before.norm() / update2.norm() * update2
+    assert torch.allclose(weight, before - 0.5 * buffer, atol=1e-7)
+    assert torch.allclose(bias, torch.tensor([0.0 - 0.5 * 0.9 * 2.0]))
+
+
+def test_lars_rejects_bad_hyperparameters():
+    with pytest.raises(ValueError, match="lr"):
+        LARS([torch.nn.Parameter(torch.ones(2, 2))], lr=-1.0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_modes_build_and_run(mode):
+    backbone, width = build_backbone("resnet18", small_images=True)
+    projector, dim = build_projector(mode, width, 90)
+    r = backbone(torch.randn(4, 3, 32, 32))
+    z = projector(r)
+    assert r.shape == (4, 512)
+    assert z.shape[0] == 4 and (dim is None or dim <= z.shape[1])
+    trainable = [p for p in projector.parameters() if p.requires_grad]
+    assert (len(trainable) == 0) == (mode in ("directclr", "simclr-none", "fixed-lowrank"))
+
+
+def test_backbone_state_dict_loads_into_torchvision():
+    backbone, _ = build_backbone("resnet50")
+    missing, unexpected = torchvision.models.resnet50().load_state_dict(
+        backbone.state_dict(), strict=False)
+    assert missing == ["fc.weight", "fc.bias"] and unexpected == []
+
+
+def test_zero_init_residual():
+    backbone, _ = build_backbone("resnet18")
+    assert all(block.bn2.weight.abs().sum() == 0 for block in backbone.layer1)
+
+
+def test_fixed_lowrank_has_the_asked_rank():
+    from directclr.models import FixedLowRank
+    head = FixedLowRank(64, 10)
+    assert torch.linalg.matrix_rank(head.weight).item() == 10
