@@ -14,6 +14,47 @@ def _prepare(args) -> None:
     print(f"wrote {out}")
 
 
+def _pretrain(args) -> None:
+    import logging
+    from dataclasses import fields
+
+    from .train import Config, pretrain
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
+    backbone = pretrain(cfg)
+    if backbone.exists():
+        print(f"backbone: {backbone}\nmetrics: {backbone.parent / 'metrics.jsonl'}")
+
+
+def _add_pretrain(commands) -> None:
+    from .train import Config
+    d = Config(data="", out="")
+    p = commands.add_parser("pretrain", help="DirectCLR / SimCLR-baseline pretraining")
+    p.add_argument("--data", required=True, help="ImageFolder root, or 'fashion-mnist'")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics)")
+    p.add_argument("--arch", default=d.arch, choices=["resnet18", "resnet50"])
+    p.add_argument("--mode", default=d.mode)
+    p.add_argument("--dim", type=int, default=d.dim, help="d0, the subvector width")
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--variant", default=d.variant, choices=["cross", "ntxent"])
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--wd", type=float, default=d.wd)
+    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
+    p.add_argument("--loader", default=d.loader, choices=["auto", "dali", "torchvision"])
+    p.add_argument("--ckpt-every", type=int, default=d.ckpt_every, help="steps")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="resume from the newest checkpoint in --out (default)")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--num-threads", type=int, default=None)
+    p.add_argument("--cache", default=d.cache, help="where prepared datasets go")
+    p.set_defaults(run=_pretrain)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="directclr", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -26,6 +67,7 @@ def main(argv=None) -> int:
     prepare.add_argument("--limit", type=int, default=None,
                          help="fashion-mnist: at most this many images per split")
     prepare.set_defaults(run=_prepare)
+    _add_pretrain(commands)
     args = parser.parse_args(argv)
     try:
         args.run(args)
