@@ -39,7 +39,8 @@ def _add_pretrain(commands) -> None:
     p.add_argument("--variant", default=d.variant, choices=["cross", "ntxent"])
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch")
     p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many steps; warm-up and cosine then span this run")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--wd", type=float, default=d.wd)
     p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)

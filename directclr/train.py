@@ -106,12 +106,19 @@ def check_config(cfg: Config, world: int) -> None:
         raise ValueError("--epochs, --temperature and --lr must be positive")
 
 
+def total_steps(cfg: Config, steps_per_epoch: int) -> int:
+    """The run's length: --epochs, cut by --max-steps (the schedule then spans the cut run)."""
+    total = cfg.epochs * steps_per_epoch
+    return total if cfg.max_steps is None else min(total, cfg.max_steps)
+
+
 def learning_rate(cfg: Config, step: int, steps_per_epoch: int) -> float:
-    """Linear warm-up, then per-step cosine from lr to 0.001 x lr."""
-    warmup = cfg.warmup_epochs * steps_per_epoch
+    """Linear warm-up (--warmup-epochs, at most a tenth of the run), then per-step cosine from
+    lr to 0.001 x lr."""
+    total = total_steps(cfg, steps_per_epoch)
+    warmup = min(cfg.warmup_epochs * steps_per_epoch, total / 10)
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
-    total = cfg.epochs * steps_per_epoch
     progress = min(1.0, (step - warmup) / max(1.0, total - warmup))
     floor = 0.001 * cfg.lr
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -199,9 +206,7 @@ def pretrain(cfg: Config) -> Path:
             model, device_ids=[device.index] if device.type == "cuda" else None)
     forward = torch.compile(model) if cfg.compile else model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    last_step = cfg.epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        last_step = min(last_step, cfg.max_steps)
+    last_step = total_steps(cfg, steps_per_epoch)
     metrics = (out / "metrics.jsonl").open("a") if master else None
     progress = _progress_bar(master, last_step, step)
 

@@ -12,7 +12,8 @@ from directclr.data import prepare_synthetic
 from directclr.infonce import infonce
 from directclr.lars import LARS
 from directclr.models import MODES
-from directclr.train import Config, Model, check_config, load_latest_checkpoint, save_checkpoint
+from directclr.train import (Config, Model, check_config, learning_rate, load_latest_checkpoint,
+                             save_checkpoint)
 
 RUN = [sys.executable, "-m", "directclr", "pretrain", "--arch", "resnet18", "--batch-size", "8",
        "--epochs", "2", "--lr", "0.3", "--warmup-epochs", "0.5", "--dim", "90",
@@ -105,3 +106,14 @@ def test_missing_data_is_a_clear_cli_error(tmp_path):
     proc = subprocess.run(RUN + ["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no such directory" in proc.stderr
+
+
+def test_schedule_warms_up_then_decays_to_a_thousandth():
+    cfg = Config(data="", out="", epochs=100, lr=4.8, warmup_epochs=10)
+    lrs = [learning_rate(cfg, step, 10) for step in range(1000)]
+    assert lrs[0] == 4.8 / 100 and abs(lrs[99] - 4.8) < 1e-12
+    assert all(a >= b for a, b in zip(lrs[100:], lrs[101:]))
+    assert abs(lrs[-1] - 0.0048) < 1e-3
+    capped = Config(data="", out="", epochs=100, lr=1.0, warmup_epochs=10, max_steps=50)
+    assert learning_rate(capped, 4, 10) == 1.0  # warm-up shrinks to a tenth of the cut run
+    assert learning_rate(capped, 49, 10) < 0.01
