@@ -274,7 +274,8 @@ def pretrain(cfg: Config) -> Path:
         metrics.close()
         atomic_save(raw_model.backbone.state_dict(), out / "backbone.pt")
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier()  # every rank done before gloo/NCCL is torn down
+        dist.destroy_process_group()
     return out / "backbone.pt"
 
 

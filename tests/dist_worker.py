@@ -47,6 +47,8 @@ def main():
     if rank == 0:
         torch.save({"world": world, "base": base.state_dict(), "x1": x1, "x2": x2,
                     "results": results}, args.out)
+    # Every rank done before any tears gloo down (an early teardown can abort the other rank).
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -17,4 +17,5 @@ for chunk in torch.split(mine, 37):
 acc.all_reduce()
 if rank == 0:
     torch.save({"x": x, "n": acc.n, "mean": acc.mean, "m2": acc.m2}, sys.argv[1])
+dist.barrier()  # every rank done before any tears gloo down
 dist.destroy_process_group()
