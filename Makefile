@@ -30,11 +30,15 @@ test: build
 # A short DirectCLR run on Fashion-MNIST (resnet18, 32 px, d0 = 90 of 512), a few minutes on 2
 # CPU cores; rerun to resume, PRETRAIN_ARGS to change it (e.g. PRETRAIN_ARGS="--max-steps 200").
 PRETRAIN_ARGS ?= --max-steps 30
+PROBE_ARGS ?=
 pretrain: build
 	$(BIN)/python -m directclr pretrain --data fashion-mnist --arch resnet18 --dim 90 \
 	  --batch-size 128 --epochs 10 --lr 0.3 --warmup-epochs 1 --ckpt-every 10 \
 	  --out runs/fashion-mnist $(PRETRAIN_ARGS)
+	$(BIN)/python -m directclr probe --checkpoint runs/fashion-mnist/backbone.pt --arch resnet18 \
+	  --data fashion-mnist --epochs 2 --limit 2000 $(PROBE_ARGS)
 	@echo "metrics (one JSON row per step, epoch rows with spectra): runs/fashion-mnist/metrics.jsonl"
+	@echo "probe result: runs/fashion-mnist/probe.json"
 
 bench: build
 	$(BIN)/python bench/bench_loss.py

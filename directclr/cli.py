@@ -56,6 +56,46 @@ def _add_pretrain(commands) -> None:
     p.set_defaults(run=_pretrain)
 
 
+def _probe(args) -> None:
+    from pathlib import Path
+
+    import torch
+
+    from .data import prepare_fashion_mnist
+    from .probe import linear_probe
+    data, image_size = args.data, args.image_size
+    if data == "fashion-mnist":
+        data = prepare_fashion_mnist(Path(args.cache).expanduser() / "fashion-mnist")
+        image_size = image_size or 32
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    result = linear_probe(args.checkpoint, data, arch=args.arch, epochs=args.epochs,
+                          batch_size=args.batch_size, lr=args.lr, subvector=args.subvector,
+                          image_size=image_size or 224, num_workers=args.num_workers,
+                          limit=args.limit, device=device)
+    what = f"r[:, :{args.subvector}]" if args.subvector else "the whole representation"
+    print(f"linear probe on {what}: best val top-1 {100 * result['top1_best']:.2f}% "
+          f"({result['epochs']} epochs, {result['train_images']} train images)")
+
+
+def _add_probe(commands) -> None:
+    p = commands.add_parser("probe", help="linear probe of a pretrained backbone")
+    p.add_argument("--checkpoint", required=True, help="backbone.pt or a training checkpoint")
+    p.add_argument("--data", required=True,
+                   help="root with train/ and val/ ImageFolder trees, or 'fashion-mnist'")
+    p.add_argument("--arch", default="resnet50", choices=["resnet18", "resnet50"])
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--subvector", type=int, default=None, metavar="D0",
+                   help="probe only r[:, :D0] (DirectCLR's subvector)")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None, help="at most this many images per split")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--cache", default="~/.cache/directclr")
+    p.set_defaults(run=_probe)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="directclr", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +109,7 @@ def main(argv=None) -> int:
                          help="fashion-mnist: at most this many images per split")
     prepare.set_defaults(run=_prepare)
     _add_pretrain(commands)
+    _add_probe(commands)
     args = parser.parse_args(argv)
     try:
         args.run(args)
