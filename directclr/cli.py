@@ -96,6 +96,38 @@ def _add_probe(commands) -> None:
     p.set_defaults(run=_probe)
 
 
+def _spectrum(args) -> None:
+    import torch
+
+    from .report import dataset_spectrum, write_report
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    spectrum = dataset_spectrum(args.checkpoint, args.data, arch=args.arch,
+                                image_size=args.image_size, subvector=args.subvector,
+                                normalize=not args.no_normalize, limit=args.limit,
+                                device=device)
+    label = f"r[:, :{args.subvector}]" if args.subvector else "representation"
+    json_path, png_path = write_report(spectrum, args.out, label)
+    print(f"{label}: effective rank {spectrum.effective_rank:.1f}, {spectrum.collapsed()} of "
+          f"{spectrum.eigenvalues.numel()} dimensions collapsed (< 1e-6 x the largest)\n"
+          f"wrote {json_path} and {png_path}")
+
+
+def _add_spectrum(commands) -> None:
+    p = commands.add_parser("spectrum", help="embedding spectrum of a trained backbone")
+    p.add_argument("--checkpoint", required=True, help="backbone.pt or a training checkpoint")
+    p.add_argument("--data", required=True, help="an ImageFolder root (e.g. .../val)")
+    p.add_argument("--out", required=True, help="where spectrum.json and spectrum.png go")
+    p.add_argument("--arch", default="resnet50", choices=["resnet18", "resnet50"])
+    p.add_argument("--subvector", type=int, default=None, metavar="D0",
+                   help="the spectrum of r[:, :D0] instead of the whole representation")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--no-normalize", action="store_true",
+                   help="skip the L2 normalization of rows (the official script normalizes)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many images")
+    p.add_argument("--device", default=None)
+    p.set_defaults(run=_spectrum)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="directclr", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +142,7 @@ def main(argv=None) -> int:
     prepare.set_defaults(run=_prepare)
     _add_pretrain(commands)
     _add_probe(commands)
+    _add_spectrum(commands)
     args = parser.parse_args(argv)
     try:
         args.run(args)

@@ -50,3 +50,18 @@ def test_bad_data_and_subvector(splits, tmp_path):
     with pytest.raises(ValueError, match="--subvector"):
         linear_probe(tmp_path / "backbone.pt", splits, arch="resnet18", epochs=1,
                      image_size=32, subvector=600, progress=False)
+
+
+def test_spectrum_command_writes_json_and_plot(splits, tmp_path):
+    from directclr.cli import main
+    backbone, _ = build_backbone("resnet18", small_images=True)
+    torch.save(backbone.state_dict(), tmp_path / "backbone.pt")
+    for extra, width in (([], 512), (["--subvector", "90"], 90)):
+        out = tmp_path / f"spec{width}"
+        assert main(["spectrum", "--checkpoint", str(tmp_path / "backbone.pt"), "--arch",
+                     "resnet18", "--data", str(splits / "val"), "--image-size", "32", "--out",
+                     str(out), *extra]) == 0
+        report = json.loads((out / "spectrum.json").read_text())
+        assert report["dim"] == width and len(report["eigenvalues"]) == width
+        assert report["n"] == 24 and report["collapsed"] >= width - 23  # 24 rows: rank <= 23
+        assert (out / "spectrum.png").read_bytes()[:4] == b"\x89PNG"
