@@ -85,6 +85,32 @@ def _logits_tile(rows_ptr, row_stride, row_k_stride, cols_ptr, col_stride, col_k
     return acc * (row_inv[:, None] * col_inv[None, :] * scale)
 
 
+@triton.jit
+def _row_block(row_inv_ptr, pos_ptr, excl_ptr, n_rows, BLOCK_M: tl.constexpr):
+    """This program's rows: offsets, mask, inverse norms, positive and excluded columns."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < n_rows
+    row_inv = tl.load(row_inv_ptr + offs_m, mask=mask_m, other=0.0)
+    pos = tl.load(pos_ptr + offs_m, mask=mask_m, other=-1)
+    excl = tl.load(excl_ptr + offs_m, mask=mask_m, other=-1)
+    return offs_m, mask_m, row_inv, pos, excl
+
+
+@triton.jit
+def _column_tile(n0, rows_ptr, row_stride, row_k_stride, cols_ptr, col_stride, col_k_stride,
+                 col_inv_ptr, offs_m, mask_m, n_cols, dim, row_inv, scale,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Columns n0 .. n0 + BLOCK_N: offsets, mask, inverse norms and the logits tile."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n_cols
+    col_inv = tl.load(col_inv_ptr + offs_n, mask=mask_n, other=0.0)
+    logits = _logits_tile(rows_ptr, row_stride, row_k_stride, cols_ptr, col_stride,
+                          col_k_stride, offs_m, offs_n, mask_m, mask_n, dim, row_inv,
+                          col_inv, scale, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST)
+    return offs_n, mask_n, col_inv, logits
+
+
 @triton.autotune(configs=_lse_configs(), key=["size_class", "dim"],
                  prune_configs_by={"early_config_prune": _prune_large})
 @triton.jit
@@ -94,22 +120,17 @@ def _lse_kernel(rows_ptr, row_stride, row_k_stride, row_inv_ptr,
                 n_rows, n_cols, dim, scale, size_class,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < n_rows
-    row_inv = tl.load(row_inv_ptr + offs_m, mask=mask_m, other=0.0)
-    pos = tl.load(pos_ptr + offs_m, mask=mask_m, other=-1)
-    excl = tl.load(excl_ptr + offs_m, mask=mask_m, other=-1)
+    offs_m, mask_m, row_inv, pos, excl = _row_block(row_inv_ptr, pos_ptr, excl_ptr, n_rows,
+                                                    BLOCK_M)
     # Rows are unit (or zero) vectors, so every logit is >= -scale: a finite starting max.
     run_max = tl.zeros((BLOCK_M,), dtype=tl.float32) - scale
     run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     pos_logit = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n0 in range(0, n_cols, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < n_cols
-        col_inv = tl.load(col_inv_ptr + offs_n, mask=mask_n, other=0.0)
-        logits = _logits_tile(rows_ptr, row_stride, row_k_stride, cols_ptr, col_stride,
-                              col_k_stride, offs_m, offs_n, mask_m, mask_n, dim, row_inv,
-                              col_inv, scale, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST)
+        offs_n, mask_n, col_inv, logits = _column_tile(
+            n0, rows_ptr, row_stride, row_k_stride, cols_ptr, col_stride, col_k_stride,
+            col_inv_ptr, offs_m, mask_m, n_cols, dim, row_inv, scale,
+            BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST)
         pos_logit += tl.sum(tl.where(offs_n[None, :] == pos[:, None], logits, 0.0), axis=1)
         keep = mask_n[None, :] & (offs_n[None, :] != excl[:, None])
         logits = tl.where(keep, logits, float("-inf"))
@@ -131,13 +152,10 @@ def _grad_kernel(rows_ptr, row_stride, row_k_stride, row_inv_ptr,
                  ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m, mask_m, row_inv, pos, excl = _row_block(row_inv_ptr, pos_ptr, excl_ptr, n_rows,
+                                                    BLOCK_M)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_m = offs_m < n_rows
     mask_d = offs_d < dim
-    row_inv = tl.load(row_inv_ptr + offs_m, mask=mask_m, other=0.0)
-    pos = tl.load(pos_ptr + offs_m, mask=mask_m, other=-1)
-    excl = tl.load(excl_ptr + offs_m, mask=mask_m, other=-1)
     row_lse = tl.load(row_lse_ptr + offs_m, mask=mask_m, other=0.0)
     row_w = tl.load(row_w_ptr + offs_m, mask=mask_m, other=0.0)
     # G is about w / N: below fp16's smallest subnormal at large N. An exact power of two,
@@ -145,12 +163,10 @@ def _grad_kernel(rows_ptr, row_stride, row_k_stride, row_inv_ptr,
     grad_scale = tl.load(grad_scale_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for n0 in range(0, n_cols, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < n_cols
-        col_inv = tl.load(col_inv_ptr + offs_n, mask=mask_n, other=0.0)
-        logits = _logits_tile(rows_ptr, row_stride, row_k_stride, cols_ptr, col_stride,
-                              col_k_stride, offs_m, offs_n, mask_m, mask_n, dim, row_inv,
-                              col_inv, scale, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST)
+        offs_n, mask_n, col_inv, logits = _column_tile(
+            n0, rows_ptr, row_stride, row_k_stride, cols_ptr, col_stride, col_k_stride,
+            col_inv_ptr, offs_m, mask_m, n_cols, dim, row_inv, scale,
+            BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST)
         grad = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         pos_weight = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if ROW_TERM:

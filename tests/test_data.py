@@ -167,7 +167,7 @@ def test_solarize_only_in_view_two_at_its_rate(backend, tmp_path, monkeypatch):
     from directclr.data import recipe as recipes
     plain = recipes.Recipe(crop_scale=(0.5, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.0,
                            grayscale_p=0.0, blur_p=(0.0, 0.0), blur_sigma=(0.1, 2.0),
-                           blur_kernel_fraction=0.1, solarize_p=(0.0, 0.2))
+                           solarize_p=(0.0, 0.2))
     monkeypatch.setitem(recipes.RECIPES, "plain", plain)
     for c in range(2):
         (tmp_path / f"c{c}").mkdir()

@@ -47,6 +47,7 @@ def test_full_and_low_rank_against_numpy(width, rank):
     assert np.abs(spec.eigenvalues.numpy() - ref).max() <= 1e-5 * top
     assert spec.collapsed() == width - rank
     assert torch.allclose(spec.singular_values, (spec.eigenvalues * 2000).sqrt())
+    assert torch.equal(spec.log_spectrum, spec.eigenvalues.log())
 
 
 def test_naive_formula_fails_where_ours_holds():

@@ -17,28 +17,23 @@ class Recipe:
     grayscale_p: float
     blur_p: tuple[float, float]
     blur_sigma: tuple[float, float]
-    blur_kernel_fraction: float  # kernel size as a fraction of the image side (odd, >= 3)
     solarize_p: tuple[float, float]
     solarize_threshold: int = 128  # on 0..255 pixel values
     flip_p: float = 0.5
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
-    def blur_kernel(self, image_size: int) -> int:
-        side = int(self.blur_kernel_fraction * image_size)
-        return max(3, side | 1)
-
 
 RECIPES = {
     # The official DirectCLR recipe (BYOL-style asymmetric views): ImageNet at 224 px.
     "directclr": Recipe(crop_scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8,
                         grayscale_p=0.2, blur_p=(1.0, 0.1), blur_sigma=(0.1, 2.0),
-                        blur_kernel_fraction=0.1, solarize_p=(0.0, 0.2)),
+                        solarize_p=(0.0, 0.2)),
     # 32 px data (SimCLR's CIFAR habit): gentler crops and no blur, which erases 32 px images;
     # the asymmetric solarization of view 2 is kept.
     "small": Recipe(crop_scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8,
                     grayscale_p=0.2, blur_p=(0.0, 0.0), blur_sigma=(0.1, 2.0),
-                    blur_kernel_fraction=0.1, solarize_p=(0.0, 0.2)),
+                    solarize_p=(0.0, 0.2)),
 }
 
 
