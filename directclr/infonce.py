@@ -179,7 +179,7 @@ def _nccl(x: Tensor, group) -> bool:
 
 
 def _all_gather_rows(x: Tensor, group) -> Tensor:
-    rank, world = _world(group)
+    world = _world(group)[1]
     if world == 1:
         return x
     x = x.contiguous()
