@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torchvision import models as tv_models
 
@@ -63,3 +64,54 @@ def build_projector(mode: str, width: int, dim: int) -> tuple[nn.Module, int | N
     if mode == "fixed-lowrank":
         return FixedLowRank(width, dim), None
     return Diagonal(width), None
+
+
+class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch norm over the global batch of all ranks, for CPU process groups (gloo), where
+    torch's SyncBatchNorm does not run. Mean, then variance about it, are summed over ranks with
+    autograd-aware all-reduces, so forward and backward equal one process holding every rank's
+    samples (the recipe's SyncBN semantics)."""
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2-D input, got {input.dim()}-D")
+
+    def forward(self, x):
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+        reduce_dims = [0] + list(range(2, x.dim()))
+        count = torch.tensor(float(x.numel() // x.shape[1]))
+        dist.all_reduce(count)
+        mean = all_reduce(x.sum(reduce_dims)) / count
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        centered = x - mean.view(shape)
+        var = all_reduce(centered.square().sum(reduce_dims)) / count
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = (self.momentum if self.momentum is not None
+                          else 1.0 / float(self.num_batches_tracked))  # cumulative average
+                unbiased = var * (count / (count - 1).clamp_min(1))
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+        out = centered * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out
+
+
+def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Every BatchNorm of `model` normalizes over the global batch: torch's SyncBatchNorm on
+    GPUs, CpuSyncBatchNorm on CPU."""
+    if device.type != "cpu":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in model.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            synced = CpuSyncBatchNorm(child.num_features, child.eps, child.momentum,
+                                      child.affine, child.track_running_stats)
+            synced.load_state_dict(child.state_dict())
+            setattr(model, name, synced)
+        else:
+            sync_batchnorm(child, device)
+    return model

@@ -25,7 +25,7 @@ from torch import nn
 from .data import build_pretrain_loader, prepare_fashion_mnist
 from .infonce import infonce
 from .lars import LARS
-from .models import ARCHS, MODES, build_backbone, build_projector
+from .models import ARCHS, MODES, build_backbone, build_projector, sync_batchnorm
 from .spectrum import SpectrumAccumulator
 
 log = logging.getLogger("directclr.train")
@@ -187,8 +187,8 @@ def pretrain(cfg: Config) -> Path:
     model = Model(cfg, len(loader.classes), small).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    if world > 1 and device.type == "cuda":  # SyncBatchNorm has no CPU implementation
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if world > 1:
+        model = sync_batchnorm(model, device)
     optimizer = LARS(model.parameters(), lr=cfg.lr, weight_decay=cfg.wd)
     steps_per_epoch = len(loader)
     step = 0
@@ -245,10 +245,14 @@ def pretrain(cfg: Config) -> Path:
             seen += len(labels)
             correct_total += int(correct)
             end = time.perf_counter()
+            losses = torch.stack([loss.detach(), probe_loss.detach()])
+            if world > 1:  # log the global batch's losses, not rank 0's share
+                dist.all_reduce(losses)
+                losses /= world
             if master:
                 wait = compute_start - fetch_start
-                row = {"step": step, "epoch": epoch, "loss": loss.item(),
-                       "probe_loss": probe_loss.item(), "lr": optimizer.param_groups[0]["lr"],
+                row = {"step": step, "epoch": epoch, "loss": losses[0].item(),
+                       "probe_loss": losses[1].item(), "lr": optimizer.param_groups[0]["lr"],
                        "pairs_per_s": cfg.batch_size / (end - fetch_start),
                        "data_wait": wait / (end - fetch_start)}
                 metrics.write(json.dumps(row) + "\n")
