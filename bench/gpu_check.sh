@@ -13,7 +13,10 @@
 #      the same run -> rows appended to OUT_DIR/bench_loss.jsonl, table printed
 #   4. the spectrum benchmark, bf16, 50,000 and 65,536 x 2048, vs torch.cov
 #      -> OUT_DIR/bench_spectrum.jsonl
-#   5. the data benchmark (DALI GPU vs torchvision, all cores) where DALI imports; the H200
+#   5. the training benchmark: resnet50, 224 px, batch 256, bf16 autocast, channels_last, the
+#      model alone on batches in memory; the whole loop on synthetic JPEGs too where DALI imports
+#      -> OUT_DIR/bench_train.jsonl
+#   6. the data benchmark (DALI GPU vs torchvision, all cores) where DALI imports; the H200
 #      host's image has none, so there it prints why it skipped
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +47,12 @@ bench_rc=$?
 timeout 90 "$PY" bench/bench_spectrum.py --device cuda --dtype bfloat16 --n 50000 65536 \
   --repeats 5 --results-dir "$OUT"
 spectrum_rc=$?
+
+if "$PY" -c "import nvidia.dali" 2>/dev/null; then train_what="model loop"; else
+  train_what="model"; echo "train bench: whole loop skipped (no DALI: CPU decoding would be timed)"; fi
+timeout 150 "$PY" bench/bench_train.py --device cuda --arch resnet50 --dim 360 --image-size 224 \
+  --batch-size 256 --data synthetic --loader auto --threads "$(nproc)" --warmup 3 --steps 10 \
+  --what $train_what --timeout 120 --results-dir "$OUT" || echo "train bench failed"
 
 if "$PY" -c "import nvidia.dali" 2>/dev/null; then
   timeout 120 "$PY" bench/bench_data.py --device cuda --threads "$(nproc)" --batch-size 128 \

@@ -141,6 +141,32 @@ class Model(nn.Module):
         return rep1, self.projector(rep1), self.projector(rep2), probe_loss, correct
 
 
+def build_model(cfg: Config, num_classes: int, small_images: bool, device: torch.device,
+                world: int = 1) -> Model:
+    """The model on its device: channels_last on GPU, global-batch BatchNorm when world > 1."""
+    model = Model(cfg, num_classes, small_images).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return sync_batchnorm(model, device) if world > 1 else model
+
+
+def train_step(forward, optimizer, cfg: Config, loss_dim, view1, view2, labels):
+    """One optimizer step on a batch of view pairs (bf16 autocast and channels_last on GPU):
+    returns (rep1, infonce loss, probe loss, probe hits)."""
+    cuda = view1.is_cuda
+    if cuda:
+        view1 = view1.contiguous(memory_format=torch.channels_last)
+        view2 = view2.contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        rep1, z1, z2, probe_loss, correct = forward(view1, view2, labels)
+    loss = infonce(z1.float(), z2.float(), dim=loss_dim, temperature=cfg.temperature,
+                   variant=cfg.variant)
+    optimizer.zero_grad(set_to_none=True)
+    (loss + probe_loss).backward()
+    optimizer.step()
+    return rep1, loss, probe_loss, correct
+
+
 # --------------------------------------------------------------------------- checkpoints
 def save_checkpoint(out: Path, step: int, state: dict) -> None:
     """Atomic: a temporary file renamed into place; keeps the last KEEP_CHECKPOINTS."""
@@ -184,11 +210,7 @@ def pretrain(cfg: Config) -> Path:
         root, cfg.batch_size // world, backend=cfg.loader, device=device, image_size=image_size,
         num_threads=cfg.num_threads, seed=cfg.seed, rank=rank, world_size=world,
         recipe="small" if small else "directclr")
-    model = Model(cfg, len(loader.classes), small).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    if world > 1:
-        model = sync_batchnorm(model, device)
+    model = build_model(cfg, len(loader.classes), small, device, world)
     optimizer = LARS(model.parameters(), lr=cfg.lr, weight_decay=cfg.wd)
     steps_per_epoch = len(loader)
     step = 0
@@ -205,7 +227,6 @@ def pretrain(cfg: Config) -> Path:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     forward = torch.compile(model) if cfg.compile else model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     last_step = total_steps(cfg, steps_per_epoch)
     metrics = (out / "metrics.jsonl").open("a") if master else None
     progress = _progress_bar(master, last_step, step)
@@ -228,16 +249,8 @@ def pretrain(cfg: Config) -> Path:
             compute_start = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step, steps_per_epoch)
-            if device.type == "cuda":
-                view1 = view1.contiguous(memory_format=torch.channels_last)
-                view2 = view2.contiguous(memory_format=torch.channels_last)
-            with autocast:
-                rep1, z1, z2, probe_loss, correct = forward(view1, view2, labels)
-            loss = infonce(z1.float(), z2.float(), dim=raw_model.loss_dim,
-                           temperature=cfg.temperature, variant=cfg.variant)
-            optimizer.zero_grad(set_to_none=True)
-            (loss + probe_loss).backward()
-            optimizer.step()
+            rep1, loss, probe_loss, correct = train_step(forward, optimizer, cfg,
+                                                         raw_model.loss_dim, view1, view2, labels)
             step += 1
             rep = rep1.detach().float()
             spectra["representation"].update(rep)

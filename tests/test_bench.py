@@ -5,6 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import bench_loss  # noqa: E402
+import bench_train  # noqa: E402
 
 
 def test_bench_loss_writes_rows(tmp_path):
@@ -43,3 +44,17 @@ def test_fused_never_allocates_the_n_by_n_matrix():
         peaks[provider] = row["peak_mem_mb"]
     assert peaks["fused"] < 0.5 * nxn_mb, peaks
     assert peaks["reference"] > nxn_mb, peaks
+
+
+def test_bench_train_times_the_model_and_the_whole_loop(tmp_path):
+    from directclr.data import prepare_synthetic
+    data = prepare_synthetic(tmp_path / "jpegs", n=24, classes=3, min_side=36, max_side=48,
+                             progress=False)
+    rows = bench_train.main(["--data", str(data), "--batch-size", "8", "--warmup", "1",
+                             "--steps", "2", "--loader", "torchvision", "--threads", "0",
+                             "--results-dir", str(tmp_path)])
+    assert [(r["what"], r["status"]) for r in rows] == [("model", "ok"), ("loop", "ok")], rows
+    assert all(r["pairs_per_s"] > 0 for r in rows)
+    loop = rows[1]
+    assert 0 <= loop["data_wait"] < 1 and loop["vs_model"] > 0
+    assert {"commit", "date", "machine"} <= loop.keys()

@@ -1,0 +1,133 @@
+"""Training-loop benchmark: pairs/s of the whole `directclr pretrain` loop (data included) beside
+the model alone on batches already in memory, and the fraction of loop time spent waiting for
+data.
+
+Standalone (prints a table, appends JSON rows to bench/results/bench_train.jsonl):
+
+    python bench/bench_train.py                      # CPU: resnet18, 32 px, Fashion-MNIST
+    python bench/bench_train.py --device cuda --arch resnet50 --image-size 224 \
+        --batch-size 256 --data synthetic            # GPU: bf16 autocast, channels_last
+
+Each measurement runs in a fresh subprocess. The model alone repeats `train_step` (the loop's
+own step: forward of both views, fused loss, online probe, LARS) on one random batch. The whole
+loop is `pretrain` itself; its per-step rows in metrics.jsonl give the rate and the data wait.
+The first --warmup steps of each are not timed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+SYNTHETIC_IMAGES = 2000  # ImageNet-sized JPEGs (300-500 px sides) for the 224 px whole loop
+
+
+def _config(case: dict, data: str, out: str):
+    from directclr.train import Config
+    return Config(data=data, out=out, arch=case["arch"], mode=case["mode"], dim=case["dim"],
+                  batch_size=case["batch_size"], epochs=1000,
+                  max_steps=case["warmup"] + case["steps"], lr=0.1, warmup_epochs=0,
+                  loader=case["loader"], ckpt_every=10**9, resume=False,
+                  compile=case["compile"], image_size=case["image_size"],
+                  num_threads=case["threads"])
+
+
+def model_alone(case: dict) -> dict:
+    import torch
+
+    from directclr.lars import LARS
+    from directclr.train import build_model, train_step
+    device = torch.device(case["device"])
+    cfg = _config(case, "", "")
+    model = build_model(cfg, 10, case["image_size"] <= 64, device)
+    optimizer = LARS(model.parameters(), lr=cfg.lr, weight_decay=cfg.wd)
+    forward = torch.compile(model) if cfg.compile else model
+    shape = (cfg.batch_size, 3, case["image_size"], case["image_size"])
+    gen = torch.Generator(device=device).manual_seed(0)
+    view1, view2 = (torch.randn(shape, device=device, generator=gen) for _ in range(2))
+    labels = torch.randint(0, 10, (cfg.batch_size,), device=device, generator=gen)
+    start = None
+    for i in range(case["warmup"] + case["steps"]):
+        if i == case["warmup"]:
+            start = time.perf_counter()
+        _, loss, _, _ = train_step(forward, optimizer, cfg, model.loss_dim, view1, view2, labels)
+        loss.item()  # the loop syncs once per step for its log row; so does this
+    seconds = time.perf_counter() - start
+    return {**case, "pairs_per_s": case["steps"] * cfg.batch_size / seconds,
+            "data_wait": 0.0, "status": "ok"}
+
+
+def whole_loop(case: dict) -> dict:
+    from directclr.train import pretrain
+    with tempfile.TemporaryDirectory() as out:
+        cfg = _config(case, case["data"], out)
+        pretrain(cfg)
+        rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").open()]
+    timed = [r for r in rows if "loss" in r][case["warmup"]:]
+    seconds = sum(cfg.batch_size / r["pairs_per_s"] for r in timed)
+    waited = sum(r["data_wait"] * cfg.batch_size / r["pairs_per_s"] for r in timed)
+    return {**case, "pairs_per_s": len(timed) * cfg.batch_size / seconds,
+            "data_wait": waited / seconds, "status": "ok"}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet50"])
+    parser.add_argument("--mode", default="directclr")
+    parser.add_argument("--dim", type=int, default=90, help="d0 (360 for resnet50)")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--data", default="fashion-mnist",
+                        help="'fashion-mnist', 'synthetic' (JPEGs made under --jpegs), or a root")
+    parser.add_argument("--jpegs", type=Path, default=Path("/tmp/directclr_bench_jpegs_train"))
+    parser.add_argument("--loader", default="auto", choices=["auto", "dali", "torchvision"])
+    parser.add_argument("--threads", type=int, default=2, help="loader threads / workers")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--what", nargs="+", default=["model", "loop"], choices=["model", "loop"])
+    parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--results-dir", type=Path, default=common.RESULTS)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        case = json.loads(args.child)
+        print(json.dumps((model_alone if case["what"] == "model" else whole_loop)(case)))
+        return []
+    data = args.data
+    if data == "synthetic" and "loop" in args.what:
+        if not (args.jpegs / ".complete").exists():
+            from directclr.data import prepare_synthetic
+            prepare_synthetic(args.jpegs, SYNTHETIC_IMAGES, classes=10, min_side=300,
+                              max_side=500)
+            (args.jpegs / ".complete").touch()
+        data = str(args.jpegs)
+    rows = []
+    for what in args.what:
+        case = dict(what=what, device=args.device, arch=args.arch, mode=args.mode, dim=args.dim,
+                    image_size=args.image_size, batch_size=args.batch_size, data=data,
+                    loader=args.loader, threads=args.threads, warmup=args.warmup,
+                    steps=args.steps, compile=args.compile)
+        rows.append({"op": "train", **common.run_child(__file__, case, timeout=args.timeout)})
+        print(json.dumps(rows[-1]), flush=True)
+    ok = {r["what"]: r for r in rows if r["status"] == "ok"}
+    if "model" in ok and "loop" in ok:
+        ok["loop"]["vs_model"] = ok["loop"]["pairs_per_s"] / ok["model"]["pairs_per_s"]
+    rows = common.stamp(rows, args.device)
+    path = common.append_rows(rows, "bench_train", args.results_dir)
+    print(common.format_table(rows, ["what", "arch", "device", "image_size", "batch_size",
+                                     "loader", "pairs_per_s", "data_wait", "vs_model",
+                                     "status"]))
+    print(f"rows appended to {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
