@@ -111,13 +111,14 @@ class SpectrumAccumulator:
             raise TypeError(f"z must be a floating-point tensor, got {z.dtype}")
         if z.shape[0] == 0:
             return self
+        working = torch.float64 if z.dtype == torch.float64 else torch.float32
         if self.normalize:
-            norms = torch.linalg.vector_norm(z, dim=1, dtype=torch.float32, keepdim=True)
+            norms = torch.linalg.vector_norm(z, dim=1, dtype=working, keepdim=True)
             z = z / norms.clamp_min(NORM_EPS)
         n_b = z.shape[0]
         # A working-precision mean is cheap; the centered sums from the kernel make it exact:
         # with s = sum(z - m), the batch mean is m + s/n and M2 = sum (z-m)(z-m)^T - s s^T / n.
-        center = z.mean(0, dtype=torch.float64 if z.dtype == torch.float64 else torch.float32)
+        center = z.mean(0, dtype=working)
         # Any NaN/inf makes its column mean non-finite: the full count runs only then.
         if not torch.isfinite(center).all():
             bad = int((~torch.isfinite(z)).sum().item())
