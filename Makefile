@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: test build bench pretrain clean
+.PHONY: test build bench pretrain theory clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ pretrain: build
 	  --data fashion-mnist --epochs 2 --limit 2000 $(PROBE_ARGS)
 	@echo "metrics (one JSON row per step, epoch rows with spectra): runs/fashion-mnist/metrics.jsonl"
 	@echo "probe result: runs/fashion-mnist/probe.json"
+
+# The paper's linear-network theory (Sections 3-4): three simulations, JSON + PNG in docs/theory.
+theory: build
+	for experiment in strong-aug implicit-reg projector; do \
+	  $(BIN)/python -m directclr theory $$experiment --out docs/theory || exit 1; done
 
 bench: build
 	$(BIN)/python bench/bench_loss.py
