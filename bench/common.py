@@ -9,18 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from directclr.provenance import git_commit
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, check=True, cwd=RESULTS.parent).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, cwd=RESULTS.parent).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    return git_commit(RESULTS.parent.parent)
 
 
 def machine(device: str) -> str:

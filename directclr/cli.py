@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+ARCH_NAMES = ["resnet18", "resnet50", "resnet18-w32", "resnet18-w16"]  # models.ARCHS, unimported
+
 
 def _prepare(args) -> None:
     from .data import prepare_fashion_mnist, prepare_synthetic
@@ -32,7 +34,7 @@ def _add_pretrain(commands) -> None:
     p = commands.add_parser("pretrain", help="DirectCLR / SimCLR-baseline pretraining")
     p.add_argument("--data", required=True, help="ImageFolder root, or 'fashion-mnist'")
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics)")
-    p.add_argument("--arch", default=d.arch, choices=["resnet18", "resnet50"])
+    p.add_argument("--arch", default=d.arch, choices=ARCH_NAMES)
     p.add_argument("--mode", default=d.mode)
     p.add_argument("--dim", type=int, default=d.dim, help="d0, the subvector width")
     p.add_argument("--temperature", type=float, default=d.temperature)
@@ -82,7 +84,7 @@ def _add_probe(commands) -> None:
     p.add_argument("--checkpoint", required=True, help="backbone.pt or a training checkpoint")
     p.add_argument("--data", required=True,
                    help="root with train/ and val/ ImageFolder trees, or 'fashion-mnist'")
-    p.add_argument("--arch", default="resnet50", choices=["resnet18", "resnet50"])
+    p.add_argument("--arch", default="resnet50", choices=ARCH_NAMES)
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=0.1)
@@ -117,7 +119,7 @@ def _add_spectrum(commands) -> None:
     p.add_argument("--checkpoint", required=True, help="backbone.pt or a training checkpoint")
     p.add_argument("--data", required=True, help="an ImageFolder root (e.g. .../val)")
     p.add_argument("--out", required=True, help="where spectrum.json and spectrum.png go")
-    p.add_argument("--arch", default="resnet50", choices=["resnet18", "resnet50"])
+    p.add_argument("--arch", default="resnet50", choices=ARCH_NAMES)
     p.add_argument("--subvector", type=int, default=None, metavar="D0",
                    help="the spectrum of r[:, :D0] instead of the whole representation")
     p.add_argument("--image-size", type=int, default=224)
@@ -126,6 +128,68 @@ def _add_spectrum(commands) -> None:
     p.add_argument("--limit", type=int, default=None, help="at most this many images")
     p.add_argument("--device", default=None)
     p.set_defaults(run=_spectrum)
+
+
+def _theory(args) -> None:
+    import json
+    from dataclasses import fields, replace
+
+    from .theory import StrongAug, TwoLayer, run_experiment
+    config = StrongAug() if args.experiment == "strong-aug" else TwoLayer()
+    names = {f.name for f in fields(config)}
+    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    summary = run_experiment(args.experiment, args.out, replace(config, **overrides))
+    print(json.dumps(summary, indent=1))
+    print(f"wrote {args.out}/{args.experiment}.json and {args.out}/{args.experiment}.png")
+
+
+def _add_theory(commands) -> None:
+    p = commands.add_parser("theory", help="the paper's linear-network simulations (Sec. 3-4)")
+    p.add_argument("experiment", choices=["strong-aug", "implicit-reg", "projector"])
+    p.add_argument("--out", required=True, help="where <experiment>.json and .png go")
+    p.add_argument("--steps", type=int, help="SGD steps (default 1500)")
+    p.add_argument("--lr", type=float, help="SGD learning rate (default 0.1)")
+    p.add_argument("--batch", type=int, help="samples per step (default 128)")
+    p.add_argument("--seed", type=int, help="default 0")
+    p.add_argument("--amplitudes", type=float, nargs="+",
+                   help="strong-aug: augmentation amplitudes k (default 0.5 1 2 4)")
+    p.add_argument("--amplitude", type=float, help="implicit-reg/projector: k (default 0.5)")
+    p.add_argument("--init", choices=["spectrum", "gaussian"],
+                   help="implicit-reg/projector: initialization (default spectrum)")
+    p.set_defaults(run=_theory)
+
+
+def _reproduce(args) -> None:
+    import shlex
+
+    from .reproduce import Budget, reproduce
+    defaults = Budget()
+    budget = Budget(arch=args.arch or defaults.arch, images=args.images or defaults.images,
+                    epochs=args.epochs or defaults.epochs,
+                    probe_epochs=args.probe_epochs or defaults.probe_epochs,
+                    loader=args.loader)
+    command = "directclr " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
+    rows = reproduce(args.out, modes=args.modes, seeds=args.seeds, budget=budget,
+                     command=command)
+    for row in rows:
+        print(f"{row['mode']:28s} top-1 {row['probe_top1_mean']:6.2f} ± "
+              f"{row['probe_top1_std']:.2f}  effective rank {row['effective_rank']:6.1f}")
+    print(f"wrote {args.out}/results.md, results.json and spectra.png")
+
+
+def _add_reproduce(commands) -> None:
+    from .models import MODES
+    p = commands.add_parser("reproduce", help="the paper's Tables 1-2 in miniature "
+                            "(Fashion-MNIST, every mode x seed)")
+    p.add_argument("--out", required=True, help="results.md/json, spectra.png, runs/, data/")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, help="pretraining epochs (default 4)")
+    p.add_argument("--images", type=int, help="training images (default 8000)")
+    p.add_argument("--probe-epochs", type=int, help="default 30")
+    p.add_argument("--arch", choices=ARCH_NAMES, help="default resnet18-w16")
+    p.add_argument("--loader", default="auto", choices=["auto", "dali", "torchvision"])
+    p.set_defaults(run=_reproduce, argv=None)
 
 
 def main(argv=None) -> int:
@@ -143,7 +207,11 @@ def main(argv=None) -> int:
     _add_pretrain(commands)
     _add_probe(commands)
     _add_spectrum(commands)
+    _add_theory(commands)
+    _add_reproduce(commands)
     args = parser.parse_args(argv)
+    if argv is not None and args.command == "reproduce":
+        args.argv = list(argv)
     try:
         args.run(args)
     except (ValueError, FileNotFoundError) as err:

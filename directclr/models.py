@@ -5,8 +5,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torchvision import models as tv_models
+from torchvision.models.resnet import BasicBlock
 
-ARCHS = {"resnet18": 512, "resnet50": 2048}  # representation width
+# representation width; resnet18-wN: ResNet-18 with base width N instead of 64, for small runs
+ARCHS = {"resnet18": 512, "resnet50": 2048, "resnet18-w32": 256, "resnet18-w16": 128}
 MODES = ("directclr", "simclr-mlp", "simclr-linear", "simclr-none", "fixed-lowrank", "diagonal")
 SIMCLR_OUT = 128  # SimCLR's projector output width
 
@@ -16,12 +18,48 @@ def build_backbone(arch: str, small_images: bool = False) -> tuple[nn.Module, in
     CIFAR stem (3x3 stride-1 conv, no max-pool) keeps the spatial resolution."""
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
+    if arch.startswith("resnet18-w"):
+        return NarrowResNet18(ARCHS[arch] // 8, small_images), ARCHS[arch]
     model = getattr(tv_models, arch)(weights=None, zero_init_residual=True)
     if small_images:
         model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
     model.fc = nn.Identity()
     return model, ARCHS[arch]
+
+
+class NarrowResNet18(nn.Module):
+    """torchvision's ResNet-18 layout (BasicBlocks [2, 2, 2, 2], zero-initialized residual
+    branches, no fc) with stage widths base x (1, 2, 4, 8); representation width 8 x base."""
+
+    def __init__(self, base: int, small_images: bool):
+        super().__init__()
+        if small_images:  # CIFAR stem, as build_backbone does for 32 px data
+            stem = [nn.Conv2d(3, base, 3, 1, 1, bias=False)]
+        else:
+            stem = [nn.Conv2d(3, base, 7, 2, 3, bias=False)]
+        stem += [nn.BatchNorm2d(base), nn.ReLU(inplace=True)]
+        if not small_images:
+            stem.append(nn.MaxPool2d(3, 2, 1))
+        stages, inplanes = [], base
+        for index, stride in enumerate((1, 2, 2, 2)):
+            planes = base * 2 ** index
+            downsample = None
+            if stride != 1 or inplanes != planes:
+                downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False),
+                                           nn.BatchNorm2d(planes))
+            stages.append(nn.Sequential(BasicBlock(inplanes, planes, stride, downsample),
+                                        BasicBlock(planes, planes)))
+            inplanes = planes
+        self.features = nn.Sequential(*stem, *stages, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, BasicBlock):
+                nn.init.zeros_(module.bn2.weight)
+
+    def forward(self, x):
+        return self.features(x)
 
 
 class FixedLowRank(nn.Module):
