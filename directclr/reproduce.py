@@ -55,6 +55,7 @@ class Budget:
     temperature: float = 0.1
     probe_epochs: int = 30
     loader: str = "auto"
+    val_images: int | None = None  # None: all 10,000 validation images
 
     @property
     def width(self) -> int:
@@ -145,7 +146,7 @@ def evaluate_run(mode: str, seed: int, budget: Budget, data: Path, run_dir: Path
     model.load_state_dict(state["model"])
     model.eval()
     train = embed(model, data / "train", budget.images)
-    val = embed(model, data / "val")
+    val = embed(model, data / "val", budget.val_images)
     result = {"mode": mode, "seed": seed, "step": state["step"],
               "probe": feature_probe(train["rep"], train["labels"], val["rep"], val["labels"],
                                      budget.probe_epochs, seed),
@@ -265,7 +266,7 @@ def reproduce(out, modes=MODES, seeds=(0, 1, 2), budget: Budget | None = None,
     data = out / "data"
     prepared = data / f".prepared-{budget.images}"
     if not prepared.exists():
-        prepare_fashion_mnist(data, limit=budget.images, progress=progress)
+        prepare_fashion_mnist(data, limit=budget.images, limit_val=False, progress=progress)
         prepared.touch()
     from tqdm import tqdm
     jobs = [(mode, seed) for mode in modes for seed in seeds]

@@ -8,7 +8,8 @@ import torch
 
 from directclr.reproduce import Budget, aggregate, feature_probe, reproduce
 
-TINY = Budget(images=96, epochs=1, batch_size=32, probe_epochs=3, loader="torchvision")
+TINY = Budget(images=96, epochs=1, batch_size=32, probe_epochs=3, loader="torchvision",
+              val_images=200)
 
 
 def test_reproduce_writes_the_table_and_resumes(tmp_path):

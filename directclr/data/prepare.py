@@ -21,8 +21,9 @@ def _read_idx(path: Path, header_bytes: int) -> np.ndarray:
 
 
 def prepare_fashion_mnist(out, source: Path = FASHION_MNIST_DIR, limit: int | None = None,
-                          progress: bool = True) -> Path:
-    """Writes out/{train,val}/<class>/<index>.png: 28x28 grayscale padded to 32x32, RGB.
+                          progress: bool = True, limit_val: bool = True) -> Path:
+    """Writes out/{train,val}/<class>/<index>.png: 28x28 grayscale padded to 32x32, RGB; the
+    first `limit` images of each split (of train only with limit_val=False).
     Fashion-MNIST is MIT-licensed (Zalando Research). Idempotent: a finished tree is kept."""
     out = Path(out)
     done = out / ".complete"
@@ -36,7 +37,8 @@ def prepare_fashion_mnist(out, source: Path = FASHION_MNIST_DIR, limit: int | No
         labels = _read_idx(source / f"{prefix}-labels-idx1-ubyte.gz", 8)
         if len(images) != len(labels):
             raise ValueError(f"{source}: {len(images)} {prefix} images but {len(labels)} labels")
-        count = len(images) if limit is None else min(limit, len(images))
+        limited = limit is not None and (split == "train" or limit_val)
+        count = min(limit, len(images)) if limited else len(images)
         for name in FASHION_MNIST_CLASSES:
             (out / split / name).mkdir(parents=True, exist_ok=True)
         padded = np.zeros((32, 32), dtype=np.uint8)
