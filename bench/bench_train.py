@@ -25,6 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+from directclr.models import ARCHS  # noqa: E402
+
 SYNTHETIC_IMAGES = 2000  # ImageNet-sized JPEGs (300-500 px sides) for the 224 px whole loop
 
 
@@ -79,7 +81,7 @@ def whole_loop(case: dict) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet50"])
+    parser.add_argument("--arch", default="resnet18", choices=list(ARCHS))
     parser.add_argument("--mode", default="directclr")
     parser.add_argument("--dim", type=int, default=90, help="d0 (360 for resnet50)")
     parser.add_argument("--image-size", type=int, default=32)

@@ -50,9 +50,9 @@ spectrum_rc=$?
 
 if "$PY" -c "import nvidia.dali" 2>/dev/null; then train_what="model loop"; else
   train_what="model"; echo "train bench: whole loop skipped (no DALI: CPU decoding would be timed)"; fi
-timeout 150 "$PY" bench/bench_train.py --device cuda --arch resnet50 --dim 360 --image-size 224 \
+timeout 230 "$PY" bench/bench_train.py --device cuda --arch resnet50 --dim 360 --image-size 224 \
   --batch-size 256 --data synthetic --loader auto --threads "$(nproc)" --warmup 3 --steps 10 \
-  --what $train_what --timeout 120 --results-dir "$OUT" || echo "train bench failed"
+  --what $train_what --timeout 100 --results-dir "$OUT" || echo "train bench failed"
 
 if "$PY" -c "import nvidia.dali" 2>/dev/null; then
   timeout 120 "$PY" bench/bench_data.py --device cuda --threads "$(nproc)" --batch-size 128 \

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-ARCH_NAMES = ["resnet18", "resnet50", "resnet18-w32", "resnet18-w16"]  # models.ARCHS, unimported
+from .models import ARCHS
 
 
 def _prepare(args) -> None:
@@ -34,7 +34,7 @@ def _add_pretrain(commands) -> None:
     p = commands.add_parser("pretrain", help="DirectCLR / SimCLR-baseline pretraining")
     p.add_argument("--data", required=True, help="ImageFolder root, or 'fashion-mnist'")
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics)")
-    p.add_argument("--arch", default=d.arch, choices=ARCH_NAMES)
+    p.add_argument("--arch", default=d.arch, choices=list(ARCHS))
     p.add_argument("--mode", default=d.mode)
     p.add_argument("--dim", type=int, default=d.dim, help="d0, the subvector width")
     p.add_argument("--temperature", type=float, default=d.temperature)
@@ -84,7 +84,7 @@ def _add_probe(commands) -> None:
     p.add_argument("--checkpoint", required=True, help="backbone.pt or a training checkpoint")
     p.add_argument("--data", required=True,
                    help="root with train/ and val/ ImageFolder trees, or 'fashion-mnist'")
-    p.add_argument("--arch", default="resnet50", choices=ARCH_NAMES)
+    p.add_argument("--arch", default="resnet50", choices=list(ARCHS))
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=0.1)
@@ -119,7 +119,7 @@ def _add_spectrum(commands) -> None:
     p.add_argument("--checkpoint", required=True, help="backbone.pt or a training checkpoint")
     p.add_argument("--data", required=True, help="an ImageFolder root (e.g. .../val)")
     p.add_argument("--out", required=True, help="where spectrum.json and spectrum.png go")
-    p.add_argument("--arch", default="resnet50", choices=ARCH_NAMES)
+    p.add_argument("--arch", default="resnet50", choices=list(ARCHS))
     p.add_argument("--subvector", type=int, default=None, metavar="D0",
                    help="the spectrum of r[:, :D0] instead of the whole representation")
     p.add_argument("--image-size", type=int, default=224)
@@ -137,6 +137,10 @@ def _theory(args) -> None:
     from .theory import StrongAug, TwoLayer, run_experiment
     config = StrongAug() if args.experiment == "strong-aug" else TwoLayer()
     names = {f.name for f in fields(config)}
+    foreign = [k for k in ("amplitudes", "amplitude", "init")
+               if getattr(args, k) is not None and k not in names]
+    if foreign:
+        raise ValueError(f"--{foreign[0]} does not apply to {args.experiment}")
     overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
     summary = run_experiment(args.experiment, args.out, replace(config, **overrides))
     print(json.dumps(summary, indent=1))
@@ -163,11 +167,9 @@ def _reproduce(args) -> None:
     import shlex
 
     from .reproduce import Budget, reproduce
-    defaults = Budget()
-    budget = Budget(arch=args.arch or defaults.arch, images=args.images or defaults.images,
-                    epochs=args.epochs or defaults.epochs,
-                    probe_epochs=args.probe_epochs or defaults.probe_epochs,
-                    loader=args.loader)
+    given = {"arch": args.arch, "images": args.images, "epochs": args.epochs,
+             "probe_epochs": args.probe_epochs, "loader": args.loader}
+    budget = Budget(**{k: v for k, v in given.items() if v is not None})
     command = "directclr " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
     rows = reproduce(args.out, modes=args.modes, seeds=args.seeds, budget=budget,
                      command=command)
@@ -187,7 +189,7 @@ def _add_reproduce(commands) -> None:
     p.add_argument("--epochs", type=int, help="pretraining epochs (default 4)")
     p.add_argument("--images", type=int, help="training images (default 8000)")
     p.add_argument("--probe-epochs", type=int, help="default 30")
-    p.add_argument("--arch", choices=ARCH_NAMES, help="default resnet18-w16")
+    p.add_argument("--arch", choices=list(ARCHS), help="default resnet18-w16")
     p.add_argument("--loader", default="auto", choices=["auto", "dali", "torchvision"])
     p.set_defaults(run=_reproduce, argv=None)
 
@@ -214,7 +216,7 @@ def main(argv=None) -> int:
         args.argv = list(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, ChildProcessError) as err:
         print(f"directclr {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -104,11 +104,29 @@ def build_projector(mode: str, width: int, dim: int) -> tuple[nn.Module, int | N
     return Diagonal(width), None
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) whose backward is again a sum over ranks: every rank's loss depends on
+    every rank's contribution to the sum."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = grad.clone()
+        dist.all_reduce(total)
+        return total
+
+
 class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """Batch norm over the global batch of all ranks, for CPU process groups (gloo), where
-    torch's SyncBatchNorm does not run. Mean, then variance about it, are summed over ranks with
-    autograd-aware all-reduces, so forward and backward equal one process holding every rank's
-    samples (the recipe's SyncBN semantics)."""
+    torch's SyncBatchNorm does not run. The per-channel sums (with the sample count), then the
+    squared deviations from the global mean, are summed over ranks with autograd-aware
+    all-reduces, so forward and backward equal one process holding every rank's samples (the
+    recipe's SyncBN semantics)."""
 
     def _check_input_dim(self, input):
         if input.dim() < 2:
@@ -117,20 +135,24 @@ class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x):
         if not (self.training and dist.is_available() and dist.is_initialized()):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
+        self._check_input_dim(x)
         reduce_dims = [0] + list(range(2, x.dim()))
-        count = torch.tensor(float(x.numel() // x.shape[1]))
-        dist.all_reduce(count)
-        mean = all_reduce(x.sum(reduce_dims)) / count
+        count = x.new_tensor([x.numel() // x.shape[1]])
+        sums = _SumOverRanks.apply(torch.cat([x.sum(reduce_dims), count]))
+        total = sums[-1].detach()
+        if total <= 1:  # the same global count on every rank, so every rank raises
+            raise ValueError("CpuSyncBatchNorm: expected more than 1 value per channel over all "
+                             f"ranks when training, got {int(total)}")
+        mean = sums[:-1] / total
         shape = [1, -1] + [1] * (x.dim() - 2)
         centered = x - mean.view(shape)
-        var = all_reduce(centered.square().sum(reduce_dims)) / count
+        var = _SumOverRanks.apply(centered.square().sum(reduce_dims)) / total
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 factor = (self.momentum if self.momentum is not None
                           else 1.0 / float(self.num_batches_tracked))  # cumulative average
-                unbiased = var * (count / (count - 1).clamp_min(1))
+                unbiased = var * (total / (total - 1))
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
         out = centered * torch.rsqrt(var + self.eps).view(shape)

@@ -57,6 +57,19 @@ class Budget:
     loader: str = "auto"
     val_images: int | None = None  # None: all 10,000 validation images
 
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"--arch must be one of {sorted(ARCHS)}, got {self.arch!r}")
+        for name in ("images", "epochs", "batch_size", "probe_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got "
+                                 f"{getattr(self, name)}")
+        if self.images < self.batch_size:
+            raise ValueError(f"--images {self.images} is fewer than one batch of "
+                             f"{self.batch_size}")
+        if self.val_images is not None and self.val_images < 1:
+            raise ValueError(f"val_images must be >= 1 or None, got {self.val_images}")
+
     @property
     def width(self) -> int:
         return ARCHS[self.arch]
@@ -79,17 +92,17 @@ def pretrain_run(mode: str, seed: int, budget: Budget, data: Path, run_dir: Path
            "--ckpt-every", "50"]
     proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"pretraining {mode} seed {seed} failed:\n{proc.stderr[-3000:]}")
+        raise ChildProcessError(f"pretraining {mode} seed {seed} failed (exit "
+                                f"{proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
 @torch.no_grad()
 def embed(model, root: Path, limit: int | None = None) -> dict:
     """Representations, projector outputs and labels of an ImageFolder split (validation
-    transform), in the folder's order (the first `limit` images)."""
+    transform): all of it, or a seeded random subset of `limit` images (folders are sorted by
+    class, so a prefix would be one class)."""
     from .probe import _split, _transforms
-    dataset, _ = _split(root, _transforms(32)[1], None, seed=0)
-    if limit is not None:
-        dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
+    dataset, _ = _split(root, _transforms(32)[1], limit, seed=0)
     reps, outs, labels = [], [], []
     for images, targets in DataLoader(dataset, batch_size=512):
         rep = model.backbone(images)
@@ -138,7 +151,7 @@ def spectrum_summary(z) -> dict:
 
 def evaluate_run(mode: str, seed: int, budget: Budget, data: Path, run_dir: Path) -> dict:
     from .train import Config, Model, load_latest_checkpoint
-    state = load_latest_checkpoint(run_dir)
+    state = load_latest_checkpoint(run_dir)  # the last one: written at the end of the run
     if state is None:
         raise RuntimeError(f"{run_dir}: no readable checkpoint to evaluate")
     cfg = Config(data="", out="", arch=budget.arch, mode=mode, dim=budget.dim)
@@ -150,7 +163,8 @@ def evaluate_run(mode: str, seed: int, budget: Budget, data: Path, run_dir: Path
     result = {"mode": mode, "seed": seed, "step": state["step"],
               "probe": feature_probe(train["rep"], train["labels"], val["rep"], val["labels"],
                                      budget.probe_epochs, seed),
-              "spectrum": spectrum_summary(val["rep"])}
+              "spectrum": spectrum_summary(val["rep"]), "val_images": len(val["labels"]),
+              "val_classes": int(val["labels"].unique().numel())}
     if mode == "directclr":
         sub = slice(0, budget.dim)
         result["probe_subvector"] = feature_probe(train["rep"][:, sub], train["labels"],
@@ -201,8 +215,9 @@ def write_markdown(rows: list[dict], budget: Budget, path: Path, command: str,
              f"({budget.width}-d representation, d0 = {budget.dim}), 32 px, "
              f"{budget.images} Fashion-MNIST training images, {budget.epochs} epochs of "
              f"{budget.batch_size}, LARS lr {budget.lr}; linear probe on fixed features, "
-             f"{budget.probe_epochs} epochs, top-1 on the 10,000 validation images (last "
-             "epoch). Spectra of L2-normalized validation representations; collapsed = "
+             f"{budget.probe_epochs} epochs, top-1 on "
+             f"{budget.val_images or 'the 10,000'} validation images (last epoch). Spectra "
+             "of L2-normalized validation representations; collapsed = "
              "eigenvalues below 1e-6 of the largest.", "",
              "| mode | probe top-1 % (mean ± std) | seeds | effective rank | collapsed dims | "
              "projector output eff. rank | paper ImageNet top-1 % |",
@@ -240,7 +255,7 @@ def plot_spectra(results: list[dict], path: Path) -> None:
     right.set_title("what the loss sees: projector output, or DirectCLR's r[:, :d0]",
                     fontsize=10)
     for ax in (left, right):
-        ax.set_xlabel("singular value rank")
+        ax.set_xlabel("eigenvalue index (descending)")
         ax.set_ylabel("log10 eigenvalue of covariance")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -263,8 +278,8 @@ def reproduce(out, modes=MODES, seeds=(0, 1, 2), budget: Budget | None = None,
     if not seeds:
         raise ValueError("--seeds: at least one seed")
     out = Path(out)
-    data = out / "data"
-    prepared = data / f".prepared-{budget.images}"
+    data = out / "data" / f"images-{budget.images}"  # its own folder: preparing only adds files
+    prepared = data / ".prepared"
     if not prepared.exists():
         prepare_fashion_mnist(data, limit=budget.images, limit_val=False, progress=progress)
         prepared.touch()
@@ -273,11 +288,14 @@ def reproduce(out, modes=MODES, seeds=(0, 1, 2), budget: Budget | None = None,
     for mode, seed in tqdm(jobs, desc="reproduce", unit="run", disable=not progress):
         run_dir = out / "runs" / f"{mode}-seed{seed}"
         done = run_dir / "result.json"
+        started = run_dir / "budget.json"  # written before pretraining: guards resumed runs
+        if started.exists() and json.loads(started.read_text()) != asdict(budget):
+            raise ValueError(f"--out {out}: {run_dir.name} was started with another budget "
+                             f"({started}); use a new --out, or the same --epochs/--images/...")
         if done.exists():
-            if json.loads(done.read_text())["budget"] != asdict(budget):
-                raise ValueError(f"--out {out}: {run_dir.name} was run with another budget; "
-                                 "use a new --out (or the same --epochs/--images/...)")
             continue
+        run_dir.mkdir(parents=True, exist_ok=True)
+        started.write_text(json.dumps(asdict(budget)))
         pretrain_run(mode, seed, budget, data, run_dir)
         result = {**evaluate_run(mode, seed, budget, data, run_dir), "budget": asdict(budget)}
         tmp = done.with_suffix(".tmp")

@@ -10,7 +10,8 @@ form (Eqn 2), negatives being the other samples:
 
 For one linear layer z = W x, gradient descent is  dW/dt = -dL/dW = W X  (Lemma 2) with
 
-    X = sum_i sum_{j != i} a_ij (x_i - x_j)(x_i - x_j)^T  -  sum_i (1 - a_ii)(x_i' - x_i)(x_i' - x_i)^T
+    X = sum_i sum_{j != i} a_ij (x_i - x_j)(x_i - x_j)^T
+        - sum_i (1 - a_ii)(x_i' - x_i)(x_i' - x_i)^T
 
 (Eqn 6), a_ij and a_ii being the softmax weights of negative j and of the positive in row i.
 Strong augmentation makes X negative on the augmented coordinates, and W's singular values there
@@ -35,8 +36,9 @@ AUG_DIMS = 8  # augmentation acts on the last AUG_DIMS input coordinates
 
 
 # --------------------------------------------------------------------------- the mathematics
-def kernel_infonce(z: Tensor, z_aug: Tensor) -> Tensor:
-    """Eqn 2 (summed over the N rows): z (N, d) the samples' embeddings, z_aug their views'."""
+def _logits(z: Tensor, z_aug: Tensor) -> tuple[Tensor, Tensor]:
+    """Row i: -|z_i - z_j|^2/2 for the negatives j (-inf at j = i), then -|z_i - z_i'|^2/2;
+    and |z_i - z_i'|^2/2."""
     n = len(z)
     if z.shape != z_aug.shape or z.dim() != 2 or n < 2:
         raise ValueError(f"z and z_aug must both be (N >= 2, d), got {tuple(z.shape)} and "
@@ -45,19 +47,20 @@ def kernel_infonce(z: Tensor, z_aug: Tensor) -> Tensor:
     pos_half_sq = (z - z_aug).square().sum(1) / 2
     self_pair = torch.eye(n, dtype=torch.bool, device=z.device)
     logits = torch.cat([-neg_half_sq.masked_fill(self_pair, math.inf), -pos_half_sq[:, None]], 1)
+    return logits, pos_half_sq
+
+
+def kernel_infonce(z: Tensor, z_aug: Tensor) -> Tensor:
+    """Eqn 2 (summed over the N rows): z (N, d) the samples' embeddings, z_aug their views'."""
+    logits, pos_half_sq = _logits(z, z_aug)
     return (pos_half_sq + torch.logsumexp(logits, 1)).sum()
 
 
 def softmax_weights(z: Tensor, z_aug: Tensor) -> tuple[Tensor, Tensor]:
     """(a, a_pos): a[i, j] the weight of negative j in row i (0 on the diagonal), a_pos[i] that
     of the positive; each row of [a, a_pos] sums to 1."""
-    n = len(z)
-    neg_half_sq = torch.cdist(z, z).square() / 2
-    pos_half_sq = (z - z_aug).square().sum(1) / 2
-    self_pair = torch.eye(n, dtype=torch.bool, device=z.device)
-    logits = torch.cat([-neg_half_sq.masked_fill(self_pair, math.inf), -pos_half_sq[:, None]], 1)
-    weights = torch.softmax(logits, 1)
-    return weights[:, :n], weights[:, n]
+    weights = torch.softmax(_logits(z, z_aug)[0], 1)
+    return weights[:, :-1], weights[:, -1]
 
 
 def x_matrix(x: Tensor, x_aug: Tensor, z: Tensor, z_aug: Tensor) -> Tensor:
@@ -243,7 +246,8 @@ def summarize_two_layer(run: dict) -> dict:
     final = embedding[-1]
     active = int((final >= ACTIVE * final[0]).sum())
     alignment = torch.tensor(run["alignment"], dtype=torch.float64)
-    # log-growth of each initial singular value of W1 over the first tenth of training
+    # log-growth of W1's singular values (sorted, so index k is the k-th largest at both
+    # times; they did not cross in these runs) over the first tenth of training
     early = max(1, len(w1) // 10)
     growth = (w1[early] / w1[0]).log()
     half = INPUT_DIM // 2

@@ -280,9 +280,13 @@ def pretrain(cfg: Config) -> Path:
         if loader.batches_done in (0, steps_per_epoch):  # a whole epoch ended: summaries
             summary = {name: acc.all_reduce().result().summary()
                        for name, acc in spectra.items()}
+            hits = torch.tensor([correct_total, seen], dtype=torch.float64, device=device)
+            if world > 1:  # the global batch's online-probe accuracy, not rank 0's share
+                dist.all_reduce(hits)
             if master:
                 metrics.write(json.dumps({"epoch_end": epoch, "step": step,
-                                          "probe_train_top1": correct_total / max(seen, 1),
+                                          "probe_train_top1": (hits[0] / hits[1].clamp_min(1))
+                                          .item(),
                                           "spectrum": summary}) + "\n")
                 metrics.flush()
         checkpoint()

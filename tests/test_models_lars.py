@@ -62,3 +62,42 @@ def test_fixed_lowrank_has_the_asked_rank():
     from directclr.models import FixedLowRank
     head = FixedLowRank(64, 10)
     assert torch.linalg.matrix_rank(head.weight).item() == 10
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_cpu_sync_batchnorm_equals_batchnorm_on_one_rank(one_rank_group, momentum):
+    """Forward, input and affine gradients and running statistics match nn.BatchNorm2d (the
+    2-rank case is the DDP test in test_train.py)."""
+    from directclr.models import CpuSyncBatchNorm
+    torch.manual_seed(0)
+    reference = torch.nn.BatchNorm2d(6, momentum=momentum)
+    synced = CpuSyncBatchNorm(6, momentum=momentum)
+    with torch.no_grad():
+        for bn in (reference, synced):
+            bn.weight.copy_(torch.linspace(0.5, 2, 6))
+            bn.bias.copy_(torch.linspace(-1, 1, 6))
+    x = (3 * torch.randn(5, 6, 4, 4) + 2).requires_grad_()
+    upstream = torch.randn(5, 6, 4, 4)
+    grads = []
+    for bn in (reference, synced):
+        for _ in range(2):  # twice: the running statistics' update rule, not just its first step
+            out = bn(x)
+        (grad_x, grad_w, grad_b) = torch.autograd.grad((out * upstream).sum(),
+                                                       (x, bn.weight, bn.bias))
+        grads.append((out.detach(), grad_x, grad_w, grad_b))
+    for got, expected in zip(grads[1], grads[0]):
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.allclose(getattr(synced, name).float(), getattr(reference, name).float(),
+                              rtol=1e-5, atol=1e-6), name
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        synced(torch.randn(1, 6))

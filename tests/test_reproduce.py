@@ -22,6 +22,9 @@ def test_reproduce_writes_the_table_and_resumes(tmp_path):
         assert 0 <= row["probe_top1_mean"] <= 100 and row["probe_top1_std"] >= 0
         assert 0 < row["effective_rank"] <= row["dim"]
     assert rows[0]["dim"] == 128 and rows[1]["dim"] == TINY.dim == 22
+    # the 200 validation images are a random subset: every class, not the first folder's
+    result = json.loads((tmp_path / "runs" / "directclr-seed0" / "result.json").read_text())
+    assert result["val_classes"] == 10
     assert "projector_effective_rank" in rows[2]
     payload = json.loads((tmp_path / "results.json").read_text())
     assert payload["rows"] == rows and len(payload["runs"]) == 4
@@ -60,8 +63,11 @@ def test_aggregate_means_and_spreads_over_seeds():
     assert row["paper_imagenet_top1"] == 51.5
 
 
-def test_cli_rejects_an_unknown_mode(tmp_path):
+@pytest.mark.parametrize("args,match", [(["--modes", "byol"], "byol"),
+                                        (["--epochs", "0"], "--epochs must be >= 1"),
+                                        (["--images", "100"], "fewer than one batch")])
+def test_cli_rejects_bad_budgets_before_any_work(tmp_path, args, match):
     proc = subprocess.run([sys.executable, "-m", "directclr", "reproduce", "--out",
-                           str(tmp_path), "--modes", "byol"], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 2 and "byol" in proc.stderr
+                           str(tmp_path), *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and match in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "data").exists()
