@@ -228,7 +228,7 @@ def write_markdown(rows: list[dict], budget: Budget, path: Path, command: str,
         lines.append(
             f"| {row['mode']} | {row['probe_top1_mean']:.2f}{spread} | "
             f"{len(row['seeds'])} | {row['effective_rank']:.1f} of {row['dim']} | "
-            f"{row['collapsed']:g} | {'-' if projector is None else f'{projector:.1f}'} | "
+            f"{row['collapsed']:.3g} | {'-' if projector is None else f'{projector:.1f}'} | "
             f"{row['paper_imagenet_top1'] if row['paper_imagenet_top1'] is not None else '-'} |")
     path.write_text("\n".join(lines) + "\n")
 
@@ -244,13 +244,15 @@ def plot_spectra(results: list[dict], path: Path) -> None:
     for r in results:
         first.setdefault(r["mode"], r)
     for mode, r in first.items():
+        color = f"C{MODES.index(mode)}"  # one colour per mode in both panels
         eig = torch.tensor(r["spectrum"]["eigenvalues"]).clamp_min(1e-30).log10()
-        left.plot(range(1, len(eig) + 1), eig.numpy(), lw=1.4, label=mode)
+        left.plot(range(1, len(eig) + 1), eig.numpy(), lw=1.4, label=mode, color=color)
         for key, label in (("spectrum_projector", f"{mode}: projector output"),
                            ("spectrum_subvector", f"{mode}: r[:, :d0]")):
             if key in r:
                 eig = torch.tensor(r[key]["eigenvalues"]).clamp_min(1e-30).log10()
-                right.plot(range(1, len(eig) + 1), eig.numpy(), lw=1.4, ls="--", label=label)
+                right.plot(range(1, len(eig) + 1), eig.numpy(), lw=1.4, ls="--", label=label,
+                           color=color)
     left.set_title("representation r (what the probe sees)", fontsize=10)
     right.set_title("what the loss sees: projector output, or DirectCLR's r[:, :d0]",
                     fontsize=10)
@@ -260,7 +262,7 @@ def plot_spectra(results: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("Fashion-MNIST, embedding spectra of the validation set (seed "
-                 f"{next(iter(first.values()))['seed']})", fontsize=10)
+                 f"{next(iter(first.values()))['seed']}; exact zeros drawn at -30)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
