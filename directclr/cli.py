@@ -176,7 +176,7 @@ def _reproduce(args) -> None:
     for row in rows:
         print(f"{row['mode']:28s} top-1 {row['probe_top1_mean']:6.2f} ± "
               f"{row['probe_top1_std']:.2f}  effective rank {row['effective_rank']:6.1f}")
-    print(f"wrote {args.out}/results.md, results.json and spectra.png")
+    print(f"wrote {args.out}/results.md, results.json, runs.json and spectra.png")
 
 
 def _add_reproduce(commands) -> None:

@@ -270,8 +270,9 @@ def plot_spectra(results: list[dict], path: Path) -> None:
 
 def reproduce(out, modes=MODES, seeds=(0, 1, 2), budget: Budget | None = None,
               command: str = "directclr reproduce", progress: bool = True) -> list[dict]:
-    """Runs (or resumes) every mode x seed, then writes results.json, results.md and spectra.png
-    over every finished run in `out` with this budget; returns the table's rows."""
+    """Runs (or resumes) every mode x seed, then writes, over every finished run in `out` with
+    this budget: results.json (the table's rows, with command, commit and budget), runs.json
+    (every run's probe history and spectra), results.md and spectra.png; returns the rows."""
     from .data import prepare_fashion_mnist
     budget = budget or Budget()
     bad = [m for m in modes if m not in MODES]
@@ -308,9 +309,11 @@ def reproduce(out, modes=MODES, seeds=(0, 1, 2), budget: Budget | None = None,
     results = sorted((r for r in results if r["budget"] == asdict(budget)),
                      key=lambda r: (MODES.index(r["mode"]), r["seed"]))
     rows = aggregate(results, budget)
-    payload = {"command": command, "commit": git_commit(), "budget": {**asdict(budget),
-               "dim": budget.dim, "width": budget.width}, "rows": rows, "runs": results}
-    (out / "results.json").write_text(json.dumps(payload, indent=1))
-    write_markdown(rows, budget, out / "results.md", command, payload["commit"])
+    commit = git_commit()
+    meta = {"command": command, "commit": commit,
+            "budget": {**asdict(budget), "dim": budget.dim, "width": budget.width}}
+    (out / "results.json").write_text(json.dumps([{**row, **meta} for row in rows], indent=1))
+    (out / "runs.json").write_text(json.dumps({**meta, "runs": results}))
+    write_markdown(rows, budget, out / "results.md", command, commit)
     plot_spectra(results, out / "spectra.png")
     return rows

@@ -26,8 +26,13 @@ def test_reproduce_writes_the_table_and_resumes(tmp_path):
     result = json.loads((tmp_path / "runs" / "directclr-seed0" / "result.json").read_text())
     assert result["val_classes"] == 10
     assert "projector_effective_rank" in rows[2]
-    payload = json.loads((tmp_path / "results.json").read_text())
-    assert payload["rows"] == rows and len(payload["runs"]) == 4
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert isinstance(written, list) and len(written) == len(rows)
+    for row, saved in zip(rows, written):
+        assert {"mode", "probe_top1_mean", "probe_top1_std", "seeds", "effective_rank",
+                "collapsed", "commit", "budget"} <= saved.keys()
+        assert {k: saved[k] for k in row} == row
+    assert len(json.loads((tmp_path / "runs.json").read_text())["runs"]) == 4
     table = (tmp_path / "results.md").read_text()
     assert "| directclr |" in table and "62.7" in table and "61.1" in table
     assert (tmp_path / "spectra.png").stat().st_size > 10_000
