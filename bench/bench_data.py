@@ -64,10 +64,7 @@ def main(argv=None):
     if args.child:
         print(json.dumps(run_backend(**json.loads(args.child))))
         return []
-    if not (args.data / ".complete").exists():
-        from directclr.data import prepare_synthetic
-        prepare_synthetic(args.data, args.images, classes=10, min_side=300, max_side=500)
-        (args.data / ".complete").touch()
+    common.imagenet_like_jpegs(args.data, args.images)
     rows = []
     for backend in args.backends:
         case = dict(backend=backend, root=str(args.data), device=args.device,

@@ -105,11 +105,7 @@ def main(argv=None):
         return []
     data = args.data
     if data == "synthetic" and "loop" in args.what:
-        if not (args.jpegs / ".complete").exists():
-            from directclr.data import prepare_synthetic
-            prepare_synthetic(args.jpegs, SYNTHETIC_IMAGES, classes=10, min_side=300,
-                              max_side=500)
-            (args.jpegs / ".complete").touch()
+        common.imagenet_like_jpegs(args.jpegs, SYNTHETIC_IMAGES)
         data = str(args.jpegs)
     rows = []
     for what in args.what:

@@ -49,6 +49,16 @@ def append_rows(rows: list[dict], name: str, results_dir: Path = RESULTS) -> Pat
     return path
 
 
+def imagenet_like_jpegs(root: Path, n: int) -> Path:
+    """`directclr prepare synthetic` JPEGs with ImageNet-like sides (300-500 px) in 10 class
+    folders, made once under `root` (a .complete marker: an interrupted run starts over)."""
+    if not (root / ".complete").exists():
+        from directclr.data import prepare_synthetic
+        prepare_synthetic(root, n, classes=10, min_side=300, max_side=500)
+        (root / ".complete").touch()
+    return root
+
+
 def format_table(rows: list[dict], columns: list[str]) -> str:
     """A markdown table; missing values print as '-'."""
     def cell(value):
