@@ -3,9 +3,13 @@
     directclr pretrain --data fashion-mnist --arch resnet18 --epochs 2 --out runs/fmnist
     torchrun --nproc_per_node=8 -m directclr pretrain --data /imagenet/train --arch resnet50 \
         --batch-size 4096 --epochs 100 --out runs/in1k
+    # several nodes: the same command on each, with its --node-rank; --out on a shared filesystem
+    torchrun --nnodes=4 --node-rank=$NODE --nproc_per_node=8 --master-addr=$HEAD \
+        --master-port=29500 -m directclr pretrain ... --out /shared/runs/in1k
 
-One process per device under torchrun (NCCL on GPUs, gloo on CPU), or plain. Rank 0 logs
-(metrics.jsonl, a progress bar) and writes checkpoints; every rank resumes from them.
+One process per device under torchrun (NCCL on GPUs, gloo on CPU), or plain. Global rank 0 logs
+(metrics.jsonl, a progress bar) and writes checkpoints; every rank resumes from them, and all
+must find the same one (checked: a node that cannot see --out is a clear error, not a hang).
 """
 from __future__ import annotations
 
@@ -75,10 +79,11 @@ def setup_distributed() -> tuple[int, int, torch.device]:
 
 def resolve_data(cfg: Config, rank: int) -> tuple[Path, int]:
     """The ImageFolder root for pretraining and the image size; fashion-mnist is prepared into
-    the cache on first use (by rank 0; the others wait)."""
+    the cache on first use by each node's first process (the cache may be node-local or shared:
+    concurrent writers are safe), while the others wait."""
     if cfg.data == "fashion-mnist":
         root = Path(cfg.cache).expanduser() / "fashion-mnist"
-        if rank == 0:
+        if int(os.environ.get("LOCAL_RANK", rank)) == 0:
             prepare_fashion_mnist(root)
         if dist.is_initialized():
             dist.barrier()
@@ -169,11 +174,8 @@ def train_step(forward, optimizer, cfg: Config, loss_dim, view1, view2, labels):
 
 # --------------------------------------------------------------------------- checkpoints
 def save_checkpoint(out: Path, step: int, state: dict) -> None:
-    """Atomic: a temporary file renamed into place; keeps the last KEEP_CHECKPOINTS."""
-    target = out / f"ckpt_{step:09d}.pt"
-    tmp = out / f".{target.name}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, target)
+    """Atomic (see atomic_save); keeps the last KEEP_CHECKPOINTS."""
+    atomic_save(state, out / f"ckpt_{step:09d}.pt")
     for old in sorted(out.glob(CHECKPOINT_GLOB))[:-KEEP_CHECKPOINTS]:
         old.unlink()
 
@@ -189,9 +191,22 @@ def load_latest_checkpoint(out: Path) -> dict | None:
 
 
 def atomic_save(obj, path: Path) -> None:
+    """A temporary file renamed into place: a kill leaves the old file or the new, never half."""
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def check_same_step(step: int, device: torch.device) -> None:
+    """Every rank must resume from the same checkpoint; otherwise DDP would quietly take rank 0's
+    weights while momenta, data order and run length differ, and the ranks would hang apart."""
+    bounds = torch.tensor([step, -step], dtype=torch.int64, device=device)
+    dist.all_reduce(bounds, op=dist.ReduceOp.MAX)
+    first, last = -int(bounds[1]), int(bounds[0])
+    if first != last:
+        raise RuntimeError(
+            f"ranks resumed from different checkpoints (steps {first} to {last}; this rank: "
+            f"{step}): --out must be a folder every node sees, such as a shared filesystem")
 
 
 # --------------------------------------------------------------------------- the loop
@@ -222,6 +237,8 @@ def pretrain(cfg: Config) -> Path:
         step = state["step"]
         if master:
             log.warning("resumed from step %d (epoch %d)", step, loader.epoch)
+    if world > 1:
+        check_same_step(step, device)
     raw_model = model
     if world > 1:
         model = nn.parallel.DistributedDataParallel(

@@ -52,9 +52,11 @@ def _centered_gram_kernel(x_ptr, row_stride, col_stride, mean_ptr, out_ptr, sum_
         xj = tl.where(mask_r[:, None], xj - mean_j[None, :], 0.0)
         acc = tl.dot(tl.trans(xi), xj, acc, input_precision="ieee")
         col_sum += tl.sum(xi, axis=0)
-    mask = mask_i[:, None] & mask_j[None, :]
-    tl.store(out_ptr + offs_i[:, None] * width + offs_j[None, :], acc, mask=mask)
-    tl.store(out_ptr + offs_j[None, :] * width + offs_i[:, None], acc, mask=mask)
+    # Only the upper triangle of acc and its mirror: inside a diagonal tile acc[a, b] and
+    # acc[b, a] need not be bitwise equal, and the result must be exactly symmetric.
+    upper = mask_i[:, None] & mask_j[None, :] & (offs_i[:, None] <= offs_j[None, :])
+    tl.store(out_ptr + offs_i[:, None] * width + offs_j[None, :], acc, mask=upper)
+    tl.store(out_ptr + offs_j[None, :] * width + offs_i[:, None], acc, mask=upper)
     if tile_i == tile_j:  # one program per column tile reports the centered column sums
         tl.store(sum_ptr + offs_i, col_sum, mask=mask_i)
 

@@ -103,8 +103,29 @@ def test_resume_mid_epoch_continues_exactly(backend, synthetic):
     for got, want in zip(rest, expected):
         assert all(torch.equal(x, y) for x, y in zip(got, want))
     assert resumed.state_dict()["epoch"] == 1
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match="global batch size 8, this loader 4"):
         loader(synthetic, batch_size=4).load_state_dict(state)
+
+
+def test_resume_on_another_world_size_continues_the_same_global_batches(synthetic):
+    """A state saved by 1 rank x 8 resumes on 2 ranks x 4: each global batch (the ranks' batches
+    interleaved as epoch_order deals them) is the batch the single rank would have made next."""
+    single = loader(synthetic, backend="torchvision", batch_size=8)
+    expected = list(single)[3:]
+    state = {**single.state_dict(), "epoch": 0, "batches_done": 3}
+    ranks = [loader(synthetic, backend="torchvision", batch_size=4, rank=r, world_size=2)
+             for r in range(2)]
+    for rank in ranks:
+        rank.load_state_dict(state)
+    per_rank = [list(rank) for rank in ranks]
+    assert len(per_rank[0]) == len(per_rank[1]) == len(expected) > 0
+    for b, want in enumerate(expected):
+        for part in range(3):  # view1, view2, labels: rank r holds global items r, r + 2, ...
+            got = torch.stack([per_rank[r][b][part] for r in range(2)], 1).flatten(0, 1)
+            assert torch.equal(got, want[part]), (b, part)
+    with pytest.raises(ValueError, match="global batch size 8, this loader 6"):
+        loader(synthetic, backend="torchvision", batch_size=3, rank=0, world_size=2
+               ).load_state_dict(state)
 
 
 def test_grayscale_fraction_follows_the_recipe(backend, synthetic):

@@ -1,7 +1,9 @@
 """The pretraining loop: modes learn, runs resume exactly after kill -9, checkpoints are safe."""
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -71,21 +73,33 @@ def test_kill_minus_9_then_resume_ends_with_identical_weights(tiny, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("mode", ["directclr", "simclr-mlp"])
-def test_two_process_ddp_ends_with_the_weights_of_one_process(tiny, tmp_path, mode):
-    """torchrun x 2 (gloo, CpuSyncBatchNorm, rows against all-gathered columns) with 8 pairs per
-    rank equals one process with all 16: same global batches, BN over the global batch, the
-    gradient of the global loss."""
-    args = RUN + ["--data", str(tiny), "--max-steps", "3", "--batch-size", "16", "--mode", mode]
-    one, two = tmp_path / "one", tmp_path / "two"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(args + ["--out", str(one)], check=True, capture_output=True, timeout=600,
-                   env=env)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc_per_node=2"]
-    proc = subprocess.run(torchrun + args[1:] + ["--out", str(two)], capture_output=True,
-                          text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+ENV_ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def ddp_args(tiny, mode):
+    """8 pairs per rank on 2 ranks, or all 16 in one process."""
+    return RUN[1:] + ["--data", str(tiny), "--max-steps", "3", "--batch-size", "16",
+                      "--mode", mode]
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny, tmp_path_factory):
+    """The reference runs, one process with the whole batch, made once per mode."""
+    runs = {}
+
+    def run(mode):
+        if mode not in runs:
+            out = tmp_path_factory.mktemp(f"one-{mode}")
+            subprocess.run([sys.executable] + ddp_args(tiny, mode) + ["--out", str(out)],
+                           check=True, capture_output=True, timeout=600, env=ENV_ONE_THREAD)
+            runs[mode] = out
+        return runs[mode]
+    return run
+
+
+def assert_same_training(one, two, mode):
+    """`two` (2 ranks) ended where `one` (1 process) did: same steps, weights, logged losses."""
     a = load_latest_checkpoint(one)
     b = load_latest_checkpoint(two)
     assert a["step"] == b["step"] == 3
@@ -104,9 +118,80 @@ def test_two_process_ddp_ends_with_the_weights_of_one_process(tiny, tmp_path, mo
     for key in a["model"]:
         if not a["model"][key].is_floating_point():
             assert torch.equal(a["model"][key], b["model"][key]), key
+    # One row per step, written by global rank 0 only (a second writer would double the rows).
     losses = [[json.loads(line)["loss"] for line in (run / "metrics.jsonl").open()
                if '"loss"' in line] for run in (one, two)]
+    assert len(losses[1]) == len(losses[0]) == 3
     assert torch.allclose(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["directclr", "simclr-mlp"])
+def test_two_process_ddp_ends_with_the_weights_of_one_process(tiny, tmp_path, one_process, mode):
+    """torchrun x 2 (gloo, CpuSyncBatchNorm, rows against all-gathered columns) with 8 pairs per
+    rank equals one process with all 16: same global batches, BN over the global batch, the
+    gradient of the global loss."""
+    two = tmp_path / "two"
+    proc = subprocess.run(TORCHRUN + ["--standalone", "--nproc_per_node=2"]
+                          + ddp_args(tiny, mode) + ["--out", str(two)],
+                          capture_output=True, text=True, timeout=600, env=ENV_ONE_THREAD)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_same_training(one_process(mode), two, mode)
+
+
+def test_a_one_process_run_resumes_on_two_ranks_and_ends_where_it_would_have(tiny, tmp_path,
+                                                                          one_process):
+    """Killed after step 2 of 3 on one process, resumed on 2 ranks (same global batch)."""
+    one = one_process("directclr")
+    elastic = tmp_path / "elastic"
+    shutil.copytree(one, elastic)
+    (elastic / "ckpt_000000003.pt").unlink()
+    (elastic / "backbone.pt").unlink()
+    rows = (elastic / "metrics.jsonl").read_text().splitlines()
+    (elastic / "metrics.jsonl").write_text("\n".join(rows[:2]) + "\n")
+    proc = subprocess.run(TORCHRUN + ["--standalone", "--nproc_per_node=2"]
+                          + ddp_args(tiny, "directclr") + ["--out", str(elastic)],
+                          capture_output=True, text=True, timeout=600, env=ENV_ONE_THREAD)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resumed from step 2" in proc.stderr
+    assert_same_training(one, elastic, "directclr")
+
+
+def launch_two_nodes(args, outs):
+    """Two torchrun launches as two nodes of one process each (static rendezvous on loopback):
+    both have LOCAL_RANK 0, only one has RANK 0. Returns their (returncode, stderr)."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    procs = [subprocess.Popen(
+        TORCHRUN + ["--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}",
+                    "--master_addr=127.0.0.1", f"--master_port={port}"]
+        + args + ["--out", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV_ONE_THREAD)
+        for node, out in enumerate(outs)]
+    try:
+        errors = [proc.communicate(timeout=600)[1] for proc in procs]
+        return [(proc.returncode, err) for proc, err in zip(procs, errors)]
+    finally:
+        for proc in procs:
+            proc.kill()
+
+
+def test_two_nodes_train_like_one_process_and_need_a_shared_out(tiny, tmp_path, one_process):
+    two = tmp_path / "two-nodes"
+    results = launch_two_nodes(ddp_args(tiny, "directclr"), [two, two])
+    for node, (code, err) in enumerate(results):
+        assert code == 0, f"node {node}: {err[-3000:]}"
+    assert_same_training(one_process("directclr"), two, "directclr")
+
+    # Resumed where node 0 sees the checkpoint at step 3 in its --out and node 1 sees none.
+    seen, unseen = tmp_path / "node0", tmp_path / "node1"
+    shutil.copytree(two, seen)
+    args = ddp_args(tiny, "directclr")
+    args[args.index("--max-steps") + 1] = "5"
+    for node, (code, err) in enumerate(launch_two_nodes(args, [seen, unseen])):
+        assert code != 0, f"node {node} did not fail"
+        assert "ranks resumed from different checkpoints (steps 0 to 3" in err, err[-3000:]
+    assert not (seen / "ckpt_000000004.pt").exists()
 
 
 def test_compile_flag_trains_like_eager(tiny, tmp_path):

@@ -65,11 +65,17 @@ class PretrainLoader:
                 "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "num_samples", "batch_size", "world_size"):
-            mine = {"seed": self.seed, "num_samples": len(self.index),
-                    "batch_size": self.batch_size, "world_size": self.world_size}[key]
-            if state[key] != mine:
-                raise ValueError(f"loader state has {key}={state[key]}, this loader {mine}: "
+        """Resumes after the last batch handed out. The world size may differ from the saved
+        one when the global batch does not: global batch b is always positions [b G, (b+1) G)
+        of the epoch's order (epoch_order deals ranks round-robin), so a run can resume on
+        fewer or more devices without repeating or skipping samples."""
+        saved = {"seed": state["seed"], "num_samples": state["num_samples"],
+                 "global batch size": state["batch_size"] * state["world_size"]}
+        mine = {"seed": self.seed, "num_samples": len(self.index),
+                "global batch size": self.batch_size * self.world_size}
+        for key, value in saved.items():
+            if value != mine[key]:
+                raise ValueError(f"loader state has {key} {value}, this loader {mine[key]}: "
                                  "resuming would repeat or skip samples")
         if not 0 <= state["batches_done"] <= len(self):
             raise ValueError(f"loader state has batches_done={state['batches_done']} outside "

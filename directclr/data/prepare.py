@@ -75,8 +75,9 @@ def prepare_synthetic(out, n: int, classes: int = 4, seed: int = 0, min_side: in
 
 
 def _atomic_save(image: Image.Image, target: Path, **kwargs) -> None:
-    """A killed run never leaves a truncated image behind."""
-    tmp = target.with_name(f".{target.name}.tmp")
+    """A killed run never leaves a truncated image behind; the temporary name is per process, so
+    nodes preparing one shared cache at once do not write into each other's files."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     image.save(tmp, format="JPEG" if target.suffix == ".jpg" else "PNG", **kwargs)
     os.replace(tmp, target)
 
