@@ -33,7 +33,7 @@ PRETRAIN_ARGS ?= --max-steps 30
 PROBE_ARGS ?=
 pretrain: build
 	$(BIN)/python -m directclr pretrain --data fashion-mnist --arch resnet18 --dim 90 \
-	  --batch-size 128 --epochs 10 --lr 0.3 --warmup-epochs 1 --ckpt-every 10 \
+	  --batch-size 128 --epochs 10 --lr 4.8 --warmup-epochs 1 --ckpt-every 10 \
 	  --out runs/fashion-mnist $(PRETRAIN_ARGS)
 	$(BIN)/python -m directclr probe --checkpoint runs/fashion-mnist/backbone.pt --arch resnet18 \
 	  --data fashion-mnist --epochs 2 --limit 2000 $(PROBE_ARGS)

@@ -1,10 +1,12 @@
-"""The loss benchmark runs end to end and writes well-formed rows (a smoke test, not a timing)."""
+"""The benchmarks run end to end and write well-formed rows (smoke tests, not timings)."""
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import bench_data  # noqa: E402
 import bench_loss  # noqa: E402
+import bench_spectrum  # noqa: E402
 import bench_train  # noqa: E402
 
 
@@ -58,3 +60,27 @@ def test_bench_train_times_the_model_and_the_whole_loop(tmp_path):
     loop = rows[1]
     assert 0 <= loop["data_wait"] < 1 and loop["vs_model"] > 0
     assert {"commit", "date", "machine"} <= loop.keys()
+
+
+def test_bench_data_rates_both_backends_with_a_simulated_step(tmp_path):
+    rows = bench_data.main(["--data", str(tmp_path / "jpegs"), "--images", "16",
+                            "--batch-size", "4", "--batches", "3", "--image-size", "32",
+                            "--step-ms", "5", "--results-dir", str(tmp_path)])
+    assert [(r["backend"], r["status"]) for r in rows] == [("dali", "ok"), ("torchvision", "ok")]
+    for row in rows:
+        assert row["pairs_per_s"] > 0 and row["step_ms"] == 5 and row["batches"] == 3
+        # No loader can beat the simulated step: 4 pairs per 5 ms at most.
+        assert row["pairs_per_s"] < 4 / 0.005
+    assert rows[1]["vs_torchvision"] == 1
+    assert rows[0]["vs_torchvision"] == rows[0]["pairs_per_s"] / rows[1]["pairs_per_s"]
+
+
+def test_bench_spectrum_writes_rows(tmp_path):
+    rows = bench_spectrum.main(["--n", "300", "--width", "64", "--repeats", "1",
+                                "--results-dir", str(tmp_path)])
+    by = {r["provider"]: r for r in rows}
+    assert set(by) == {"update", "cov", "spectrum", "cov+eigvalsh"}
+    assert all(r["status"] == "ok" and r["median_ms"] > 0 for r in rows), rows
+    assert by["update"]["vs_cov"] == by["update"]["median_ms"] / by["cov"]["median_ms"]
+    written = (tmp_path / "bench_spectrum.jsonl").read_text().splitlines()
+    assert len(written) == 4

@@ -107,6 +107,26 @@ def test_resume_mid_epoch_continues_exactly(backend, synthetic):
         loader(synthetic, batch_size=4).load_state_dict(state)
 
 
+def test_a_break_then_a_jump_back_give_the_right_batches(backend, synthetic):
+    """DALI runs PREFETCH batches ahead: after a break the next iteration continues with them,
+    and after a loaded state points elsewhere they are dropped, not handed out."""
+    expected = list(loader(synthetic, backend=backend))  # one epoch: 7 batches of 8
+    data = loader(synthetic, backend=backend)
+    taken = []
+    for batch in data:
+        taken.append(batch)
+        if len(taken) == 3:
+            break
+    taken += list(data)  # the same epoch, from batch 3
+    state = data.state_dict()
+    assert state["epoch"] == 1 and state["batches_done"] == 0
+    data.load_state_dict({**state, "epoch": 0, "batches_done": 5})
+    taken += list(data)  # epoch 0 again, from batch 5
+    assert len(taken) == len(expected) + 2
+    for got, want in zip(taken, expected + expected[5:]):
+        assert all(torch.equal(x, y) for x, y in zip(got, want))
+
+
 def test_resume_on_another_world_size_continues_the_same_global_batches(synthetic):
     """A state saved by 1 rank x 8 resumes on 2 ranks x 4: each global batch (the ranks' batches
     interleaved as epoch_order deals them) is the batch the single rank would have made next."""

@@ -6,10 +6,16 @@ So a batch does not depend on DALI's own RNG streams: resuming mid-epoch reprodu
 uninterrupted run, and ranks and epochs behave as in torchvision. Jitter gets identity
 parameters when not applied; grayscale, blur and solarize are per-sample conditional branches
 (the blur window follows sigma, as PIL's blur in the torchvision backend does).
+
+The pipeline runs ahead of the consumer: PREFETCH batches are fed and scheduled before the one
+being trained on is taken, and DALI's own threads (its own CUDA stream on GPU) decode and augment
+them while the training step runs. Batches continue across epoch boundaries, so the first
+batches of the next epoch are already in flight when an epoch ends.
 """
 from __future__ import annotations
 
 import math
+from collections import deque
 
 import numpy as np
 import torch
@@ -18,6 +24,7 @@ from PIL import Image
 from .recipe import Recipe
 
 FLAGS = ("gray", "blur", "solarize")  # per-sample booleans that select a branch
+PREFETCH = 2  # batches in DALI's hands while the consumer works on the current one
 
 def _crop_box(rng: np.random.Generator, height: int, width: int, scale, ratio=(3 / 4, 4 / 3)):
     """torchvision's RandomResizedCrop box as relative (y0, x0, y1, x1)."""
@@ -74,6 +81,11 @@ class DaliSource:
         self.num_threads, self.seed, self.device = num_threads, seed, device
         self._pipe = None
         self._sizes: dict[int, tuple[int, int]] = {}
+        # ((epoch, batch), sample indices) of the batches fed and scheduled, oldest first
+        self._in_flight: deque[tuple[tuple[int, int], list[int]]] = deque()
+        self._next_key = (0, 0)  # (epoch, batch) the next fed batch will be
+        self._primed = False  # the first schedule_run prefetches PREFETCH fed batches at once
+        self._order: tuple[int, list[int]] | None = None  # (epoch, its order), cached
 
     def _build(self, batch_size: int):
         from nvidia.dali import fn, pipeline_def, types
@@ -83,7 +95,7 @@ class DaliSource:
 
         @pipeline_def(batch_size=batch_size, num_threads=max(1, self.num_threads),
                       device_id=(self.device.index or 0) if gpu else None,
-                      prefetch_queue_depth=1, exec_async=False, exec_pipelined=False,
+                      prefetch_queue_depth=PREFETCH, exec_async=True, exec_pipelined=True,
                       enable_conditionals=True)
         def two_views():
             encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
@@ -178,17 +190,55 @@ class DaliSource:
     def batches(self, loader, epoch: int, start_batch: int):
         if self._pipe is None:
             self._pipe = self._build(loader.batch_size)
-        order = loader.order(epoch).tolist()
-        for b in range(start_batch, len(loader)):
-            indices = order[b * loader.batch_size:(b + 1) * loader.batch_size]
+        if self._in_flight and self._in_flight[0][0] != (epoch, start_batch):
+            self._drain()  # the caller jumped (a loaded state): what is in flight is stale
+        if not self._in_flight:
+            self._next_key = (epoch, start_batch)
+        self._fill(loader)
+        for _ in range(start_batch, len(loader)):
             try:
-                self._feed([(epoch, i) for i in indices])
-                view1, view2, labels = self._pipe.run()
+                view1, view2, labels = self._pipe.outputs()
             except Exception as err:  # DALI's errors name the operator, not the file
-                raise ValueError(f"DALI failed on a batch holding {_first_bad(self.index, indices)}"
-                                 f": {err}") from err
+                self._fail(err, [i for _, batch in self._in_flight for i in batch])
+            self._in_flight.popleft()
+            self._fill(loader)
             yield (self._to_torch(view1), self._to_torch(view2),
                    torch.from_numpy(np.array(labels.as_tensor())).reshape(-1))
+
+    def _fill(self, loader) -> None:
+        """Feeds and schedules batches, in order and across epochs, until PREFETCH are in
+        flight."""
+        while len(self._in_flight) < PREFETCH:
+            epoch, b = self._next_key
+            if b == len(loader):
+                epoch, b = epoch + 1, 0
+            if self._order is None or self._order[0] != epoch:
+                self._order = (epoch, loader.order(epoch).tolist())
+            indices = self._order[1][b * loader.batch_size:(b + 1) * loader.batch_size]
+            try:
+                self._feed([(epoch, i) for i in indices])
+                if self._primed:
+                    self._pipe.schedule_run()
+                elif len(self._in_flight) == PREFETCH - 1:  # the first run takes PREFETCH feeds
+                    self._pipe.schedule_run()
+                    self._primed = True
+            except Exception as err:
+                self._fail(err, indices)
+            self._in_flight.append(((epoch, b), indices))
+            self._next_key = (epoch, b + 1)
+
+    def _drain(self) -> None:
+        for _ in range(len(self._in_flight)):
+            self._pipe.outputs()
+        self._in_flight.clear()
+
+    def _fail(self, err: Exception, indices: list[int]):
+        """A fresh pipeline next time (this one's queues are in an unknown state), and an
+        error that names the file."""
+        self._pipe, self._primed = None, False
+        self._in_flight.clear()
+        raise ValueError(f"DALI failed on a batch holding {_first_bad(self.index, indices)}: "
+                         f"{err}") from err
 
 
 def _first_bad(index, indices) -> str:
