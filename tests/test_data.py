@@ -1,5 +1,6 @@
 """The pretraining loader (torchvision backend here) and dataset preparation."""
 import gzip
+from pathlib import Path
 import subprocess
 import sys
 import textwrap
@@ -122,9 +123,12 @@ def test_a_break_then_a_jump_back_give_the_right_batches(backend, synthetic):
     assert state["epoch"] == 1 and state["batches_done"] == 0
     data.load_state_dict({**state, "epoch": 0, "batches_done": 5})
     taken += list(data)  # epoch 0 again, from batch 5
+    data.load_state_dict({**state, "epoch": 0, "batches_done": 7})
+    assert list(data) == []  # a state saved after the last batch: the epoch is over
     assert len(taken) == len(expected) + 2
     for got, want in zip(taken, expected + expected[5:]):
         assert all(torch.equal(x, y) for x, y in zip(got, want))
+    assert data.state_dict()["epoch"] == 1
 
 
 def test_resume_on_another_world_size_continues_the_same_global_batches(synthetic):
@@ -239,6 +243,30 @@ def test_truncated_image_error_names_the_file(backend, tmp_path):
     with pytest.raises(ValueError, match=victim.name):
         for _ in loader(root, backend=backend, batch_size=16):
             pass
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not an image"])
+def test_a_bad_file_fails_its_own_batch_and_the_loader_recovers(backend, tmp_path, damage):
+    """The batches before the bad file's arrive (DALI reads files two batches ahead); its own
+    batch raises naming it, also after a jump back past it; once repaired, all is well."""
+    root = prepare_synthetic(tmp_path / "bad", n=12, classes=2, min_side=40, max_side=60,
+                             progress=False)
+    data = loader(root, backend=backend, batch_size=4)
+    victim = Path(data.index.files[data.order(0)[4]])  # epoch 0, batch 1
+    original = victim.read_bytes()
+    # Truncated: PIL reads the header, decoding fails. Not an image: reading the header fails.
+    victim.write_bytes(original[:len(original) // 3] if damage == "truncated"
+                       else b"not an image" * 10)
+    batches = iter(data)
+    next(batches)  # batch 0 is fine
+    batches.close()
+    data.load_state_dict({**data.state_dict(), "epoch": 0, "batches_done": 0})
+    for _ in range(2):  # twice: a failure must not leave the loader broken
+        with pytest.raises(ValueError, match=victim.name):
+            list(data)
+        assert data.state_dict()["batches_done"] == 1
+    victim.write_bytes(original)
+    assert len(list(data)) == 2  # batches 1 and 2 of epoch 0
 
 
 def test_non_image_files_are_skipped_and_counted(tmp_path):

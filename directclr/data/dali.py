@@ -81,10 +81,13 @@ class DaliSource:
         self.num_threads, self.seed, self.device = num_threads, seed, device
         self._pipe = None
         self._sizes: dict[int, tuple[int, int]] = {}
-        # ((epoch, batch), sample indices) of the batches fed and scheduled, oldest first
-        self._in_flight: deque[tuple[tuple[int, int], list[int]]] = deque()
+        # ((epoch, batch), sample indices, None or the error that kept it from being fed) of
+        # the batches fed and scheduled, oldest first
+        self._in_flight: deque[tuple[tuple[int, int], list[int], Exception | None]] = deque()
         self._next_key = (0, 0)  # (epoch, batch) the next fed batch will be
         self._primed = False  # the first schedule_run prefetches PREFETCH fed batches at once
+        self._waiting = 0  # batches fed before that first run
+        self._last_inputs: dict[str, list[np.ndarray]] = {}
         self._order: tuple[int, list[int]] | None = None  # (epoch, its order), cached
 
     def _build(self, batch_size: int):
@@ -151,7 +154,9 @@ class DaliSource:
                 self._sizes[i] = (image.height, image.width)
         return self._sizes[i]
 
-    def _feed(self, keys: list[tuple[int, int]]) -> None:
+    def _inputs(self, keys: list[tuple[int, int]]) -> dict[str, list[np.ndarray]]:
+        """One batch's external-source inputs: encoded files, labels, both views' parameters.
+        Pure Python and file reads, no DALI: it may run ahead of the pipeline."""
         encoded, labels = [], []
         params = {f"v{v}_{name}": [] for v in range(2) for name in self.PARAMS
                   if self._used(v, name)}
@@ -173,10 +178,7 @@ class DaliSource:
                     if self._used(view, name):
                         dtype = np.bool_ if name in FLAGS else np.float32
                         params[f"v{view}_{name}"].append(np.asarray(value, dtype=dtype))
-        self._pipe.feed_input("encoded", encoded)
-        self._pipe.feed_input("labels", labels)
-        for name, values in params.items():
-            self._pipe.feed_input(name, values)
+        return {"encoded": encoded, "labels": labels, **params}
 
     def _to_torch(self, tensor_list) -> torch.Tensor:
         if self.device.type == "cuda":
@@ -188,18 +190,25 @@ class DaliSource:
         return torch.from_numpy(np.array(tensor_list.as_tensor()))
 
     def batches(self, loader, epoch: int, start_batch: int):
+        due = len(loader) - start_batch  # this call's batches; what follows is prefetched
+        head = (epoch + 1, 0) if start_batch == len(loader) else (epoch, start_batch)
+        if self._in_flight and self._in_flight[0][0] != head:
+            self._reset()  # the caller jumped (a loaded state): what is in flight is stale
         if self._pipe is None:
             self._pipe = self._build(loader.batch_size)
-        if self._in_flight and self._in_flight[0][0] != (epoch, start_batch):
-            self._drain()  # the caller jumped (a loaded state): what is in flight is stale
         if not self._in_flight:
-            self._next_key = (epoch, start_batch)
+            self._next_key = head
         self._fill(loader)
-        for _ in range(start_batch, len(loader)):
+        for _ in range(due):
+            _, indices, feed_error = self._in_flight[0]
             try:
+                if feed_error is not None:  # raised when its batch is due, not before
+                    raise feed_error
                 view1, view2, labels = self._pipe.outputs()
             except Exception as err:  # DALI's errors name the operator, not the file
-                self._fail(err, [i for _, batch in self._in_flight for i in batch])
+                self._reset()
+                raise ValueError(f"DALI failed on a batch holding "
+                                 f"{_first_bad(self.index, indices)}: {err}") from err
             self._in_flight.popleft()
             self._fill(loader)
             yield (self._to_torch(view1), self._to_torch(view2),
@@ -207,38 +216,47 @@ class DaliSource:
 
     def _fill(self, loader) -> None:
         """Feeds and schedules batches, in order and across epochs, until PREFETCH are in
-        flight."""
-        while len(self._in_flight) < PREFETCH:
+        flight. A batch whose files cannot be read is queued with its error, and nothing is fed
+        after it."""
+        while len(self._in_flight) < PREFETCH and not (
+                self._in_flight and self._in_flight[-1][2] is not None):
             epoch, b = self._next_key
             if b == len(loader):
                 epoch, b = epoch + 1, 0
             if self._order is None or self._order[0] != epoch:
                 self._order = (epoch, loader.order(epoch).tolist())
             indices = self._order[1][b * loader.batch_size:(b + 1) * loader.batch_size]
-            try:
-                self._feed([(epoch, i) for i in indices])
-                if self._primed:
-                    self._pipe.schedule_run()
-                elif len(self._in_flight) == PREFETCH - 1:  # the first run takes PREFETCH feeds
-                    self._pipe.schedule_run()
-                    self._primed = True
-            except Exception as err:
-                self._fail(err, indices)
-            self._in_flight.append(((epoch, b), indices))
             self._next_key = (epoch, b + 1)
+            try:
+                inputs = self._inputs([(epoch, i) for i in indices])
+            except Exception as err:
+                self._in_flight.append(((epoch, b), indices, err))
+                # Before the first run, the batches fed so far run only once PREFETCH are fed:
+                # stand-ins (copies of the last one, never handed out) make up the number.
+                while not self._primed and self._waiting:
+                    self._submit(self._last_inputs)
+                return
+            self._submit(inputs)
+            self._last_inputs = inputs
+            self._in_flight.append(((epoch, b), indices, None))
 
-    def _drain(self) -> None:
-        for _ in range(len(self._in_flight)):
-            self._pipe.outputs()
-        self._in_flight.clear()
+    def _submit(self, inputs: dict[str, list[np.ndarray]]) -> None:
+        """Feeds one batch and schedules it (the first run takes PREFETCH fed batches)."""
+        try:
+            for name, values in inputs.items():
+                self._pipe.feed_input(name, values)
+            self._waiting += 1
+            if self._primed or self._waiting == PREFETCH:
+                self._pipe.schedule_run()
+                self._primed, self._waiting = True, 0
+        except BaseException:  # even an interrupt leaves the inputs out of step
+            self._reset()
+            raise
 
-    def _fail(self, err: Exception, indices: list[int]):
-        """A fresh pipeline next time (this one's queues are in an unknown state), and an
-        error that names the file."""
-        self._pipe, self._primed = None, False
+    def _reset(self) -> None:
+        """Drops the pipeline (rebuilt when next needed) with whatever it holds in flight."""
+        self._pipe, self._primed, self._waiting = None, False, 0
         self._in_flight.clear()
-        raise ValueError(f"DALI failed on a batch holding {_first_bad(self.index, indices)}: "
-                         f"{err}") from err
 
 
 def _first_bad(index, indices) -> str:
