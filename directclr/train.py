@@ -8,8 +8,8 @@
         --master-port=29500 -m directclr pretrain ... --out /shared/runs/in1k
 
 One process per device under torchrun (NCCL on GPUs, gloo on CPU), or plain. Global rank 0 logs
-(metrics.jsonl, a progress bar) and writes checkpoints; every rank resumes from them, and all
-must find the same one (checked: a node that cannot see --out is a clear error, not a hang).
+(metrics.jsonl, a progress bar) and writes checkpoints; every rank resumes from the one rank 0
+picks (a node that cannot read it is a clear error on every rank, not a hang).
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import build_pretrain_loader, prepare_fashion_mnist
+from .files import atomic_write
 from .infonce import infonce
 from .lars import LARS
 from .models import ARCHS, MODES, build_backbone, build_projector, sync_batchnorm
@@ -174,39 +175,55 @@ def train_step(forward, optimizer, cfg: Config, loss_dim, view1, view2, labels):
 
 # --------------------------------------------------------------------------- checkpoints
 def save_checkpoint(out: Path, step: int, state: dict) -> None:
-    """Atomic (see atomic_save); keeps the last KEEP_CHECKPOINTS."""
+    """Atomic (directclr.files.atomic_write); keeps the last KEEP_CHECKPOINTS."""
     atomic_save(state, out / f"ckpt_{step:09d}.pt")
     for old in sorted(out.glob(CHECKPOINT_GLOB))[:-KEEP_CHECKPOINTS]:
         old.unlink()
 
 
-def load_latest_checkpoint(out: Path) -> dict | None:
-    """The newest readable checkpoint; a corrupt one is skipped with a warning."""
+def latest_checkpoint(out: Path) -> tuple[Path | None, dict | None]:
+    """The newest readable checkpoint and its path; a corrupt one is skipped with a warning."""
     for path in sorted(out.glob(CHECKPOINT_GLOB), reverse=True):
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return path, torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # truncated or corrupt: fall back to the one before
             log.warning("skipping unreadable checkpoint %s: %s", path, err)
-    return None
+    return None, None
+
+
+def load_latest_checkpoint(out: Path) -> dict | None:
+    return latest_checkpoint(out)[1]
 
 
 def atomic_save(obj, path: Path) -> None:
-    """A temporary file renamed into place: a kill leaves the old file or the new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def check_same_step(step: int, device: torch.device) -> None:
-    """Every rank must resume from the same checkpoint; otherwise DDP would quietly take rank 0's
-    weights while momenta, data order and run length differ, and the ranks would hang apart."""
-    bounds = torch.tensor([step, -step], dtype=torch.int64, device=device)
-    dist.all_reduce(bounds, op=dist.ReduceOp.MAX)
-    first, last = -int(bounds[1]), int(bounds[0])
-    if first != last:
-        raise RuntimeError(
-            f"ranks resumed from different checkpoints (steps {first} to {last}; this rank: "
-            f"{step}): --out must be a folder every node sees, such as a shared filesystem")
+def resume_state(out: Path, resume: bool, rank: int, world: int,
+                 device: torch.device) -> dict | None:
+    """The checkpoint every rank resumes from: rank 0 picks the newest readable one and the
+    others load that very file. Were ranks to resume from different ones, DDP would quietly take
+    rank 0's weights while momenta, data order and run length differ, and the ranks would hang
+    apart; so a rank that cannot read it stops them all, with an error on each."""
+    path, state = latest_checkpoint(out) if resume and rank == 0 and out.is_dir() else (None, None)
+    if world == 1:
+        return state
+    chosen = [path.name if path is not None else None]
+    dist.broadcast_object_list(chosen, src=0)
+    failed = torch.zeros(world, dtype=torch.int64, device=device)
+    if chosen[0] is not None and rank != 0:
+        try:
+            state = torch.load(out / chosen[0], map_location="cpu", weights_only=True)
+        except Exception as err:
+            log.error("rank %d cannot read %s: %s", rank, out / chosen[0], err)
+            failed[rank] = 1
+    dist.all_reduce(failed)
+    if failed.any():
+        ranks = failed.nonzero().flatten().tolist()
+        raise RuntimeError(f"rank 0 resumes from {chosen[0]} in --out {out}, which ranks {ranks} "
+                           "cannot read: --out must be a folder every node sees, such as a "
+                           "shared filesystem")
+    return state
 
 
 # --------------------------------------------------------------------------- the loop
@@ -229,7 +246,7 @@ def pretrain(cfg: Config) -> Path:
     optimizer = LARS(model.parameters(), lr=cfg.lr, weight_decay=cfg.wd)
     steps_per_epoch = len(loader)
     step = 0
-    state = load_latest_checkpoint(out) if cfg.resume and out.is_dir() else None
+    state = resume_state(out, cfg.resume, rank, world, device)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -237,8 +254,6 @@ def pretrain(cfg: Config) -> Path:
         step = state["step"]
         if master:
             log.warning("resumed from step %d (epoch %d)", step, loader.epoch)
-    if world > 1:
-        check_same_step(step, device)
     raw_model = model
     if world > 1:
         model = nn.parallel.DistributedDataParallel(

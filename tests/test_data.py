@@ -150,6 +150,10 @@ def test_resume_on_another_world_size_continues_the_same_global_batches(syntheti
     with pytest.raises(ValueError, match="global batch size 8, this loader 6"):
         loader(synthetic, backend="torchvision", batch_size=3, rank=0, world_size=2
                ).load_state_dict(state)
+    # 8 ranks x 1: the same global batch, but 60 samples pad to 8 batches per epoch, not 7.
+    with pytest.raises(ValueError, match="batches per epoch 7, this loader 8"):
+        loader(synthetic, backend="torchvision", batch_size=1, rank=0, world_size=8
+               ).load_state_dict(state)
 
 
 def test_grayscale_fraction_follows_the_recipe(backend, synthetic):

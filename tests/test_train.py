@@ -162,18 +162,21 @@ def launch_two_nodes(args, outs):
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
-    procs = [subprocess.Popen(
-        TORCHRUN + ["--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}",
-                    "--master_addr=127.0.0.1", f"--master_port={port}"]
-        + args + ["--out", str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV_ONE_THREAD)
-        for node, out in enumerate(outs)]
+    logs = [out.with_name(f"{out.name}-node{node}.log") for node, out in enumerate(outs)]
+    procs = []
+    for node, (out, log) in enumerate(zip(outs, logs)):
+        with log.open("w") as stderr:  # a file, not a pipe: a chatty node cannot block
+            procs.append(subprocess.Popen(
+                TORCHRUN + ["--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}",
+                            "--master_addr=127.0.0.1", f"--master_port={port}"]
+                + args + ["--out", str(out)],
+                stdout=subprocess.DEVNULL, stderr=stderr, env=ENV_ONE_THREAD))
     try:
-        errors = [proc.communicate(timeout=600)[1] for proc in procs]
-        return [(proc.returncode, err) for proc, err in zip(procs, errors)]
+        codes = [proc.wait(timeout=600) for proc in procs]
     finally:
         for proc in procs:
             proc.kill()
+    return [(code, log.read_text()) for code, log in zip(codes, logs)]
 
 
 def test_two_nodes_train_like_one_process_and_need_a_shared_out(tiny, tmp_path, one_process):
@@ -190,7 +193,8 @@ def test_two_nodes_train_like_one_process_and_need_a_shared_out(tiny, tmp_path, 
     args[args.index("--max-steps") + 1] = "5"
     for node, (code, err) in enumerate(launch_two_nodes(args, [seen, unseen])):
         assert code != 0, f"node {node} did not fail"
-        assert "ranks resumed from different checkpoints (steps 0 to 3" in err, err[-3000:]
+        assert "rank 0 resumes from ckpt_000000003.pt" in err, err[-3000:]
+        assert "which ranks [1] cannot read" in err and "shared filesystem" in err
     assert not (seen / "ckpt_000000004.pt").exists()
 
 

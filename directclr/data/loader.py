@@ -62,17 +62,21 @@ class PretrainLoader:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batches_done": self.batches_done, "seed": self.seed,
                 "num_samples": len(self.index), "batch_size": self.batch_size,
-                "world_size": self.world_size}
+                "world_size": self.world_size, "batches_per_epoch": len(self)}
 
     def load_state_dict(self, state: dict) -> None:
         """Resumes after the last batch handed out. The world size may differ from the saved
-        one when the global batch does not: global batch b is always positions [b G, (b+1) G)
-        of the epoch's order (epoch_order deals ranks round-robin), so a run can resume on
-        fewer or more devices without repeating or skipping samples."""
+        one when the global batch and the batches per epoch do not: global batch b is always
+        positions [b G, (b+1) G) of the epoch's order (epoch_order deals ranks round-robin), so
+        a run can resume on fewer or more devices without repeating or skipping samples."""
         saved = {"seed": state["seed"], "num_samples": state["num_samples"],
-                 "global batch size": state["batch_size"] * state["world_size"]}
+                 "global batch size": state["batch_size"] * state["world_size"],
+                 # The padding of the last shard can differ with the world size (10 samples in
+                 # batches of 4: 2 on one rank, 3 on four ranks of 1).
+                 "batches per epoch": state.get("batches_per_epoch", len(self))}
         mine = {"seed": self.seed, "num_samples": len(self.index),
-                "global batch size": self.batch_size * self.world_size}
+                "global batch size": self.batch_size * self.world_size,
+                "batches per epoch": len(self)}
         for key, value in saved.items():
             if value != mine[key]:
                 raise ValueError(f"loader state has {key} {value}, this loader {mine[key]}: "

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import gzip
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from ..files import atomic_write
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian: dataset-fashion-mnist
 # Folder names sort in label order, so ImageFolder's labels are Fashion-MNIST's.
@@ -75,11 +76,9 @@ def prepare_synthetic(out, n: int, classes: int = 4, seed: int = 0, min_side: in
 
 
 def _atomic_save(image: Image.Image, target: Path, **kwargs) -> None:
-    """A killed run never leaves a truncated image behind; the temporary name is per process, so
-    nodes preparing one shared cache at once do not write into each other's files."""
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    image.save(tmp, format="JPEG" if target.suffix == ".jpg" else "PNG", **kwargs)
-    os.replace(tmp, target)
+    """A killed run never leaves a truncated image behind."""
+    file_format = "JPEG" if target.suffix == ".jpg" else "PNG"
+    atomic_write(target, lambda tmp: image.save(tmp, format=file_format, **kwargs))
 
 
 def _progress(items, desc: str, enabled: bool):
