@@ -7,14 +7,17 @@ uninterrupted run, and ranks and epochs behave as in torchvision. Jitter gets id
 parameters when not applied; grayscale, blur and solarize are per-sample conditional branches
 (the blur window follows sigma, as PIL's blur in the torchvision backend does).
 
-The pipeline runs ahead of the consumer: PREFETCH batches are fed and scheduled before the one
+Everything runs ahead of the consumer, across epoch ends: a thread reads the files and draws
+the parameters of the next batches (about 24 ms per 256 ImageNet JPEGs on one core, plus a
+header read per image in the first epoch), PREFETCH batches are fed and scheduled before the one
 being trained on is taken, and DALI's own threads (its own CUDA stream on GPU) decode and augment
-them while the training step runs. Batches continue across epoch boundaries, so the first
-batches of the next epoch are already in flight when an epoch ends.
+them while the training step runs.
 """
 from __future__ import annotations
 
 import math
+import queue
+import threading
 from collections import deque
 
 import numpy as np
@@ -69,6 +72,47 @@ def view_params(recipe: Recipe, view: int, rng: np.random.Generator, height: int
             "gray": gray, "blur": blur, "sigma": sigma, "solarize": solarize}
 
 
+class _Preparer:
+    """A thread that makes the inputs of consecutive batches from `start` on, across epochs, and
+    queues (key, indices, inputs or None, error or None) up to PREFETCH ahead."""
+
+    def __init__(self, source: "DaliSource", loader, start: tuple[int, int]):
+        self._source, self._loader, self._start = source, loader, start
+        self._queue: queue.Queue = queue.Queue(maxsize=PREFETCH)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dali-inputs", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        loader, (epoch, b) = self._loader, self._start
+        order = None
+        while not self._stop.is_set():
+            if b == len(loader):
+                epoch, b = epoch + 1, 0
+            if order is None or order[0] != epoch:
+                order = (epoch, loader.order(epoch).tolist())
+            indices = order[1][b * loader.batch_size:(b + 1) * loader.batch_size]
+            try:
+                item = ((epoch, b), indices, self._source._inputs(
+                    [(epoch, i) for i in indices]), None)
+            except Exception as err:  # reported when this batch is due
+                item = ((epoch, b), indices, None, err)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            b += 1
+
+    def get(self):
+        return self._queue.get()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 class DaliSource:
     """Feeds encoded files and per-sample parameters into one DALI pipeline per loader."""
 
@@ -84,11 +128,10 @@ class DaliSource:
         # ((epoch, batch), sample indices, None or the error that kept it from being fed) of
         # the batches fed and scheduled, oldest first
         self._in_flight: deque[tuple[tuple[int, int], list[int], Exception | None]] = deque()
-        self._next_key = (0, 0)  # (epoch, batch) the next fed batch will be
+        self._preparer: _Preparer | None = None  # makes the inputs of the batches to feed
         self._primed = False  # the first schedule_run prefetches PREFETCH fed batches at once
         self._waiting = 0  # batches fed before that first run
-        self._last_inputs: dict[str, list[np.ndarray]] = {}
-        self._order: tuple[int, list[int]] | None = None  # (epoch, its order), cached
+        self._last_inputs: dict[str, list[np.ndarray] | np.ndarray] = {}
 
     def _build(self, batch_size: int):
         from nvidia.dali import fn, pipeline_def, types
@@ -154,9 +197,11 @@ class DaliSource:
                 self._sizes[i] = (image.height, image.width)
         return self._sizes[i]
 
-    def _inputs(self, keys: list[tuple[int, int]]) -> dict[str, list[np.ndarray]]:
+    def _inputs(self, keys: list[tuple[int, int]]) -> dict[str, list[np.ndarray] | np.ndarray]:
         """One batch's external-source inputs: encoded files, labels, both views' parameters.
-        Pure Python and file reads, no DALI: it may run ahead of the pipeline."""
+        Pure Python and file reads, no DALI: it may run ahead of the pipeline. Fixed-shape
+        inputs are one array each (batch first), which DALI takes far faster than a list of
+        per-sample arrays."""
         encoded, labels = [], []
         params = {f"v{v}_{name}": [] for v in range(2) for name in self.PARAMS
                   if self._used(v, name)}
@@ -164,7 +209,7 @@ class DaliSource:
             path = self.index.files[i]
             with open(path, "rb") as f:
                 encoded.append(np.frombuffer(f.read(), dtype=np.uint8))
-            labels.append(np.array(self.index.labels[i], dtype=np.int64))
+            labels.append(self.index.labels[i])
             rng = np.random.default_rng([self.seed, epoch, i])
             height, width = self._size(i)
             for view in range(2):
@@ -176,9 +221,10 @@ class DaliSource:
                           "sigma": v["sigma"], "solarize": v["solarize"]}
                 for name, value in values.items():
                     if self._used(view, name):
-                        dtype = np.bool_ if name in FLAGS else np.float32
-                        params[f"v{view}_{name}"].append(np.asarray(value, dtype=dtype))
-        return {"encoded": encoded, "labels": labels, **params}
+                        params[f"v{view}_{name}"].append(value)
+        arrays = {name: np.asarray(values, dtype=np.bool_ if name.split("_", 1)[1] in FLAGS
+                                   else np.float32) for name, values in params.items()}
+        return {"encoded": encoded, "labels": np.asarray(labels, dtype=np.int64), **arrays}
 
     def _to_torch(self, tensor_list) -> torch.Tensor:
         if self.device.type == "cuda":
@@ -187,7 +233,8 @@ class DaliSource:
             out = torch.empty(dense.shape(), dtype=torch.float32, device=self.device)
             feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(self.device))
             return out
-        return torch.from_numpy(np.array(tensor_list.as_tensor()))
+        # Zero-copy: outputs of the default (dynamic) executor stay valid while referenced.
+        return torch.from_numpy(np.asarray(tensor_list.as_tensor()))
 
     def batches(self, loader, epoch: int, start_batch: int):
         due = len(loader) - start_batch  # this call's batches; what follows is prefetched
@@ -196,9 +243,9 @@ class DaliSource:
             self._reset()  # the caller jumped (a loaded state): what is in flight is stale
         if self._pipe is None:
             self._pipe = self._build(loader.batch_size)
-        if not self._in_flight:
-            self._next_key = head
-        self._fill(loader)
+        if self._preparer is None:
+            self._preparer = _Preparer(self, loader, head)
+        self._fill()
         for _ in range(due):
             _, indices, feed_error = self._in_flight[0]
             try:
@@ -210,27 +257,19 @@ class DaliSource:
                 raise ValueError(f"DALI failed on a batch holding "
                                  f"{_first_bad(self.index, indices)}: {err}") from err
             self._in_flight.popleft()
-            self._fill(loader)
+            self._fill()
             yield (self._to_torch(view1), self._to_torch(view2),
                    torch.from_numpy(np.array(labels.as_tensor())).reshape(-1))
 
-    def _fill(self, loader) -> None:
+    def _fill(self) -> None:
         """Feeds and schedules batches, in order and across epochs, until PREFETCH are in
         flight. A batch whose files cannot be read is queued with its error, and nothing is fed
         after it."""
         while len(self._in_flight) < PREFETCH and not (
                 self._in_flight and self._in_flight[-1][2] is not None):
-            epoch, b = self._next_key
-            if b == len(loader):
-                epoch, b = epoch + 1, 0
-            if self._order is None or self._order[0] != epoch:
-                self._order = (epoch, loader.order(epoch).tolist())
-            indices = self._order[1][b * loader.batch_size:(b + 1) * loader.batch_size]
-            self._next_key = (epoch, b + 1)
-            try:
-                inputs = self._inputs([(epoch, i) for i in indices])
-            except Exception as err:
-                self._in_flight.append(((epoch, b), indices, err))
+            key, indices, inputs, err = self._preparer.get()
+            if err is not None:
+                self._in_flight.append((key, indices, err))
                 # Before the first run, the batches fed so far run only once PREFETCH are fed:
                 # stand-ins (copies of the last one, never handed out) make up the number.
                 while not self._primed and self._waiting:
@@ -238,9 +277,9 @@ class DaliSource:
                 return
             self._submit(inputs)
             self._last_inputs = inputs
-            self._in_flight.append(((epoch, b), indices, None))
+            self._in_flight.append((key, indices, None))
 
-    def _submit(self, inputs: dict[str, list[np.ndarray]]) -> None:
+    def _submit(self, inputs: dict[str, list[np.ndarray] | np.ndarray]) -> None:
         """Feeds one batch and schedules it (the first run takes PREFETCH fed batches)."""
         try:
             for name, values in inputs.items():
@@ -254,8 +293,11 @@ class DaliSource:
             raise
 
     def _reset(self) -> None:
-        """Drops the pipeline (rebuilt when next needed) with whatever it holds in flight."""
-        self._pipe, self._primed, self._waiting = None, False, 0
+        """Drops the pipeline and the preparer (made anew when next needed) with whatever they
+        hold."""
+        if self._preparer is not None:
+            self._preparer.close()
+        self._preparer, self._pipe, self._primed, self._waiting = None, None, False, 0
         self._in_flight.clear()
 
 
