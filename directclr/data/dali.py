@@ -251,7 +251,11 @@ class DaliSource:
             try:
                 if feed_error is not None:  # raised when its batch is due, not before
                     raise feed_error
-                view1, view2, labels = self._pipe.outputs()
+                # On GPU the outputs are bound to torch's stream, where they are copied and
+                # where DALI's stream-ordered allocator then frees them; on CPU they are ready.
+                view1, view2, labels = self._pipe.outputs(
+                    torch.cuda.current_stream(self.device) if self.device.type == "cuda"
+                    else None)
             except Exception as err:  # DALI's errors name the operator, not the file
                 self._reset()
                 raise ValueError(f"DALI failed on a batch holding "
