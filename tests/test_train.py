@@ -49,9 +49,14 @@ def test_each_mode_lowers_its_loss_on_a_fixed_batch(mode):
     assert losses[-1] < losses[0], losses
 
 
-def test_kill_minus_9_then_resume_ends_with_identical_weights(tiny, tmp_path):
+@pytest.mark.parametrize("loader", ["torchvision", "dali"])
+def test_kill_minus_9_then_resume_ends_with_identical_weights(tiny, tmp_path, loader):
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    args = ["--data", str(tiny), "--max-steps", "7"]
+    args = ["--data", str(tiny), "--max-steps", "7", "--loader", loader]
+    if loader == "dali":
+        args += ["--num-threads", "1"]
     subprocess.run(RUN + args + ["--out", str(straight)], check=True, capture_output=True,
                    timeout=600)
     proc = subprocess.Popen(RUN + args + ["--out", str(killed)], stdout=subprocess.DEVNULL,
