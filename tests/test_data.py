@@ -131,6 +131,19 @@ def test_a_break_then_a_jump_back_give_the_right_batches(backend, synthetic):
     assert data.state_dict()["epoch"] == 1
 
 
+def test_epochs_shorter_than_the_prefetch_follow_each_other(backend, synthetic):
+    """One batch per epoch: DALI's second batch in flight is already the next epoch's."""
+    data = loader(synthetic, backend=backend, batch_size=60)
+    epochs = [list(data) for _ in range(3)]
+    assert [len(e) for e in epochs] == [1, 1, 1]
+    for epoch, got in enumerate(epochs):
+        fresh = loader(synthetic, backend=backend, batch_size=60)
+        fresh.load_state_dict({**fresh.state_dict(), "epoch": epoch})
+        want = list(fresh)
+        assert all(torch.equal(x, y) for x, y in zip(got[0], want[0])), epoch
+    assert not torch.equal(epochs[0][0][0], epochs[1][0][0])  # a new shuffle and new views
+
+
 def test_resume_on_another_world_size_continues_the_same_global_batches(synthetic):
     """A state saved by 1 rank x 8 resumes on 2 ranks x 4: each global batch (the ranks' batches
     interleaved as epoch_order deals them) is the batch the single rank would have made next."""
