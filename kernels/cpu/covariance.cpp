@@ -20,7 +20,8 @@ constexpr int64_t kDiagonalBlock = 256;  // columns below which a block is one s
 // Adds centered[:, lo:hi]^T centered[:, lo:hi] to the upper triangle of m2[lo:hi, lo:hi] (and to
 // whole diagonal blocks): the off-diagonal block of the two halves is one GEMM, the halves
 // recurse. Square GEMMs as large as possible run nearer the BLAS peak than a row of thin panels
-// with the same flops (8% faster on 2 AMD EPYC cores at D = 2048).
+// with the same flops (on 2 AMD EPYC cores at N = 65536, D = 2048: 0.725x of torch.cov's time
+// with the panels, 0.64-0.69x with the halving).
 void add_upper_gram(at::Tensor& m2, const at::Tensor& centered, int64_t lo, int64_t hi) {
   const int64_t width = hi - lo;
   if (width <= kDiagonalBlock) {
