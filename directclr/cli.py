@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .models import ARCHS
@@ -26,6 +27,20 @@ def _pretrain(args) -> None:
     backbone = pretrain(cfg)
     if backbone.exists():
         print(f"backbone: {backbone}\nmetrics: {backbone.parent / 'metrics.jsonl'}")
+    if "RANK" in os.environ:  # under torchrun; everything is written and the group destroyed
+        exit_without_teardown()
+
+
+def exit_without_teardown() -> None:
+    """Exits at once, skipping the interpreter's teardown: after a DDP run on gloo, torch can
+    abort the process there ("terminate called without an active exception"; 1 of 25 two-rank
+    runs of a bare DDP step on this loaded 2-core machine), which torchrun reports as a failed
+    run although nothing was left to do."""
+    import logging
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _add_pretrain(commands) -> None:

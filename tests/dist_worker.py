@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from directclr import infonce
+from directclr.cli import exit_without_teardown
 
 N, IN_FEATURES, WIDTH, DIM = 24, 8, 32, 20
 
@@ -50,6 +51,7 @@ def main():
     # Every rank done before any tears gloo down (an early teardown can abort the other rank).
     dist.barrier()
     dist.destroy_process_group()
+    exit_without_teardown()  # torch's DDP teardown can abort at interpreter exit
 
 
 if __name__ == "__main__":
