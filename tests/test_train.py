@@ -130,16 +130,22 @@ def assert_same_training(one, two, mode):
     assert torch.allclose(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-4)
 
 
+def run_two_ranks(tiny, mode, out) -> str:
+    """torchrun --standalone with 2 processes on `out`; returns its stderr."""
+    proc = subprocess.run(TORCHRUN + ["--standalone", "--nproc_per_node=2"]
+                          + ddp_args(tiny, mode) + ["--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env=ENV_ONE_THREAD)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stderr
+
+
 @pytest.mark.parametrize("mode", ["directclr", "simclr-mlp"])
 def test_two_process_ddp_ends_with_the_weights_of_one_process(tiny, tmp_path, one_process, mode):
     """torchrun x 2 (gloo, CpuSyncBatchNorm, rows against all-gathered columns) with 8 pairs per
     rank equals one process with all 16: same global batches, BN over the global batch, the
     gradient of the global loss."""
     two = tmp_path / "two"
-    proc = subprocess.run(TORCHRUN + ["--standalone", "--nproc_per_node=2"]
-                          + ddp_args(tiny, mode) + ["--out", str(two)],
-                          capture_output=True, text=True, timeout=600, env=ENV_ONE_THREAD)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_two_ranks(tiny, mode, two)
     assert_same_training(one_process(mode), two, mode)
 
 
@@ -153,11 +159,7 @@ def test_a_one_process_run_resumes_on_two_ranks_and_ends_where_it_would_have(tin
     (elastic / "backbone.pt").unlink()
     rows = (elastic / "metrics.jsonl").read_text().splitlines()
     (elastic / "metrics.jsonl").write_text("\n".join(rows[:2]) + "\n")
-    proc = subprocess.run(TORCHRUN + ["--standalone", "--nproc_per_node=2"]
-                          + ddp_args(tiny, "directclr") + ["--out", str(elastic)],
-                          capture_output=True, text=True, timeout=600, env=ENV_ONE_THREAD)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "resumed from step 2" in proc.stderr
+    assert "resumed from step 2" in run_two_ranks(tiny, "directclr", elastic)
     assert_same_training(one, elastic, "directclr")
 
 
