@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: test build bench pretrain theory reproduce clean
+.PHONY: test build bench gpu-report pretrain theory reproduce clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,13 @@ theory: build
 # a run on 2 CPU cores (an hour in all); resumable. Results: docs/results/results.md, results.json, spectra.png.
 reproduce: build
 	$(BIN)/python -m directclr reproduce --out docs/results
+
+# What the Triton kernels will cost on an H200, without a GPU: every kernel compiled for sm_90a
+# and sm_80 in the specialization the JIT builds for real calls, its SASS read (registers,
+# spills, loads, tensor instructions, issue per logit), its work counted under the interpreter,
+# and an estimate against eager PyTorch -> bench/results/gpu_static.jsonl and a table.
+gpu-report: build
+	$(BIN)/python bench/gpu_report.py
 
 bench: build
 	$(BIN)/python bench/bench_loss.py

@@ -167,6 +167,11 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--matmul-peak", action="store_true",
                         help="measure this device's matmul rate in --dtype; adds pct_of_peak")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per case")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds for the whole run: a case starts only if the time left "
+                             "covers its timeout's floor (--min-case-s), and its timeout is "
+                             "cut to what is left")
+    parser.add_argument("--min-case-s", type=float, default=30.0)
     parser.add_argument("--results-dir", type=Path, default=common.RESULTS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -175,6 +180,8 @@ def main(argv=None) -> list[dict]:
         return []
 
     rows = []
+    deadline = time.monotonic() + args.budget if args.budget else None
+    path = args.results_dir / "bench_loss.jsonl"
     for variant in args.variants:
         for n in args.n:
             if variant == "ntxent" and n > args.ntxent_max_n:
@@ -186,11 +193,17 @@ def main(argv=None) -> list[dict]:
                             dim=args.dim, dtype=args.dtype, device=args.device,
                             repeats=args.repeats or repeats_for(n, variant))
                 need = reference_bytes(variant, n, args.dtype)
+                left = deadline - time.monotonic() if deadline else args.timeout
                 if provider != "fused" and need > 0.8 * available_bytes(args.device):
                     row = {**case, "status": f"skipped: needs ~{need / 2**30:.0f} GiB"}
+                elif left < args.min_case_s:
+                    row = {**case, "status": f"skipped: {left:.0f} s of the budget left"}
                 else:
-                    row = run_in_subprocess(case, args.timeout)
+                    row = run_in_subprocess(case, min(args.timeout, left))
                 row.setdefault("N", n)
+                # Appended as each case ends: a later timeout or kill loses nothing before it.
+                row = common.stamp([row], args.device)[0]
+                common.append_rows([row], "bench_loss", args.results_dir)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     add_ratios(rows)
@@ -202,8 +215,12 @@ def main(argv=None) -> list[dict]:
             row["matmul_peak_tflops"] = peak
             if row["status"] == "ok":
                 row["pct_of_peak"] = 100 * row["tflops"] / peak
-    rows = common.stamp(rows, args.device)
-    path = common.append_rows(rows, "bench_loss", args.results_dir)
+    # The same run's ratios (and peak) as one summary row: the case rows are already written.
+    summary = {"op": "infonce", "kind": "summary", "device": args.device, "dtype": args.dtype,
+               "cases": [{k: row.get(k) for k in ("variant", "N", "provider", "fwd_bwd_ms",
+                                                  "vs_reference", "vs_compiled", "pct_of_peak",
+                                                  "status")} for row in rows]}
+    common.append_rows(common.stamp([summary], args.device), "bench_loss", args.results_dir)
     print(common.format_table(rows, ["variant", "N", "dtype", "provider", "fwd_bwd_ms",
                                      "vs_reference", "vs_compiled", "tflops", "pct_of_peak",
                                      "peak_mem_mb",

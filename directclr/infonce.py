@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -123,10 +124,27 @@ def _working_dtype(dtype: torch.dtype) -> torch.dtype:
 # --------------------------------------------------------------------------- primitive per backend
 # Both backends take raw subvectors (any strides, the input dtype) with fp32/fp64 inverse row norms
 # and return fp32/fp64 gradients w.r.t. the *normalized* rows and columns:
-#   forward(rows, row_inv, cols, col_inv, pos, excl, scale, with_cols)
+#   forward(rows, row_inv, cols, col_inv, pairing, scale, with_cols)
 #       -> row_lse, pos_logit, col_max, col_sum   (column partials over these rows)
-#   backward(rows, row_inv, cols, col_inv, pos, excl, scale, row_lse, row_w, col_lse, col_w,
+#   backward(rows, row_inv, cols, col_inv, pairing, scale, row_lse, row_w, col_lse, col_w,
 #            with_grad_cols) -> grad_rows, grad_cols
+class Pairing(NamedTuple):
+    """Which column is each row's positive, and which (if any) it excludes: both are shifted
+    diagonals, so kernels can tell from a tile's position whether it holds any."""
+    offset: int  # row i's positive is i + offset + (half if i < half else -half)
+    half: int  # 0 for cross; ntxent: N, the positive is the row of the other view
+    excl_offset: int  # row i excludes column i + excl_offset (ntxent's self-similarity); -1: none
+
+    def positives(self, n_rows: int, device) -> Tensor:
+        rows = torch.arange(n_rows, device=device)
+        return rows + self.offset + torch.where(rows < self.half, self.half, -self.half)
+
+    def excluded(self, n_rows: int, device) -> Tensor:
+        if self.excl_offset < 0:
+            return torch.full((n_rows,), -1, dtype=torch.int64, device=device)
+        return torch.arange(n_rows, device=device) + self.excl_offset
+
+
 def _unit_rows(x: Tensor, inv_norm: Tensor) -> Tensor:
     """Row-major normalized copy in the working dtype, whatever x's strides."""
     unit = torch.empty(x.shape, dtype=inv_norm.dtype, device=x.device)
@@ -137,21 +155,24 @@ class _CpuPrimitive:
     """C++ kernels of directclr._C; they work on normalized contiguous rows."""
 
     @staticmethod
-    def _units(rows, row_inv, cols, col_inv):
+    def _units(rows, row_inv, cols, col_inv, pairing):
+        """Normalized rows and columns, each row's positive and excluded column (-1: none)."""
         from . import _C  # noqa: F401  (loading the library registers torch.ops.directclr_cpu)
         unit_rows = _unit_rows(rows, row_inv)
-        return unit_rows, unit_rows if cols is rows else _unit_rows(cols, col_inv)
+        n_rows = rows.shape[0]
+        return (unit_rows, unit_rows if cols is rows else _unit_rows(cols, col_inv),
+                pairing.positives(n_rows, rows.device), pairing.excluded(n_rows, rows.device))
 
     @classmethod
-    def lse_forward(cls, rows, row_inv, cols, col_inv, pos, excl, scale, with_cols):
-        unit_rows, unit_cols = cls._units(rows, row_inv, cols, col_inv)
+    def lse_forward(cls, rows, row_inv, cols, col_inv, pairing, scale, with_cols):
+        unit_rows, unit_cols, pos, excl = cls._units(rows, row_inv, cols, col_inv, pairing)
         return torch.ops.directclr_cpu.lse_forward(unit_rows, unit_cols, pos, excl, scale,
                                                    with_cols)
 
     @classmethod
-    def lse_backward(cls, rows, row_inv, cols, col_inv, pos, excl, scale, row_lse, row_w, col_lse,
-                 col_w, with_grad_cols):
-        unit_rows, unit_cols = cls._units(rows, row_inv, cols, col_inv)
+    def lse_backward(cls, rows, row_inv, cols, col_inv, pairing, scale, row_lse, row_w,
+                     col_lse, col_w, with_grad_cols):
+        unit_rows, unit_cols, pos, excl = cls._units(rows, row_inv, cols, col_inv, pairing)
         return torch.ops.directclr_cpu.lse_backward(unit_rows, unit_cols, pos, excl, scale,
                                                     row_lse, row_w, col_lse, col_w,
                                                     with_grad_cols)
@@ -250,21 +271,19 @@ def _subvector_backward(grad_unit: Tensor, sub: Tensor, inv_norm: Tensor, inv_no
 
 
 def _layout(sub1, inv1, sub2, inv2, variant: str, group):
-    """Rows and gathered columns (each with inverse norms), the positive and excluded column of
-    each row, for one rank. ntxent: rank r's block of the gathered columns is [a_r; b_r]."""
+    """Rows and gathered columns (each with inverse norms) and their Pairing, for one rank.
+    ntxent: rank r's block of the gathered columns is [a_r; b_r]."""
     rank, world = _world(group)
     n = sub1.shape[0]
     if variant == "cross":
         rows, row_inv = sub1, inv1
         cols, col_inv = _all_gather_rows(sub2, group), _all_gather_rows(inv2, group)
-        pos = rank * n + torch.arange(n, device=sub1.device)
-        excl = torch.full_like(pos, -1)
+        pairing = Pairing(rank * n, 0, -1)
     else:
         rows, row_inv = torch.cat([sub1, sub2]), torch.cat([inv1, inv2])
         cols, col_inv = _all_gather_rows(rows, group), _all_gather_rows(row_inv, group)
-        excl = rank * 2 * n + torch.arange(2 * n, device=sub1.device)
-        pos = torch.cat([excl[n:], excl[:n]])
-    return rows, row_inv, cols, col_inv, pos, excl
+        pairing = Pairing(rank * 2 * n, n, rank * 2 * n)
+    return rows, row_inv, cols, col_inv, pairing
 
 
 def _forward(z1, z2, dim, temperature, variant, backend, group):

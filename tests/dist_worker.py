@@ -17,6 +17,7 @@ N, IN_FEATURES, WIDTH, DIM = 24, 8, 32, 20
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
+    parser.add_argument("--backend", default="auto")
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -29,12 +30,13 @@ def main():
         model = torch.nn.parallel.DistributedDataParallel(
             torch.nn.Linear(IN_FEATURES, WIDTH).requires_grad_())
         model.module.load_state_dict(base.state_dict())
-        loss = infonce(model(x1[rows]), model(x2[rows]), dim=DIM, variant=variant)
+        loss = infonce(model(x1[rows]), model(x2[rows]), dim=DIM, variant=variant,
+                       backend=args.backend)
         loss.backward()  # DDP averages the parameter gradients over ranks
         # The embedding gradients of this rank's rows, straight from the op.
         z1 = base(x1[rows]).detach().requires_grad_()
         z2 = base(x2[rows]).detach().requires_grad_()
-        infonce(z1, z2, dim=DIM, variant=variant).backward()
+        infonce(z1, z2, dim=DIM, variant=variant, backend=args.backend).backward()
         gathered = [torch.empty_like(z1.grad) for _ in range(world)]
         losses = [torch.empty_like(loss) for _ in range(world)]
         dist.all_gather(gathered, z1.grad)

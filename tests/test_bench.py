@@ -18,13 +18,25 @@ def test_bench_loss_writes_rows(tmp_path):
                             "--results-dir", str(tmp_path)])
     assert [r["status"] for r in rows] == ["ok"] * 4, rows
     written = [json.loads(line) for line in (tmp_path / "bench_loss.jsonl").read_text().splitlines()]
-    assert written == rows
-    for row in written:
+    # One row per case as it ended, then the run's summary (ratios).
+    assert [{k: v for k, v in w.items()} for w in written[:-1]] == [
+        {k: v for k, v in r.items() if k not in ("vs_reference", "vs_compiled")} for r in rows]
+    assert written[-1]["kind"] == "summary" and len(written[-1]["cases"]) == 4
+    assert all(c["vs_reference"] > 0 for c in written[-1]["cases"] if c["provider"] == "fused")
+    for row in written[:-1]:
         assert {"op", "backend", "variant", "N", "dim", "dtype", "device", "fwd_bwd_ms",
                 "peak_mem_mb", "commit", "date"} <= row.keys()
         assert row["fwd_bwd_ms"] > 0 and row["peak_mem_mb"] >= 0
-    fused = [r for r in written if r["provider"] == "fused"]
+    fused = [r for r in rows if r["provider"] == "fused"]
     assert all(r["vs_reference"] > 0 for r in fused)
+
+
+def test_bench_loss_budget_skips_what_cannot_start(tmp_path):
+    rows = bench_loss.main(["--n", "32", "--width", "48", "--dim", "20", "--repeats", "1",
+                            "--variants", "cross", "--providers", "fused", "reference",
+                            "--budget", "1", "--min-case-s", "5", "--results-dir", str(tmp_path)])
+    assert all(r["status"].startswith("skipped") and "budget" in r["status"] for r in rows), rows
+    assert len(rows) == 2
 
 
 def test_cases_that_cannot_fit_are_skipped_not_run(tmp_path, monkeypatch):

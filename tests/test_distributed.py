@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from dist_worker import DIM, IN_FEATURES, WIDTH
@@ -12,10 +13,13 @@ from helpers import assert_rel_close
 WORKER = Path(__file__).with_name("dist_worker.py")
 
 
-def test_two_process_gloo_matches_single_process(tmp_path):
+# "triton": the GPU kernels under the interpreter (conftest's TRITON_INTERPRET=1 reaches the
+# workers), with rank 1's positives and excluded columns off the main diagonal.
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_two_process_gloo_matches_single_process(tmp_path, backend):
     out = tmp_path / "dist.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(WORKER), "--out", str(out)]
+           str(WORKER), "--out", str(out), "--backend", backend]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     saved = torch.load(out, weights_only=True)
