@@ -544,7 +544,10 @@ def _launch_backward(rows, row_inv, cols, col_inv, col_fold, pairing, scale, row
 def _mm(a, b):
     """a @ b in fp32 (cuBLAS accumulates in fp32 and, asked to, returns fp32)."""
     if a.is_cuda and a.dtype != torch.float32:
-        return torch.mm(a, b, out_dtype=torch.float32)
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except TypeError:  # a torch without out_dtype: one rounding to bf16/fp16 per panel
+            return torch.mm(a, b).float()
     return torch.mm(a.float(), b.float())
 
 
