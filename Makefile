@@ -28,7 +28,8 @@ test: build
 	$(BIN)/python -m pytest -q tests
 
 # A short DirectCLR run on Fashion-MNIST (resnet18, 32 px, d0 = 90 of 512), a few minutes on 2
-# CPU cores; rerun to resume, PRETRAIN_ARGS to change it (e.g. PRETRAIN_ARGS="--max-steps 200").
+# CPU cores; rerun to resume, PRETRAIN_ARGS to change it (e.g. PRETRAIN_ARGS="--max-steps 200
+# --accept-changes max-steps": a resume refuses changed settings it is not told to accept).
 PRETRAIN_ARGS ?= --max-steps 30
 PROBE_ARGS ?=
 pretrain: build

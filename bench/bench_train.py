@@ -11,7 +11,8 @@ Standalone (prints a table, appends JSON rows to bench/results/bench_train.jsonl
 Each measurement runs in a fresh subprocess. The model alone repeats `train_step` (the loop's
 own step: forward of both views, fused loss, online probe, LARS) on one random batch. The whole
 loop is `pretrain` itself; its per-step rows in metrics.jsonl give the rate and the data wait.
-The first --warmup steps of each are not timed.
+The first --warmup steps of each are not timed (the loop logs every --warmup steps, so that
+they form their own log intervals).
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ def _config(case: dict, data: str, out: str):
                   batch_size=case["batch_size"], epochs=1000,
                   max_steps=case["warmup"] + case["steps"], lr=0.1, warmup_epochs=0,
                   loader=case["loader"], ckpt_every=10**9, resume=False,
+                  # The warm-up steps fill the first log intervals, whose shared rate is not timed.
+                  log_every=max(1, case["warmup"]),
                   compile=case["compile"], image_size=case["image_size"],
                   num_threads=case["threads"])
 
@@ -57,9 +60,11 @@ def model_alone(case: dict) -> dict:
     start = None
     for i in range(case["warmup"] + case["steps"]):
         if i == case["warmup"]:
+            if i:
+                values.tolist()  # the warm-up steps done on the device
             start = time.perf_counter()
-        _, loss, _, _ = train_step(forward, optimizer, cfg, model.loss_dim, view1, view2, labels)
-        loss.item()  # the loop syncs once per step for its log row; so does this
+        _, _, values = train_step(forward, optimizer, cfg, model.loss_dim, view1, view2, labels)
+    values.tolist()  # the loop syncs once per log interval; this, once for the timed steps
     seconds = time.perf_counter() - start
     return {**case, "pairs_per_s": case["steps"] * cfg.batch_size / seconds,
             "data_wait": 0.0, "status": "ok"}

@@ -21,17 +21,24 @@ def _pretrain(args) -> None:
     import logging
     from dataclasses import fields
 
-    from .train import Config, pretrain
+    from .train import Config, RunStopped, pretrain
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
-    backbone = pretrain(cfg)
-    if backbone.exists():
-        print(f"backbone: {backbone}\nmetrics: {backbone.parent / 'metrics.jsonl'}")
-    if "RANK" in os.environ:  # under torchrun; everything is written and the group destroyed
-        exit_without_teardown()
+    try:
+        backbone = pretrain(cfg)
+    except RunStopped as stopped:
+        print(f"directclr pretrain: {stopped}", file=sys.stderr)
+        code = stopped.exit_code
+    else:
+        code = 0
+        if backbone.exists():
+            print(f"backbone: {backbone}\nmetrics: {backbone.parent / 'metrics.jsonl'}")
+    if "RANK" in os.environ:  # under torchrun; everything is written
+        exit_without_teardown(code)
+    return code
 
 
-def exit_without_teardown() -> None:
+def exit_without_teardown(code: int = 0) -> None:
     """Exits at once, skipping the interpreter's teardown: after a DDP run on gloo, torch can
     abort the process there ("terminate called without an active exception"; 1 of 25 two-rank
     runs of a bare DDP step on this loaded 2-core machine), which torchrun reports as a failed
@@ -40,7 +47,7 @@ def exit_without_teardown() -> None:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 def _add_pretrain(commands) -> None:
@@ -63,8 +70,16 @@ def _add_pretrain(commands) -> None:
     p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
     p.add_argument("--loader", default=d.loader, choices=["auto", "dali", "torchvision"])
     p.add_argument("--ckpt-every", type=int, default=d.ckpt_every, help="steps")
+    p.add_argument("--log-every", type=int, default=d.log_every,
+                   help="steps between metrics writes and divergence checks (the only host "
+                   "syncs of a GPU step; every step still gets its row)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="resume from the newest checkpoint in --out (default)")
+                   help="resume from the newest checkpoint in --out (default); --no-resume "
+                   "starts over, moving the old files to previous-<time>/")
+    p.add_argument("--accept-changes", nargs="+", default=(), metavar="FLAG",
+                   type=lambda name: name.lstrip("-").replace("-", "_"),
+                   help="settings a resume may change (e.g. epochs max-steps); the others must "
+                   "match the checkpoint's")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--image-size", type=int, default=None)
@@ -230,11 +245,12 @@ def main(argv=None) -> int:
     if argv is not None and args.command == "reproduce":
         args.argv = list(argv)
     try:
-        args.run(args)
-    except (ValueError, FileNotFoundError, ChildProcessError) as err:
+        return args.run(args) or 0
+    except (ValueError, OSError, ChildProcessError) as err:  # OSError: a full disk, a bad path
         print(f"directclr {args.command}: error: {err}", file=sys.stderr)
+        if "RANK" in os.environ:
+            exit_without_teardown(2)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

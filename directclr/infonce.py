@@ -14,9 +14,12 @@ Layers, top to bottom:
   benchmarks compare against it.
 
 Numerics: fp32 accumulation for fp16/bf16/fp32 inputs (float64 stays float64); the loss comes
-back in that working dtype, gradients in the input dtype, exactly zero beyond ``dim``. A row of
-zeros is normalized to zero (finite loss) and gets a zero gradient, since the norm has no
-derivative there. Non-finite inputs give a NaN loss (never an error, so no device sync).
+back in that working dtype, gradients in the input dtype, exactly zero beyond ``dim``. Any finite
+input gives the exact loss and gradient: rows with max |u| >= 2^16 are divided by a power of two
+before their norms are taken (``scaling.scaled_rows``), so norms and products never overflow. A row
+of zeros is normalized to zero (finite loss) and gets a zero gradient, since the norm has no
+derivative there; so does any row with |u| < eps (F.normalize's floor). Non-finite inputs give a
+NaN loss (never an error, so no device sync).
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from .scaling import scaled_rows
+
 VARIANTS = ("cross", "ntxent")
 REDUCTIONS = ("mean", "none")
 BACKENDS = ("auto", "cpu", "triton", "reference")
@@ -39,8 +44,8 @@ NORM_EPS = 1e-12  # same floor as F.normalize
 def infonce_reference(z1: Tensor, z2: Tensor, dim: int | None = 360, temperature: float = 0.1,
                       variant: str = "cross") -> Tensor:
     """Per-pair losses by the plain formula, in z's dtype. Materializes the N x N logits."""
-    a = F.normalize(z1[:, :dim], dim=1, eps=NORM_EPS)
-    b = F.normalize(z2[:, :dim], dim=1, eps=NORM_EPS)
+    a, b = (F.normalize(scaled_rows(z[:, :dim], _working_dtype(z.dtype))[0], dim=1, eps=NORM_EPS)
+            for z in (z1, z2))
     n = a.shape[0]
     target = torch.arange(n, device=a.device)
     if variant == "cross":
@@ -91,6 +96,10 @@ def _check_args(z1, z2, dim, temperature, variant, reduction, backend) -> int:
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
     if not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    work = _working_dtype(z1.dtype)
+    if temperature * torch.finfo(work).max < 1.0:  # the kernels scale every logit by 1/temperature
+        raise ValueError(f"temperature must be >= {1.0 / torch.finfo(work).max:.4g} for {z1.dtype} "
+                         f"input (its inverse must be finite in {work}), got {temperature}")
     return dim
 
 
@@ -122,7 +131,8 @@ def _working_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------- primitive per backend
-# Both backends take raw subvectors (any strides, the input dtype) with fp32/fp64 inverse row norms
+# Both backends take subvectors (rows rescaled by powers of two, see _subvector; any strides, the
+# input dtype) with fp32/fp64 inverse row norms
 # and return fp32/fp64 gradients w.r.t. the *normalized* rows and columns:
 #   forward(rows, row_inv, cols, col_inv, pairing, scale, with_cols)
 #       -> row_lse, pos_logit, col_max, col_sum   (column partials over these rows)
@@ -238,35 +248,61 @@ def _merge_col_lse(col_max: Tensor, col_sum: Tensor, group) -> Tensor:
     return col_max + col_sum.log()
 
 
+# (local N, process group) pairs this process has seen to be every rank's N.
+_EQUAL_BATCHES_SEEN: set = set()
+
+
 def _check_equal_batches(n: int, device: torch.device, group) -> None:
+    """Every rank must pass the same N. The check is an all-gather read on the host (a sync), so
+    it runs once per (N, group) in each process, not on every step.
+
+    Caught: unequal N on a call where every rank's (N, group) is new to it, as on the first step,
+    or on a short last batch that every rank reaches at once. Not caught here: ranks that
+    disagree on whether their N is known (one at a new N runs this all-gather while the others
+    start the loss's own collectives), nor ranks at different N all known from earlier steps.
+    Either way the ranks' collectives no longer match: gloo aborts on the mismatched sizes
+    ("Received data size doesn't match expected size"), NCCL may hang until its timeout or compute
+    garbage; TORCH_DISTRIBUTED_DEBUG=DETAIL makes torch compare every collective's shapes across
+    ranks and raise instead. A DistributedSampler pads every rank to the same number of samples,
+    so ranks reach a short last batch together and it is checked like the first.
+    """
+    key = (n, group)
+    if key in _EQUAL_BATCHES_SEEN:
+        return
     world = _world(group)[1]
     sizes = torch.tensor([n], device=device)
     gathered = _all_gather_rows(sizes, group).tolist()
     if len(set(gathered)) != 1:
         raise ValueError(f"z1 must have the same number of rows on every rank, got {gathered} "
                          f"across {world} ranks")
+    _EQUAL_BATCHES_SEEN.add(key)
 
 
 # --------------------------------------------------------------------------- the algorithm
-def _subvector(z: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor]:
-    """z[:, :dim] as a view (never copied), 1/max(|u|, eps) for the forward, and the 1/|u| the
-    backward uses: 0 where |u| < eps, since the norm has no derivative at 0 (this keeps fp16
-    gradients of zero rows finite)."""
-    sub = z[:, :dim]
-    norm = torch.linalg.vector_norm(sub, dim=1, dtype=_working_dtype(z.dtype))
+def _subvector(z: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """v = u / s for u = z[:, :dim] (a new tensor in z's dtype) with s a power of two per row that
+    keeps |v| in range, 1/max(|v|, eps) for the forward, the 1/|v| the backward uses, and s.
+    v / |v| is u's unit row; rows that meet the eps floor are never rescaled (s = 1), so the
+    floor is F.normalize's. The backward's 1/|v| is 0 where |v| < eps, since the norm has no
+    derivative at 0 (this keeps fp16 gradients of zero rows finite)."""
+    work = _working_dtype(z.dtype)
+    sub, scale = scaled_rows(z[:, :dim], work)
+    norm = torch.linalg.vector_norm(sub, dim=1, dtype=work)
     inv_norm = 1.0 / norm.clamp_min(NORM_EPS)
-    return sub, inv_norm, torch.where(norm >= NORM_EPS, inv_norm, torch.zeros_like(norm))
+    return sub, inv_norm, torch.where(norm >= NORM_EPS, inv_norm, torch.zeros_like(norm)), scale
 
 
 def _subvector_backward(grad_unit: Tensor, sub: Tensor, inv_norm: Tensor, inv_norm_grad: Tensor,
-                        z: Tensor) -> Tensor:
-    """(g - u_hat (u_hat . g)) / |u| into the first columns of a zero gradient of z; consumes
-    grad_unit (fp32/fp64, contiguous)."""
-    radial = (grad_unit * sub).sum(1) * inv_norm  # u_hat . g without materializing u_hat
+                        scale: Tensor, z: Tensor) -> Tensor:
+    """(g - v_hat (v_hat . g)) / |v| / s (= d/du for u = s v) into the first columns of a zero
+    gradient of z; consumes grad_unit (fp32/fp64, contiguous)."""
+    radial = (grad_unit * sub).sum(1) * inv_norm  # v_hat . g without materializing v_hat
     grad_unit.addcmul_(sub, (radial * inv_norm).unsqueeze(1), value=-1.0)
     grad_unit.mul_(inv_norm_grad.unsqueeze(1))
     grad_z = torch.zeros(z.shape, dtype=z.dtype, device=z.device)
-    grad_z[:, :sub.shape[1]] = grad_unit
+    # 1/s last: for a huge row the quotient is the (tiny) gradient itself, with no factor
+    # 1/(s |v|) rounded on the way.
+    torch.div(grad_unit, scale.unsqueeze(1), out=grad_z[:, :sub.shape[1]])
     return grad_z
 
 
@@ -288,8 +324,8 @@ def _layout(sub1, inv1, sub2, inv2, variant: str, group):
 
 def _forward(z1, z2, dim, temperature, variant, backend, group):
     """Per-pair losses of this rank's rows, and the LSEs that backward needs."""
-    sub1, inv1, _ = _subvector(z1, dim)
-    sub2, inv2, _ = _subvector(z2, dim)
+    sub1, inv1, _, _ = _subvector(z1, dim)
+    sub2, inv2, _, _ = _subvector(z2, dim)
     layout = _layout(sub1, inv1, sub2, inv2, variant, group)
     row_lse, pos_logit, col_max, col_sum = _primitive(backend).lse_forward(
         *layout, 1.0 / temperature, variant == "cross")
@@ -308,8 +344,8 @@ def _forward(z1, z2, dim, temperature, variant, backend, group):
 
 def _backward(grad, z1, z2, row_lse, col_lse, dim, temperature, variant, backend, group):
     """Gradients w.r.t. z1, z2 of sum_i grad_i * loss_i, summed over all ranks' losses."""
-    sub1, inv1, inv_grad1 = _subvector(z1, dim)
-    sub2, inv2, inv_grad2 = _subvector(z2, dim)
+    sub1, inv1, inv_grad1, scale1 = _subvector(z1, dim)
+    sub2, inv2, inv_grad2, scale2 = _subvector(z2, dim)
     layout = _layout(sub1, inv1, sub2, inv2, variant, group)
     half = 0.5 * grad.to(row_lse.dtype).contiguous()  # each pair's loss averages two terms
     row_w = half if variant == "cross" else torch.cat([half, half])
@@ -325,8 +361,8 @@ def _backward(grad, z1, z2, row_lse, col_lse, dim, temperature, variant, backend
         grad_unit1, grad_unit2 = grad_rows, _reduce_scatter_rows(grad_cols, group)
     else:
         grad_unit1, grad_unit2 = grad_rows[:n], grad_rows[n:]
-    return (_subvector_backward(grad_unit1, sub1, inv1, inv_grad1, z1),
-            _subvector_backward(grad_unit2, sub2, inv2, inv_grad2, z2))
+    return (_subvector_backward(grad_unit1, sub1, inv1, inv_grad1, scale1, z1),
+            _subvector_backward(grad_unit2, sub2, inv2, inv_grad2, scale2, z2))
 
 
 # --------------------------------------------------------------------------- torch.library op
@@ -418,7 +454,8 @@ def infonce(z1: Tensor, z2: Tensor, dim: int | None = 360, temperature: float = 
         group: process group. When torch.distributed is initialized (or ``group`` is given), each
             rank passes its own rows; the loss is over the global batch, each rank returns its own
             rows' losses, and DDP's gradient averaging yields exactly the gradient of the global
-            loss. Every rank must pass the same N.
+            loss. Every rank must pass the same N (checked the first time a process sees an N:
+            see ``_check_equal_batches`` for what that catches).
     """
     dim = _check_args(z1, z2, dim, temperature, variant, reduction, backend)
     backend = _resolve_backend(backend, z1)

@@ -17,6 +17,7 @@ from torchvision import datasets
 from torchvision import transforms as T
 
 from .data.recipe import IMAGENET_MEAN, IMAGENET_STD
+from .data.workers import worker_args
 from .models import build_backbone
 
 
@@ -75,8 +76,7 @@ def linear_probe(checkpoint, data, *, arch: str = "resnet50", epochs: int = 100,
     train_tf, val_tf = _transforms(image_size)
     train_set, classes = _split(data / "train", train_tf, limit, seed)
     val_set, _ = _split(data / "val", val_tf, limit, seed)
-    loader_args = dict(batch_size=batch_size, num_workers=num_workers,
-                       multiprocessing_context="forkserver" if num_workers else None)
+    loader_args = dict(batch_size=batch_size, **worker_args(num_workers))
     train_loader = DataLoader(train_set, shuffle=True, drop_last=False, **loader_args)
     val_loader = DataLoader(val_set, shuffle=False, **loader_args)
     head = nn.Linear(subvector or width, classes).to(device)

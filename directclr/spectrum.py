@@ -3,7 +3,8 @@
 ``SpectrumAccumulator`` streams batches (and ranks) into (n, mean, M2) and merges partial states
 with Chan's rule, M2 = M2a + M2b + delta delta^T na nb / n, never the unstable E[zz^T] - mu mu^T.
 The per-batch centered Gram matrix is a fused kernel (Triton on CUDA, C++ on CPU) that computes
-only the upper triangle of tiles; eigenvalues come from ``eigvalsh`` in float64 on the CPU.
+only the upper triangle of tiles; the state stays on the batches' device until ``result``, whose
+eigenvalues come from ``eigvalsh`` in float64 on the CPU.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from .scaling import max_abs, power_of_two_scale, scaled_rows
 
 NORM_EPS = 1e-12
 
@@ -78,6 +81,11 @@ class SpectrumAccumulator:
     >>> for z in batches: acc.update(z)
     >>> acc.all_reduce()          # under torch.distributed: every rank gets the global state
     >>> spec = acc.result(); spec.effective_rank, spec.collapsed()
+
+    The state lives on the device of the first batch, in ``dtype``, and ``update`` never waits
+    for that device (no host sync): batches holding NaN or inf are counted there and reported by
+    ``result``. Each batch is divided by a power of two that keeps its squares inside fp32 (and
+    the state by the largest of them), so any finite input gives the exact spectrum.
     """
 
     def __init__(self, dim: int, normalize: bool = False, dtype: torch.dtype = torch.float64,
@@ -88,18 +96,55 @@ class SpectrumAccumulator:
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
         self.dim, self.normalize, self.dtype, self.backend = dim, normalize, dtype, backend
         self.n = 0
-        self.mean = torch.zeros(dim, dtype=dtype)
-        self.m2 = torch.zeros(dim, dim, dtype=dtype)
+        self.batches = 0
+        self._start(torch.device("cpu"))
 
-    def _merge_state(self, n_b: int, mean_b: Tensor, m2_b: Tensor) -> None:
+    def _start(self, device: torch.device) -> None:
+        """The empty state, allocated on ``device`` (a copy there could wait for it)."""
+        self._mean = torch.zeros(self.dim, dtype=self.dtype, device=device)  # units of _scale
+        self._m2 = torch.zeros(self.dim, self.dim, dtype=self.dtype, device=device)  # _scale ** 2
+        # A power of two; 0 until the first batch, whose scale then wins any maximum.
+        self._scale = torch.zeros((), dtype=torch.float64, device=device)
+        self._nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # NaN/inf batches
+
+    def _unscaled(self, x: Tensor, power: int) -> Tensor:
+        """x * _scale ** power in ``dtype``: inf where that cannot hold it (one factor at a time,
+        so that zeros stay zeros where _scale ** 2 alone would overflow)."""
+        x = x.double()
+        for _ in range(power):
+            x = x * self._scale
+        return x.to(self.dtype)
+
+    @property
+    def mean(self) -> Tensor:
+        """The mean row so far."""
+        return self._unscaled(self._mean, 1)
+
+    @property
+    def m2(self) -> Tensor:
+        """sum_i (z_i - mean)(z_i - mean)^T so far."""
+        return self._unscaled(self._m2, 2)
+
+    def _merge_state(self, n_b: int, mean_b: Tensor, m2_b: Tensor, scale_b: Tensor) -> None:
+        """Chan's rule; mean_b and m2_b are in units of scale_b (and scale_b ** 2)."""
         if n_b == 0:
             return
-        mean_b, m2_b = mean_b.to(self.mean), m2_b.to(self.m2)
+        if self.n == 0 and self._m2.device != m2_b.device:
+            self._start(m2_b.device)
+        device = self._m2.device
+        scale_b = scale_b.to(device, torch.float64)
+        scale = torch.maximum(self._scale, scale_b)
+        # Both states in units of the larger scale: the ratios are powers of two <= 1, exact
+        # (or, where they underflow, far below the other state's precision).
+        ratio, ratio_b = (self._scale / scale).to(self.dtype), (scale_b / scale).to(self.dtype)
+        mean_b = mean_b.to(device, self.dtype) * ratio_b
         n = self.n + n_b
-        delta = mean_b - self.mean
-        self.m2 += m2_b + torch.outer(delta, delta) * (self.n * n_b / n)
-        self.mean += delta * (n_b / n)
-        self.n = n
+        self._mean.mul_(ratio)
+        delta = mean_b - self._mean
+        self._m2.mul_(ratio * ratio).add_(m2_b.to(device, self.dtype) * (ratio_b * ratio_b))
+        self._m2.addr_(delta, delta, alpha=self.n * n_b / n)
+        self._mean.add_(delta, alpha=n_b / n)
+        self._scale, self.n = scale, n
 
     @torch.no_grad()
     def update(self, z: Tensor) -> "SpectrumAccumulator":
@@ -113,21 +158,24 @@ class SpectrumAccumulator:
             return self
         working = torch.float64 if z.dtype == torch.float64 else torch.float32
         if self.normalize:
-            norms = torch.linalg.vector_norm(z, dim=1, dtype=working, keepdim=True)
-            z = z / norms.clamp_min(NORM_EPS)
+            z = scaled_rows(z, working)[0]
+            z = z / torch.linalg.vector_norm(z, dim=1, dtype=working, keepdim=True).clamp_min(
+                NORM_EPS)
         n_b = z.shape[0]
+        maxabs = max_abs(z).to(working)
+        scale_b = power_of_two_scale(maxabs, scale_up=True)
+        z = z / scale_b.to(z.dtype)
         # A working-precision mean is cheap; the centered sums from the kernel make it exact:
         # with s = sum(z - m), the batch mean is m + s/n and M2 = sum (z-m)(z-m)^T - s s^T / n.
         center = z.mean(0, dtype=working)
-        # Any NaN/inf makes its column mean non-finite: the full count runs only then.
-        if not torch.isfinite(center).all():
-            bad = int((~torch.isfinite(z)).sum().item())
-            raise ValueError(f"z holds {bad} non-finite values (NaN or inf)")
         m2_b, centered_sum = centered_gram(z, center, self.backend)
-        centered_sum = centered_sum.double().cpu()
-        mean_b = center.double().cpu() + centered_sum / n_b
-        m2_b = m2_b.double().cpu() - torch.outer(centered_sum, centered_sum) / n_b
-        self._merge_state(n_b, mean_b, m2_b)
+        centered_sum = centered_sum.double()
+        mean_b = center.double() + centered_sum / n_b
+        m2_b = m2_b.double().addr_(centered_sum, centered_sum, alpha=-1.0 / n_b)
+        self._merge_state(n_b, mean_b, m2_b, scale_b)
+        # Any NaN/inf makes its column mean non-finite (a finite z / scale_b cannot overflow it).
+        self._nonfinite += ~torch.isfinite(center).all().to(self._nonfinite.device)
+        self.batches += 1
         return self
 
     def merge(self, other: "SpectrumAccumulator") -> "SpectrumAccumulator":
@@ -135,7 +183,9 @@ class SpectrumAccumulator:
             raise ValueError("other must be a SpectrumAccumulator of the same dim")
         if other.normalize != self.normalize:
             raise ValueError("cannot merge accumulators with different `normalize`")
-        self._merge_state(other.n, other.mean, other.m2)
+        self._merge_state(other.n, other._mean, other._m2, other._scale)
+        self._nonfinite += other._nonfinite.to(self._nonfinite.device)
+        self.batches += other.batches
         return self
 
     def all_reduce(self, group=None) -> "SpectrumAccumulator":
@@ -147,31 +197,56 @@ class SpectrumAccumulator:
             return self
         nccl = "nccl" in str(dist.get_backend(group)) and torch.cuda.is_available()
         device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-        head = torch.cat([torch.tensor([float(self.n)], dtype=torch.float64), self.mean.double()])
-        heads = [torch.empty_like(head, device=device) for _ in range(world)]
-        dist.all_gather(heads, head.to(device), group=group)
-        m2 = self.m2.double().to(device)
+        home = self._m2.device
+        # Every rank's state in units of the largest scale, as in _merge_state.
+        scale = self._scale.reshape(1).to(device, copy=True)  # reduced in place below
+        dist.all_reduce(scale, op=dist.ReduceOp.MAX, group=group)
+        ratio = self._scale.to(device) / scale
+        sizes = torch.tensor([self.n, self.batches], dtype=torch.float64, device=device)
+        head = torch.cat([sizes, self._nonfinite.to(device, torch.float64).reshape(1),
+                          self._mean.to(device, torch.float64) * ratio])
+        heads = [torch.empty_like(head) for _ in range(world)]
+        dist.all_gather(heads, head, group=group)
+        m2 = self._m2.to(device, torch.float64) * (ratio * ratio)
         dist.all_reduce(m2, group=group)
-        counts = torch.stack([h[0] for h in heads]).cpu()
-        means = torch.stack([h[1:] for h in heads]).cpu()
-        total = counts.sum()
-        if total == 0:
+        heads = torch.stack(heads)
+        n, batches, nonfinite = (int(x) for x in heads[:, :3].sum(0).tolist())
+        if n == 0:
             return self
-        mean = (counts[:, None] * means).sum(0) / total
-        spread = (means - mean) * counts[:, None].sqrt()
-        self.m2 = (m2.cpu() + spread.T @ spread).to(self.dtype)
-        self.mean, self.n = mean.to(self.dtype), int(total.item())
+        counts, means = heads[:, :1], heads[:, 3:]
+        mean = (counts * means).sum(0) / n
+        spread = (means - mean) * counts.sqrt()
+        self._m2 = (m2 + spread.T @ spread).to(home, self.dtype)
+        self._mean = mean.to(home, self.dtype)
+        self._scale = scale.reshape(()).to(home)
+        self._nonfinite = torch.tensor(nonfinite, device=home)
+        self.n, self.batches = n, batches
         return self
 
-    def covariance(self) -> Tensor:
+    def _scaled_covariance(self) -> Tensor:
+        """The covariance in units of _scale ** 2."""
         if self.n < 2:
             raise ValueError(f"the spectrum needs at least 2 rows in total, got {self.n}")
-        return self.m2 / self.n
+        return self._m2 / self.n
+
+    def covariance(self) -> Tensor:
+        return self._unscaled(self._scaled_covariance(), 2)
 
     def result(self) -> Spectrum:
-        cov = self.covariance().double()
+        cov = self._scaled_covariance().double().cpu()
+        nonfinite = int(self._nonfinite)  # the state's first read on the host: no extra sync
+        if nonfinite:
+            raise ValueError(f"{nonfinite} of the {self.batches} batches held NaN or inf values: "
+                             f"the spectrum is undefined")
         eig = torch.linalg.eigvalsh((cov + cov.T) / 2).flip(0).clamp_min(0)
-        return Spectrum(eig, self.n)
+        scale = self._scale.item()
+        top = eig[0].item()
+        if not math.isfinite(top * scale * scale):
+            raise ValueError(f"the covariance's largest eigenvalue, about "
+                             f"2^{math.log2(top) + 2 * math.log2(scale):.0f}, exceeds float64: "
+                             f"the spectrum cannot be reported in the embeddings' scale "
+                             f"(normalize=True gives that of their unit rows)")
+        return Spectrum(eig * scale * scale, self.n)
 
 
 def embedding_spectrum(z: Tensor, normalize: bool = False) -> Spectrum:

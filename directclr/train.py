@@ -10,6 +10,20 @@
 One process per device under torchrun (NCCL on GPUs, gloo on CPU), or plain. Global rank 0 logs
 (metrics.jsonl, a progress bar) and writes checkpoints; every rank resumes from the one rank 0
 picks (a node that cannot read it is a clear error on every rank, not a hang).
+
+What a cluster does to a run, and what the run does about it:
+- SIGTERM, SIGINT or SIGUSR1 (a scheduler's preemption notice, Ctrl-C): the step in flight ends,
+  every rank agrees on the step to stop at, a checkpoint is written and the process exits with
+  EXIT_PREEMPTED (75); the same command resumes from it. A second signal stops at once.
+- A non-finite loss, probe loss or gradient norm, or an online-probe loss beyond PROBE_BLOWUP x
+  chance, stops the run with EXIT_DIVERGED (3) and an error naming the step and the value; no
+  checkpoint or backbone.pt holding non-finite weights is ever written.
+- Resuming checks the checkpoint's settings (RESUME_FIELDS) against the command's: a change is an
+  error listing each, unless named in --accept-changes. Checkpoints are verified against their
+  checksums; unreadable ones are skipped, and when none is left the run stops rather than start
+  over (--no-resume starts over, moving the old files to previous-<time>/).
+- One run per --out (a lock); the steps are free of host syncs except every --log-every steps,
+  at checkpoints and at epoch ends.
 """
 from __future__ import annotations
 
@@ -17,6 +31,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +43,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import build_pretrain_loader, prepare_fashion_mnist
-from .files import atomic_write
+from .data.loader import dali_available
+from .files import (CorruptFile, FolderLock, atomic_write, load_verified,
+                    remove_stale_temporaries, save_verified)
 from .infonce import infonce
 from .lars import LARS
 from .models import ARCHS, MODES, build_backbone, build_projector, sync_batchnorm
@@ -37,6 +55,29 @@ log = logging.getLogger("directclr.train")
 CHECKPOINT_GLOB = "ckpt_*.pt"
 KEEP_CHECKPOINTS = 2
 SMALL_IMAGE_SIZE = 32  # Fashion-MNIST padded to 32 px: CIFAR stem and the "small" recipe
+EXIT_DIVERGED = 3
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL of sysexits.h: "try again later"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# An online probe whose cross-entropy exceeds this many times chance, ln(classes), has logits
+# hundreds of nats apart: its features are blowing up (seen at --lr 1e3: 211 at step 2, from 1.3).
+PROBE_BLOWUP = 100.0
+# Settings that change the math of a run: a resume must keep them (or accept the change).
+RESUME_FIELDS = ("arch", "mode", "dim", "temperature", "variant", "batch_size", "image_size",
+                 "seed", "lr", "wd", "warmup_epochs", "epochs", "max_steps", "loader")
+CHECKPOINT_KEYS = ("model", "optimizer", "loader", "step", "config", "run")
+
+
+class RunStopped(Exception):
+    """The run ended early on purpose; `exit_code` is what the command returns."""
+    exit_code = 1
+
+
+class Preempted(RunStopped):
+    exit_code = EXIT_PREEMPTED
+
+
+class Diverged(RunStopped):
+    exit_code = EXIT_DIVERGED
 
 
 @dataclass
@@ -56,7 +97,9 @@ class Config:
     warmup_epochs: float = 10.0
     loader: str = "auto"
     ckpt_every: int = 500
+    log_every: int = 10  # steps between metrics writes: the only host syncs of a GPU step
     resume: bool = True
+    accept_changes: tuple[str, ...] = ()  # RESUME_FIELDS a resume may change
     compile: bool = False
     seed: int = 0
     image_size: int | None = None  # default: 32 for fashion-mnist, else 224
@@ -108,8 +151,20 @@ def check_config(cfg: Config, world: int) -> None:
     if not 1 <= cfg.dim <= ARCHS[cfg.arch]:
         raise ValueError(f"--dim {cfg.dim} must be in [1, {ARCHS[cfg.arch]}] (the "
                          f"representation width of {cfg.arch})")
-    if cfg.epochs < 1 or cfg.temperature <= 0 or cfg.lr <= 0:
+    if cfg.epochs < 1 or not cfg.temperature > 0 or not cfg.lr > 0:
         raise ValueError("--epochs, --temperature and --lr must be positive")
+    for name in ("ckpt_every", "log_every", "max_steps"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{flag(name)} must be >= 1, got {value}")
+    unknown = [name for name in cfg.accept_changes if name not in RESUME_FIELDS]
+    if unknown:
+        raise ValueError(f"--accept-changes: {unknown} are not among "
+                         f"{[flag(f)[2:] for f in RESUME_FIELDS]}")
+
+
+def flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
 
 
 def total_steps(cfg: Config, steps_per_epoch: int) -> int:
@@ -158,7 +213,8 @@ def build_model(cfg: Config, num_classes: int, small_images: bool, device: torch
 
 def train_step(forward, optimizer, cfg: Config, loss_dim, view1, view2, labels):
     """One optimizer step on a batch of view pairs (bf16 autocast and channels_last on GPU):
-    returns (rep1, infonce loss, probe loss, probe hits)."""
+    returns rep1, the probe hits and (infonce loss, probe loss, gradient norm), all on the
+    device."""
     cuda = view1.is_cuda
     if cuda:
         view1 = view1.contiguous(memory_format=torch.channels_last)
@@ -169,25 +225,55 @@ def train_step(forward, optimizer, cfg: Config, loss_dim, view1, view2, labels):
                    variant=cfg.variant)
     optimizer.zero_grad(set_to_none=True)
     (loss + probe_loss).backward()
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"]
+             if p.grad is not None]
+    grad_norm = torch.nn.utils.get_total_norm(grads)
     optimizer.step()
-    return rep1, loss, probe_loss, correct
+    return rep1, correct, torch.stack([loss.detach(), probe_loss.detach(), grad_norm.float()])
 
 
 # --------------------------------------------------------------------------- checkpoints
 def save_checkpoint(out: Path, step: int, state: dict) -> None:
-    """Atomic (directclr.files.atomic_write); keeps the last KEEP_CHECKPOINTS."""
-    atomic_save(state, out / f"ckpt_{step:09d}.pt")
+    """Atomic, durable and checksummed (directclr.files.save_verified); keeps the last
+    KEEP_CHECKPOINTS."""
+    save_verified(state, out / f"ckpt_{step:09d}.pt")
     for old in sorted(out.glob(CHECKPOINT_GLOB))[:-KEEP_CHECKPOINTS]:
-        old.unlink()
+        old.unlink(missing_ok=True)
+
+
+def check_checkpoint(state, path: Path) -> dict:
+    """A checkpoint this loop wrote: every key, and finite weights and momenta."""
+    if not isinstance(state, dict) or any(key not in state for key in CHECKPOINT_KEYS):
+        have = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise CorruptFile(f"{path} is not a training checkpoint: it needs keys "
+                          f"{list(CHECKPOINT_KEYS)}, has {have}")
+    tensors = list(state["model"].values()) + [
+        value for entry in state["optimizer"].get("state", {}).values()
+        for value in entry.values()]
+    if not all(torch.isfinite(t).all() for t in tensors
+               if isinstance(t, torch.Tensor) and t.is_floating_point()):
+        raise CorruptFile(f"{path} holds non-finite weights or momenta")
+    return state
+
+
+def read_checkpoint(path: Path) -> dict:
+    return check_checkpoint(load_verified(path), path)
 
 
 def latest_checkpoint(out: Path) -> tuple[Path | None, dict | None]:
-    """The newest readable checkpoint and its path; a corrupt one is skipped with a warning."""
-    for path in sorted(out.glob(CHECKPOINT_GLOB), reverse=True):
+    """The newest usable checkpoint and its path, skipping unusable ones with a warning; an
+    error when there were checkpoints and none is usable (starting over would silently throw
+    the run away)."""
+    paths = sorted(out.glob(CHECKPOINT_GLOB), reverse=True)
+    for path in paths:
         try:
-            return path, torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # truncated or corrupt: fall back to the one before
-            log.warning("skipping unreadable checkpoint %s: %s", path, err)
+            return path, read_checkpoint(path)
+        except CorruptFile as err:
+            log.warning("skipping checkpoint: %s", err)
+    if paths:
+        raise ValueError(f"none of the {len(paths)} checkpoints in --out {out} is usable (see the "
+                         "warnings above); --no-resume starts over, keeping them in "
+                         "previous-<time>/")
     return None, None
 
 
@@ -196,62 +282,282 @@ def load_latest_checkpoint(out: Path) -> dict | None:
 
 
 def atomic_save(obj, path: Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    save_verified(obj, path)
 
 
-def resume_state(out: Path, resume: bool, rank: int, world: int,
+def resume_settings(cfg: Config, image_size: int, backend: str) -> dict:
+    """RESUME_FIELDS as this run resolves them (the image size and the loader backend)."""
+    return {**{name: getattr(cfg, name) for name in RESUME_FIELDS}, "image_size": image_size,
+            "loader": backend}
+
+
+def check_resume_config(saved: dict, current: dict, accepted, step: int) -> None:
+    """The run in --out continues only with the settings it was started with, or with changes
+    named in --accept-changes."""
+    changed = [f"  {flag(name)}: {saved.get(name)!r} -> {current[name]!r}"
+               for name in RESUME_FIELDS
+               if saved.get(name) != current[name] and name not in accepted]
+    if changed:
+        names = " ".join(line.split(":")[0].strip()[2:] for line in changed)
+        raise ValueError(
+            f"the checkpoint at step {step} in --out was trained with other settings:\n"
+            + "\n".join(changed) + "\nrerun with the checkpoint's values, continue with the new "
+            f"ones with --accept-changes {names}, or start over with --no-resume")
+
+
+def on_rank0(work, rank: int, world: int):
+    """work() on global rank 0, its error raised on every rank: a rank-0 failure that only rank
+    0 knew of would leave the others in their next collective until the timeout."""
+    result, failure = None, None
+    if rank == 0:
+        try:
+            result = work()
+        except Exception as err:
+            if world == 1:
+                raise
+            failure = err
+    if world > 1:
+        box = [None if failure is None else f"{type(failure).__name__}: {failure}"]
+        dist.broadcast_object_list(box, src=0)
+        if failure is not None:
+            raise failure
+        if box[0] is not None:
+            raise ValueError(f"rank 0 stopped the run: {box[0]}")
+    return result
+
+
+def claim_out(out: Path, resume: bool) -> FolderLock:
+    """The run folder, locked for this run, without temporaries a killed writer left; with
+    --no-resume the previous run's files move to previous-<time>/."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(out).acquire()
+    for path in remove_stale_temporaries(out):
+        log.warning("removed %s, left by a killed writer", path.name)
+    previous = sorted(out.glob(CHECKPOINT_GLOB)) + [
+        out / name for name in ("metrics.jsonl", "backbone.pt") if (out / name).exists()]
+    if not resume and previous:
+        keep = out / time.strftime("previous-%Y%m%d-%H%M%S")
+        keep.mkdir()
+        for path in previous:
+            path.rename(keep / path.name)
+        log.warning("--no-resume: moved the previous run's files to %s", keep)
+    return lock
+
+
+def pick_checkpoint(out: Path, cfg: Config, run: dict) -> tuple[Path | None, dict | None]:
+    """Rank 0's choice: the newest usable checkpoint, whose settings must match; metrics.jsonl is
+    cut back to its step, so that the steps redone are not logged twice."""
+    path, state = latest_checkpoint(out) if cfg.resume else (None, None)
+    step = 0 if state is None else state["step"]
+    if state is not None:
+        check_resume_config(state["run"], run, cfg.accept_changes, step)
+    metrics = out / "metrics.jsonl"
+    if metrics.exists():
+        kept = [line for line in metrics.read_text().splitlines() if _row_step(line) <= step]
+        atomic_write(metrics, lambda tmp: tmp.write_text("".join(f"{r}\n" for r in kept)))
+    return path, state
+
+
+def _row_step(line: str) -> float:
+    """A metrics row's step; a row cut short by a kill counts as past every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def resume_state(out: Path, cfg: Config, run: dict, rank: int, world: int,
                  device: torch.device) -> dict | None:
-    """The checkpoint every rank resumes from: rank 0 picks the newest readable one and the
-    others load that very file. Were ranks to resume from different ones, DDP would quietly take
+    """The checkpoint every rank resumes from: rank 0 picks the newest usable one and the others
+    load that very file. Were ranks to resume from different ones, DDP would quietly take
     rank 0's weights while momenta, data order and run length differ, and the ranks would hang
     apart; so a rank that cannot read it stops them all, with an error on each."""
-    path, state = latest_checkpoint(out) if resume and rank == 0 and out.is_dir() else (None, None)
+    path, state = on_rank0(lambda: pick_checkpoint(out, cfg, run), rank, world) or (None, None)
     if world == 1:
         return state
-    chosen = [path.name if path is not None else None]
+    chosen = [None if path is None else path.name]
     dist.broadcast_object_list(chosen, src=0)
     failed = torch.zeros(world, dtype=torch.int64, device=device)
     if chosen[0] is not None and rank != 0:
         try:
-            state = torch.load(out / chosen[0], map_location="cpu", weights_only=True)
-        except Exception as err:
+            state = read_checkpoint(out / chosen[0])
+        except (CorruptFile, FileNotFoundError) as err:
             log.error("rank %d cannot read %s: %s", rank, out / chosen[0], err)
             failed[rank] = 1
     dist.all_reduce(failed)
     if failed.any():
         ranks = failed.nonzero().flatten().tolist()
-        raise RuntimeError(f"rank 0 resumes from {chosen[0]} in --out {out}, which ranks {ranks} "
-                           "cannot read: --out must be a folder every node sees, such as a "
-                           "shared filesystem")
+        raise RuntimeError(f"rank 0 resumes from {chosen[0]} in --out {out}, which ranks "
+                           f"{ranks} cannot read: --out must be a folder every node sees, such "
+                           "as a shared filesystem")
     return state
+
+
+def check_finite_weights(model: nn.Module, step: int) -> None:
+    """Before anything is written: the loss can be finite at the step whose update overflowed."""
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    if not torch.stack([torch.isfinite(t).all() for t in tensors]).all():
+        raise Diverged(f"training diverged: the weights hold non-finite values after step {step};"
+                       " nothing was saved for it")
+
+
+# --------------------------------------------------------------------------- signals, metrics
+class StopSignals:
+    """SIGTERM, SIGINT and SIGUSR1 set a flag the loop reads between steps. Repeats are not an
+    abort: a worker under srun + torchrun gets the scheduler's SIGTERM and then torchrun's."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self.previous = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():  # Python's rule for handlers
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is None:
+            self.received = name
+        log.warning("%s: stopping after this step with a checkpoint (kill -9 stops at once)",
+                    name)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+
+def stop_group(world: int, device: torch.device):
+    """A gloo group for the per-step stop vote: a CPU all-reduce, which makes the ranks agree
+    without a device sync (the default group is already gloo on CPU)."""
+    if world == 1 or device.type != "cuda":
+        return None
+    return dist.new_group(backend="gloo")
+
+
+def agreed_stop(signals: StopSignals, world: int, group) -> str | None:
+    """The signal this rank received, or any rank's: all ranks stop after the same step."""
+    if world == 1:
+        return signals.received
+    votes = torch.tensor([signals.received is not None], dtype=torch.int32)
+    dist.all_reduce(votes, group=group)
+    return signals.received or ("a signal to another rank" if votes.item() else None)
+
+
+class MetricsLog:
+    """One row per step, kept on the device and fetched in one copy per flush (every
+    --log-every steps, and before anything is written): the only host syncs of a GPU step.
+    The flush also guards against divergence, in step order, before the rows are trusted."""
+
+    def __init__(self, path: Path | None, cfg: Config, world: int, num_classes: int, progress):
+        self.file = path.open("a") if path is not None else None
+        self.cfg, self.world, self.progress = cfg, world, progress
+        self.probe_limit = PROBE_BLOWUP * math.log(max(2, num_classes))
+        self.values: list[torch.Tensor] = []
+        self.host: list[dict] = []
+        self.since = time.perf_counter()
+        self.waited = 0.0
+
+    def add(self, step: int, epoch: int, lr: float, values: torch.Tensor, waited: float) -> None:
+        self.values.append(values)
+        self.host.append({"step": step, "epoch": epoch, "lr": lr})
+        self.waited += waited
+        self.progress.update(1)
+
+    def flush(self) -> None:
+        if not self.values:
+            return
+        values = torch.stack(self.values)
+        if self.world > 1:  # the global batch's losses, not this rank's share
+            dist.all_reduce(values)
+            values /= self.world
+        rows = values.tolist()  # the one device-to-host copy
+        elapsed = time.perf_counter() - self.since
+        rate = len(rows) * self.cfg.batch_size / elapsed
+        wait = self.waited / elapsed
+        host, self.values, self.host = self.host, [], []
+        self.since, self.waited = time.perf_counter(), 0.0
+        for info, (loss, probe_loss, grad_norm) in zip(host, rows):
+            row = {**info, "loss": loss, "probe_loss": probe_loss, "grad_norm": grad_norm,
+                   "pairs_per_s": rate, "data_wait": wait}
+            if self.file is not None:
+                self.file.write(json.dumps(row) + "\n")
+            problem = self._divergence(row)
+            if problem:
+                self.close()
+                raise Diverged(f"training diverged at step {row['step']}: {problem}. Nothing was "
+                               f"saved after it; lower --lr (now {self.cfg.lr:g}) and resume "
+                               "with --accept-changes lr, or start over with --no-resume")
+        if self.file is not None:
+            self.file.flush()
+        self.progress.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.3g}")
+
+    def _divergence(self, row: dict) -> str | None:
+        for name in ("loss", "probe_loss", "grad_norm"):
+            if not math.isfinite(row[name]):
+                return f"{name} = {row[name]}"
+        if row["probe_loss"] > self.probe_limit:
+            return (f"probe_loss = {row['probe_loss']:.4g}, over {PROBE_BLOWUP:g} x its chance "
+                    f"level (the features are blowing up)")
+        return None
+
+    def epoch_row(self, row: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        self.progress.close()
 
 
 # --------------------------------------------------------------------------- the loop
 def pretrain(cfg: Config) -> Path:
+    """Trains to the end and returns the path of backbone.pt; raises Preempted after a stop
+    signal (a checkpoint written) and Diverged on a non-finite or exploding run."""
     rank, world, device = setup_distributed()
-    master = rank == 0
     check_config(cfg, world)
+    out = Path(cfg.out)
+    lock = on_rank0(lambda: claim_out(out, cfg.resume), rank, world)
+    try:
+        with StopSignals() as signals:
+            return _train(cfg, rank, world, device, out, signals)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: Config, rank: int, world: int, device: torch.device, out: Path,
+           signals: StopSignals) -> Path:
+    master = rank == 0
     root, image_size = resolve_data(cfg, rank)
     small = image_size <= 64
-    out = Path(cfg.out)
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
+    backend = cfg.loader if cfg.loader != "auto" else (
+        "dali" if dali_available() else "torchvision")
+    run = resume_settings(cfg, image_size, backend)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
 
     loader = build_pretrain_loader(
-        root, cfg.batch_size // world, backend=cfg.loader, device=device, image_size=image_size,
+        root, cfg.batch_size // world, backend=backend, device=device, image_size=image_size,
         num_threads=cfg.num_threads, seed=cfg.seed, rank=rank, world_size=world,
         recipe="small" if small else "directclr")
     model = build_model(cfg, len(loader.classes), small, device, world)
     optimizer = LARS(model.parameters(), lr=cfg.lr, weight_decay=cfg.wd)
     steps_per_epoch = len(loader)
+    last_step = total_steps(cfg, steps_per_epoch)
     step = 0
-    state = resume_state(out, cfg.resume, rank, world, device)
+    state = resume_state(out, cfg, run, rank, world, device)
     if state is not None:
+        step = state["step"]
+        if step > last_step:
+            raise ValueError(f"the checkpoint in --out is at step {step}, past the {last_step} "
+                             "steps --epochs/--max-steps now ask for")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         loader.load_state_dict(state["loader"])
-        step = state["step"]
         if master:
             log.warning("resumed from step %d (epoch %d)", step, loader.epoch)
     raw_model = model
@@ -259,73 +565,85 @@ def pretrain(cfg: Config) -> Path:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     forward = torch.compile(model) if cfg.compile else model
-    last_step = total_steps(cfg, steps_per_epoch)
-    metrics = (out / "metrics.jsonl").open("a") if master else None
-    progress = _progress_bar(master, last_step, step)
+    votes = stop_group(world, device)
+    metrics = MetricsLog(out / "metrics.jsonl" if master else None, cfg, world,
+                         len(loader.classes), _progress_bar(master, last_step, step))
+    saved_step = step if state is not None else None
 
     def checkpoint():
+        nonlocal saved_step
+        metrics.flush()
+        if saved_step == step:
+            return
+        check_finite_weights(raw_model, step)
         if master:
             save_checkpoint(out, step, {"model": raw_model.state_dict(),
                                         "optimizer": optimizer.state_dict(),
                                         "loader": loader.state_dict(), "step": step,
-                                        "config": asdict(cfg)})
+                                        "config": asdict(cfg), "run": run})
+        saved_step = step
 
-    while step < last_step:
-        width = raw_model.probe.in_features
-        spectra = {"representation": SpectrumAccumulator(width, dtype=torch.float64),
-                   "subvector": SpectrumAccumulator(min(cfg.dim, width), dtype=torch.float64)}
-        seen = correct_total = 0
-        epoch = loader.epoch
-        fetch_start = time.perf_counter()
-        for view1, view2, labels in loader:
-            compute_start = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, step, steps_per_epoch)
-            rep1, loss, probe_loss, correct = train_step(forward, optimizer, cfg,
-                                                         raw_model.loss_dim, view1, view2, labels)
-            step += 1
-            rep = rep1.detach().float()
-            spectra["representation"].update(rep)
-            spectra["subvector"].update(rep[:, :cfg.dim])
-            seen += len(labels)
-            correct_total += int(correct)
-            end = time.perf_counter()
-            losses = torch.stack([loss.detach(), probe_loss.detach()])
-            if world > 1:  # log the global batch's losses, not rank 0's share
-                dist.all_reduce(losses)
-                losses /= world
-            if master:
-                wait = compute_start - fetch_start
-                row = {"step": step, "epoch": epoch, "loss": losses[0].item(),
-                       "probe_loss": losses[1].item(), "lr": optimizer.param_groups[0]["lr"],
-                       "pairs_per_s": cfg.batch_size / (end - fetch_start),
-                       "data_wait": wait / (end - fetch_start)}
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
-                progress.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.3g}")
-                progress.update(1)
-            if step % cfg.ckpt_every == 0:
-                checkpoint()
-            if step >= last_step:
-                break
-            fetch_start = time.perf_counter()
-        if loader.batches_done in (0, steps_per_epoch):  # a whole epoch ended: summaries
-            summary = {name: acc.all_reduce().result().summary()
-                       for name, acc in spectra.items()}
-            hits = torch.tensor([correct_total, seen], dtype=torch.float64, device=device)
-            if world > 1:  # the global batch's online-probe accuracy, not rank 0's share
-                dist.all_reduce(hits)
-            if master:
-                metrics.write(json.dumps({"epoch_end": epoch, "step": step,
-                                          "probe_train_top1": (hits[0] / hits[1].clamp_min(1))
-                                          .item(),
-                                          "spectrum": summary}) + "\n")
-                metrics.flush()
+    try:
+        while step < last_step:
+            width = raw_model.probe.in_features
+            spectra = {"representation": SpectrumAccumulator(width, dtype=torch.float64),
+                       "subvector": SpectrumAccumulator(min(cfg.dim, width),
+                                                        dtype=torch.float64)}
+            seen, correct_total = 0, torch.zeros((), dtype=torch.int64, device=device)
+            epoch = loader.epoch
+            batches = iter(loader)
+            while step < last_step:
+                stop = agreed_stop(signals, world, votes)
+                if stop:
+                    checkpoint()
+                    if world > 1:  # torchrun kills the others once one rank exits
+                        dist.barrier()
+                    raise Preempted(f"stopped by {stop} after step {step}; the checkpoint is "
+                                    f"in {out}: rerun the same command to resume")
+                fetch_start = time.perf_counter()
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                view1, view2, labels = batch
+                waited = time.perf_counter() - fetch_start
+                lr = learning_rate(cfg, step, steps_per_epoch)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                rep1, correct, values = train_step(forward, optimizer, cfg, raw_model.loss_dim,
+                                                   view1, view2, labels)
+                step += 1
+                rep = rep1.detach().float()
+                spectra["representation"].update(rep)
+                spectra["subvector"].update(rep[:, :cfg.dim])
+                seen += len(labels)
+                correct_total += correct
+                metrics.add(step, epoch, lr, values, waited)
+                if loader.batches_done == steps_per_epoch:
+                    # Let the loader close the epoch now, so that a checkpoint or a stop at this
+                    # step resumes at the next epoch, not at the end of this one.
+                    next(batches, None)
+                    break
+                if step % cfg.ckpt_every == 0:
+                    checkpoint()
+                elif step % cfg.log_every == 0:
+                    metrics.flush()
+            if loader.epoch > epoch and seen:  # this process saw a whole epoch end: summaries
+                metrics.flush()  # a diverged run stops here, not in the spectrum
+                summary = {name: acc.all_reduce().result().summary()
+                           for name, acc in spectra.items()}
+                hits = torch.stack([correct_total.double(),
+                                    torch.tensor(float(seen), device=device)])
+                if world > 1:  # the global batch's online-probe accuracy, not rank 0's share
+                    dist.all_reduce(hits)
+                metrics.epoch_row({"epoch_end": epoch, "step": step,
+                                   "probe_train_top1": (hits[0] / hits[1].clamp_min(1)).item(),
+                                   "spectrum": summary})
+            checkpoint()
         checkpoint()
-    if master:
-        progress.close()
+        if master:
+            atomic_save(raw_model.backbone.state_dict(), out / "backbone.pt")
+    finally:
         metrics.close()
-        atomic_save(raw_model.backbone.state_dict(), out / "backbone.pt")
     if dist.is_initialized():
         dist.barrier()  # every rank done before gloo/NCCL is torn down
         dist.destroy_process_group()

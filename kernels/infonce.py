@@ -1,8 +1,10 @@
 """Triton kernels of the subvector-InfoNCE primitive: the CUDA backend of ``directclr.infonce``.
 
-Rows R (M x dim) against columns C (Nc x dim), read straight from the caller's ``z[:, :dim]``
-views in their own dtype (bf16/fp16 go to the tensor cores as they are). The L2 normalization is
-fused as a rescaling of each product tile, in base 2 so that the exponentials are bare ``exp2``:
+Rows R (M x dim) against columns C (Nc x dim), the caller's ``z[:, :dim]`` in their own dtype
+(bf16/fp16 go to the tensor cores as they are), each row divided by a power of two that keeps its
+values below 2^16 (``directclr.infonce._subvector``), so that no product tile overflows fp32. The
+L2 normalization is fused as a rescaling of each product tile, in base 2 so that the exponentials
+are bare ``exp2``:
 
     l_ij = log2(e) * scale * (r_i . c_j) * inv_norm_r_i * inv_norm_c_j      (S_ij * log2(e))
 

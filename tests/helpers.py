@@ -1,4 +1,10 @@
-"""Shared test helpers: float64 references and error-relative comparisons."""
+"""Shared test helpers: float64 references, error-relative comparisons, host-sync counts and
+2-rank launches."""
+import collections
+import contextlib
+import subprocess
+import sys
+
 import torch
 
 from directclr import infonce, infonce_reference
@@ -61,3 +67,73 @@ def assert_rel_close(x, ref, rel, what="", atol=0.0):
     err = max_err(x, ref)
     bound = rel * scale + atol
     assert err <= bound, f"{what}: max error {err:.3e} > {bound:.3e} (max |ref| {scale:.3e})"
+
+
+# The Tensor methods through which Python code reads a tensor's value on the host: on a GPU each
+# waits for the device (a host sync). On CPU tensors they are counted all the same.
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+@contextlib.contextmanager
+def count_host_reads():
+    """Counts calls of HOST_READS on any tensor while inside; yields a Counter by method name."""
+    counts = collections.Counter()
+    own = {name: torch.Tensor.__dict__.get(name) for name in HOST_READS}
+
+    def counted(name, method):
+        def wrapper(self, *args, **kwargs):
+            counts[name] += 1
+            return method(self, *args, **kwargs)
+        return wrapper
+
+    for name in HOST_READS:
+        setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+    try:
+        yield counts
+    finally:
+        for name, method in own.items():
+            if method is None:  # inherited from torch._C.TensorBase
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, method)
+
+
+def run_two_ranks(worker, *args):
+    """torchrun --standalone with 2 processes (gloo in the workers) of tests/<worker> args."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", str(worker), *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def row_scales(dtype):
+    """Per-row scales from 1e-5 up to the dtype's max, for inputs no plain sum of squares
+    survives; rows below the norm floor are left to their own tests."""
+    largest = 0.99 * torch.finfo(dtype).max
+    if dtype == torch.float64:
+        return [largest, 1e200, 1e30, 1.0, 1e-5, 2.0**16]
+    if dtype == torch.bfloat16:  # its subnormal gradients at the very top would keep 1 digit
+        return [1e35, 1e30, 3e19, 1.0, 1e-5, 2.0**16]
+    return [largest, 1e30, 3e19, 1.0, 1e-5, 2.0**16]
+
+
+def assert_scale_invariant(dtype, variant, backend, rel_loss, rel_grad, device="cpu"):
+    """Rows of (6, 24) views at the scales of row_scales (dim 16) against the float64 reference
+    on the rows divided by their scales: the same loss, and that gradient times 1/scale."""
+    scales = torch.tensor(row_scales(dtype), dtype=torch.float64)
+    views, bases, row_scale = [], [], []
+    for seed, order in ((0, scales), (1, scales.flip(0))):
+        base = make_views(len(order), 24, dtype=torch.float64, seed=seed)[0].detach()
+        base = base / base.abs().amax(1, keepdim=True)  # max |row| = 1, times its scale below
+        z = (base * order[:, None]).to(dtype)
+        views.append(z.to(device))
+        bases.append(z.double() / order[:, None])  # what z holds, divided by its scale
+        row_scale.append(order[:, None])
+    loss, g1, g2 = loss_and_grads(*views, dim=16, variant=variant, backend=backend)
+    ref_loss, ref_g1, ref_g2 = reference_loss_and_grads(*bases, dim=16, variant=variant)
+    assert_rel_close(loss.cpu(), ref_loss, rel_loss, f"{dtype} {backend} loss", ROUNDING_FLOOR)
+    for name, got, ref, scale in (("grad z1", g1, ref_g1, row_scale[0]),
+                                  ("grad z2", g2, ref_g2, row_scale[1])):
+        assert torch.equal(got[:, 16:], torch.zeros_like(got[:, 16:]))
+        assert_rel_close(got.cpu().double() * scale, ref, rel_grad, f"{dtype} {backend} {name}",
+                         ROUNDING_FLOOR)

@@ -13,6 +13,7 @@ from torchvision.datasets import ImageFolder
 
 from directclr.data import (ImageFolderIndex, build_pretrain_loader, epoch_order,
                             prepare_fashion_mnist, prepare_synthetic)
+from directclr.data.images import CorruptImageError
 from directclr.data.prepare import FASHION_MNIST_DIR
 from directclr.data.recipe import IMAGENET_MEAN, IMAGENET_STD
 
@@ -257,7 +258,7 @@ def test_truncated_image_error_names_the_file(backend, tmp_path):
                              progress=False)
     victim = sorted((root / "class_001").iterdir())[0]
     victim.write_bytes(victim.read_bytes()[:200])
-    with pytest.raises(ValueError, match=victim.name):
+    with pytest.raises(CorruptImageError, match=victim.name):
         for _ in loader(root, backend=backend, batch_size=16):
             pass
 
@@ -271,19 +272,94 @@ def test_a_bad_file_fails_its_own_batch_and_the_loader_recovers(backend, tmp_pat
     data = loader(root, backend=backend, batch_size=4)
     victim = Path(data.index.files[data.order(0)[4]])  # epoch 0, batch 1
     original = victim.read_bytes()
-    # Truncated: PIL reads the header, decoding fails. Not an image: reading the header fails.
+    # Truncated: the header reads, the decode fails. Not an image: reading the header fails.
     victim.write_bytes(original[:len(original) // 3] if damage == "truncated"
                        else b"not an image" * 10)
     batches = iter(data)
     next(batches)  # batch 0 is fine
     batches.close()
     data.load_state_dict({**data.state_dict(), "epoch": 0, "batches_done": 0})
+    reason = ("Premature end of JPEG file" if damage == "truncated"
+              else "not an image format PIL knows")
     for _ in range(2):  # twice: a failure must not leave the loader broken
-        with pytest.raises(ValueError, match=victim.name):
+        with pytest.raises(CorruptImageError) as caught:
             list(data)
+        assert str(caught.value) == f"cannot decode image {victim}: {reason}"
         assert data.state_dict()["batches_done"] == 1
     victim.write_bytes(original)
     assert len(list(data)) == 2  # batches 1 and 2 of epoch 0
+
+
+def damage_entropy_data(path: Path, damage: str) -> None:
+    """Damages the middle third of the entropy-coded data after the first SOS marker, keeping
+    every marker valid, so that libjpeg only warns (`damage` is its warning)."""
+    data = path.read_bytes()
+    sos = data.index(b"\xff\xda")
+    start = sos + 2 + int.from_bytes(data[sos + 2:sos + 4], "big")  # past the SOS header
+    third = (data.rindex(b"\xff\xd9") - start) // 3
+    if damage == "bad Huffman code":
+        # Stuffed 0xff bytes: a run of 1 bits longer than any Huffman code.
+        middle = b"\xff\x00" * (third // 2)
+    elif damage == "premature end of data segment":
+        middle = b""
+    else:
+        raise ValueError(damage)
+    path.write_bytes(data[:start + third] + middle + data[start + 2 * third:])
+
+
+@pytest.mark.parametrize("damage", ["bad Huffman code", "premature end of data segment"])
+def test_damaged_jpeg_data_fails_naming_the_file(backend, tmp_path, damage):
+    """PIL and DALI decode such a file without an error, as a picture with flat blocks; both
+    backends must refuse it, naming it."""
+    root = prepare_synthetic(tmp_path / "bad", n=16, classes=2, min_side=40, max_side=60,
+                             progress=False)
+    victim = sorted((root / "class_001").iterdir())[0]
+    damage_entropy_data(victim, damage)
+    with Image.open(victim) as image:
+        image.convert("RGB")  # what both backends used to train on
+    with pytest.raises(CorruptImageError, match=f"Corrupt JPEG data: {damage}") as caught:
+        for _ in loader(root, backend=backend, batch_size=16):
+            pass
+    assert caught.value.path == str(victim)
+    assert str(caught.value) == f"cannot decode image {victim}: Corrupt JPEG data: {damage}"
+
+
+def test_padding_before_the_end_marker_is_not_damage(backend, tmp_path):
+    """Bytes between the last scan and EOI make libjpeg warn after every block is decoded: such
+    files (found in real datasets) train; padding before a restart marker inside the scan does
+    not."""
+    root = prepare_synthetic(tmp_path / "pad", n=16, classes=2, min_side=40, max_side=60,
+                             progress=False)
+    victim = sorted((root / "class_001").iterdir())[0]
+    data = victim.read_bytes()
+    end = data.rindex(b"\xff\xd9")
+    victim.write_bytes(data[:end] + b"\x00" * 240 + data[end:])
+    assert sum(len(labels) for _, _, labels in loader(root, backend=backend, batch_size=16)) == 16
+
+
+def test_a_workers_decode_error_reaches_the_caller_as_one_line_naming_the_file(tmp_path):
+    root = prepare_synthetic(tmp_path / "bad", n=16, classes=2, min_side=40, max_side=60,
+                             progress=False)
+    victim = sorted((root / "class_001").iterdir())[0]
+    damage_entropy_data(victim, "bad Huffman code")
+    script = textwrap.dedent(f"""
+        from directclr.data import build_pretrain_loader
+        from directclr.data.images import CorruptImageError
+        if __name__ == "__main__":
+            data = build_pretrain_loader("{root}", 8, backend="torchvision", device="cpu",
+                                         image_size={SIZE}, num_threads=2, recipe="small")
+            try:
+                list(data)
+            except CorruptImageError as err:
+                print(repr(str(err)))
+                print(type(err.__cause__).__name__, "Traceback" in str(err.__cause__))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    message = f"cannot decode image {victim}: Corrupt JPEG data: bad Huffman code"
+    # The worker's error, a traceback as text, stays attached as the cause.
+    assert proc.stdout.splitlines() == [repr(message), "RuntimeError True"], proc.stderr[-3000:]
 
 
 def test_non_image_files_are_skipped_and_counted(tmp_path):

@@ -6,8 +6,8 @@ import torch
 
 import directclr
 from directclr import DirectCLRLoss, infonce
-from helpers import (assert_rel_close, loss_and_grads, make_views, max_err,
-                     reference_loss_and_grads)
+from helpers import (assert_rel_close, assert_scale_invariant, loss_and_grads, make_views,
+                     max_err, reference_loss_and_grads)
 
 
 def _shapes():
@@ -78,10 +78,17 @@ def test_low_precision_within_pytorch_error(dtype, variant, n, width, dim):
 
 @pytest.mark.parametrize("variant", ["cross", "ntxent"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_gradcheck_float64(variant, reduction):
+@pytest.mark.parametrize("rescaled", [False, True])
+def test_gradcheck_float64(variant, reduction, rescaled):
+    """rescaled: z1's rows times 1 to 3e100 inside the function, so the op rescales rows (max
+    |u| >= 2^16) and its backward must undo that exactly."""
     z1, z2 = make_views(5, 9, dtype=torch.float64, layout="strided")
+    row_scale = torch.tensor([1.0, 2.0**40, 1e-3, 3e100, 7e4], dtype=torch.float64)[:, None]
+    if not rescaled:
+        row_scale = torch.ones_like(row_scale)
     torch.autograd.gradcheck(
-        lambda a, b: infonce(a, b, dim=6, temperature=0.3, variant=variant, reduction=reduction),
+        lambda a, b: infonce(a * row_scale, b, dim=6, temperature=0.3, variant=variant,
+                             reduction=reduction),
         (z1, z2))
 
 
@@ -192,6 +199,39 @@ def test_torch_compile_fullgraph():
     assert_rel_close(g1, z1.grad, 1e-6, "compiled grad")
 
 
+@pytest.mark.parametrize("variant", ["cross", "ntxent"])
+@pytest.mark.parametrize("dtype,rel_loss,rel_grad", [
+    pytest.param(torch.float32, 1e-5, 1e-4, id="fp32"),
+    pytest.param(torch.float64, 1e-12, 1e-10, id="fp64"),
+    pytest.param(torch.bfloat16, 1e-5, 1e-2, id="bf16")])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_any_finite_scale_gives_the_exact_loss_and_gradient(backend, dtype, rel_loss, rel_grad,
+                                                            variant):
+    """Rows up to the dtype's max (fp32: 3.4e38, where squares overflow from 1.8e19), scales
+    43 (fp32) to 313 (fp64) decades apart in one batch."""
+    if backend == "reference" and dtype == torch.bfloat16:
+        rel_loss = 1e-2  # the formula itself runs in bf16
+    assert_scale_invariant(dtype, variant, backend, rel_loss, rel_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rows_below_the_norm_floor_keep_it(dtype):
+    """1e-30 and subnormal rows are normalized by the floor (F.normalize's u / eps: the loss of
+    the formula) and get a zero gradient, like a row of zeros."""
+    z1, z2 = make_views(6, 16, dtype=dtype)
+    tiny = torch.finfo(dtype).tiny
+    with torch.no_grad():
+        z1[1] *= 1e-30
+        z2[4] *= tiny / 4  # subnormal
+    loss, g1, g2 = loss_and_grads(z1, z2, dim=16)
+    ref_loss, ref_g1, _ = reference_loss_and_grads(z1, z2, dim=16)
+    assert_rel_close(loss, ref_loss, 1e-5, "loss")
+    assert torch.equal(g1[1], torch.zeros_like(g1[1]))
+    assert torch.equal(g2[4], torch.zeros_like(g2[4]))
+    others = [i for i in range(6) if i != 1]
+    assert_rel_close(g1[others], ref_g1[others], 1e-4, "grad of the other rows")
+
+
 # --------------------------------------------------------------------------- bad input
 def _bad_calls():
     z = torch.randn(4, 8)
@@ -210,6 +250,12 @@ def _bad_calls():
         ("temperature", ValueError, lambda: infonce(z, z, dim=4, temperature=float("nan"))),
         ("temperature", ValueError, lambda: infonce(z, z, dim=4, temperature=float("inf"))),
         ("temperature", TypeError, lambda: infonce(z, z, dim=4, temperature="0.1")),
+        # 1/temperature overflows the working dtype (fp32 for bf16 too, fp64 for fp64)
+        ("temperature", ValueError, lambda: infonce(z, z, dim=4, temperature=1e-40)),
+        ("temperature", ValueError, lambda: infonce(z.bfloat16(), z.bfloat16(), dim=4,
+                                                    temperature=2.9e-39)),
+        ("temperature", ValueError, lambda: infonce(z.double(), z.double(), dim=4,
+                                                    temperature=5e-309)),
         ("z1", TypeError, lambda: infonce(z.long(), z.long(), dim=4)),
         ("z1", TypeError, lambda: infonce(z.to(torch.complex64), z.to(torch.complex64), dim=4)),
         ("same dtype", TypeError, lambda: infonce(z, z.double(), dim=4)),

@@ -1,15 +1,21 @@
 """The Triton backend: under TRITON_INTERPRET=1 on CPU tensors here, on CUDA where there is one."""
+import os
+
 import pytest
 import torch
 
 from directclr import infonce
-from helpers import (ROUNDING_FLOOR, assert_rel_close, loss_and_grads, make_views, max_err,
-                     reference_loss_and_grads)
+from helpers import (ROUNDING_FLOOR, assert_rel_close, assert_scale_invariant, loss_and_grads,
+                     make_views, max_err, reference_loss_and_grads)
 
 CUDA = torch.cuda.is_available()
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interpreted = pytest.mark.skipif(
-    __import__("os").environ.get("TRITON_INTERPRET") != "1",
+    not INTERPRETED,
     reason="CPU tensors reach the Triton kernels only through the interpreter")
+# Tests that run on CUDA tensors where there is a GPU, else interpreted on CPU tensors.
+DEVICE = "cuda" if CUDA else "cpu"
+on_either = pytest.mark.skipif(not (CUDA or INTERPRETED), reason="needs CUDA or TRITON_INTERPRET=1")
 
 
 def _cases():
@@ -145,8 +151,9 @@ def test_triton_is_deterministic():
         assert torch.equal(a, b)
 
 
+@on_either
 def test_triton_rejects_float64():
-    z1, z2 = make_views(4, 8, dtype=torch.float64)
+    z1, z2 = (z.to(DEVICE) for z in make_views(4, 8, dtype=torch.float64))
     with pytest.raises(TypeError, match="float64"):
         infonce(z1, z2, dim=4, backend="triton")
 
@@ -221,3 +228,19 @@ def test_cuda_opcheck_and_compile():
     loss = step(z1, z2)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(z1.grad).all()
+
+
+@on_either
+@pytest.mark.parametrize("variant", ["cross", "ntxent"])
+@pytest.mark.parametrize("dtype,rel_grad", [pytest.param(torch.float32, 1e-4, id="fp32"),
+                                            pytest.param(torch.bfloat16, 1e-2, id="bf16")])
+def test_triton_any_finite_scale_gives_the_exact_loss_and_gradient(dtype, rel_grad, variant):
+    """Rows up to fp32's max, whose products would overflow the kernels' fp32 tiles."""
+    assert_scale_invariant(dtype, variant, "triton", 1e-5, rel_grad, device=DEVICE)
+
+
+def test_triton_rejects_a_temperature_whose_inverse_overflows_fp32():
+    """Before any kernel (or the check of the device) runs."""
+    z1, z2 = make_views(3, 8)
+    with pytest.raises(ValueError, match="temperature"):
+        infonce(z1, z2, dim=8, temperature=1e-40, backend="triton")

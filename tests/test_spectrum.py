@@ -1,7 +1,4 @@
 """Spectrum accumulation against numpy float64 (np.cov(bias=True) + eigvalsh)."""
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +7,7 @@ import torch
 
 from directclr import SpectrumAccumulator, embedding_spectrum
 from directclr.spectrum import centered_gram
+from helpers import count_host_reads, run_two_ranks
 
 
 def numpy_eigenvalues(x, normalize=False):
@@ -114,8 +112,8 @@ def test_triton_backend_accumulates_like_cpu():
     (lambda a: a.update(torch.randn(4, 7)), ValueError, "shape"),
     (lambda a: a.update(torch.randn(8)), ValueError, "shape"),
     (lambda a: a.update(torch.ones(4, 8, dtype=torch.int64)), TypeError, "floating"),
-    (lambda a: a.update(torch.tensor([[float("nan")] * 8, [float("inf")] * 8])), ValueError,
-     "16 non-finite"),
+    (lambda a: a.update(torch.tensor([[float("nan")] * 8, [float("inf")] * 8])).result(),
+     ValueError, "1 of the 1 batches held NaN or inf"),
     (lambda a: a.update(torch.randn(1, 8)).result(), ValueError, "at least 2 rows"),
     (lambda a: a.result(), ValueError, "at least 2 rows"),
     (lambda a: a.merge(SpectrumAccumulator(9)), ValueError, "same dim"),
@@ -127,17 +125,68 @@ def test_bad_input(call, error, match):
 
 
 def test_all_reduce_two_process_gloo(tmp_path):
-    worker = Path(__file__).with_name("spectrum_worker.py")
+    """Ranks at different power-of-two scales (rank 1's rows are 1000x larger)."""
     out = tmp_path / "spec.pt"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node=2", str(worker), str(out)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_two_ranks(Path(__file__).with_name("spectrum_worker.py"), out)
     saved = torch.load(out, weights_only=True)
     one = SpectrumAccumulator(24).update(saved["x"])  # float64 data: exact up to round-off
-    assert saved["n"] == len(saved["x"])
-    assert torch.allclose(saved["mean"], one.mean, atol=1e-9)
-    assert torch.allclose(saved["m2"], one.m2, rtol=1e-9, atol=1e-6)
+    assert saved["n"] == len(saved["x"]) and saved["batches"] == 10
+    assert torch.allclose(saved["mean"], one.mean, rtol=1e-12)
+    assert (saved["m2"] - one.m2).abs().max() <= 1e-12 * one.m2.abs().max()
+    assert saved["nonfinite_error"].startswith("1 of the 12 batches held NaN or inf values")
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_update_and_merge_read_nothing_on_the_host(normalize):
+    """On a GPU each host read would stall the launch queue; a NaN batch is still an error, at
+    result()."""
+    x = low_rank(300, 16, 16, offset=2.0)
+    bad = x[:50].clone()
+    bad[7, 3] = float("nan")
+    acc = SpectrumAccumulator(16, normalize=normalize, backend="cpu")
+    other = SpectrumAccumulator(16, normalize=normalize, backend="cpu")
+    with count_host_reads() as reads:
+        acc.update(x[:100]).update(x[100:] * 1e30)  # a new scale: the state is rescaled
+        other.update(x[:20] * 1e-30).update(bad)
+        acc.merge(other)
+    assert not reads, dict(reads)
+    assert acc.n == 370 and acc.batches == 4
+    with pytest.raises(ValueError, match="1 of the 4 batches held NaN or inf values"):
+        acc.result()
+
+
+def _spectrum_in_chunks(z, dtype, normalize=False):
+    """Three updates and a merge, at different scales where z's rows differ in scale."""
+    acc = SpectrumAccumulator(z.shape[1], normalize=normalize, dtype=dtype)
+    other = SpectrumAccumulator(z.shape[1], normalize=normalize, dtype=dtype)
+    acc.update(z[:150]).update(z[150:350])
+    return acc.merge(other.update(z[350:])).result()
+
+
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e30), (torch.float32, 1e-30),
+                                         (torch.bfloat16, 1e30), (torch.float64, 1e150),
+                                         (torch.float64, 1e-150)])
+@pytest.mark.parametrize("state", [torch.float64, torch.float32])
+def test_huge_and_tiny_inputs_give_the_exact_spectrum(dtype, scale, state):
+    """fp32 squares overflow past 1.8e19 and underflow below 1e-19 (fp64: 1e154, 1e-154); the
+    second half of the rows is 4x the first (a larger power-of-two scale mid-stream)."""
+    x = low_rank(500, 24, 10, offset=3.0).double()
+    x[250:] *= 4
+    z = (x * scale).to(dtype)
+    spec = _spectrum_in_chunks(z, state)
+    ref = numpy_eigenvalues(z.double() / scale) * scale**2
+    rel = 1e-12 if dtype == torch.float64 and state == torch.float64 else 1e-5
+    assert np.abs(spec.eigenvalues.numpy() - ref).max() <= rel * ref[0]
+    if dtype != torch.bfloat16:  # rank 10, and the halves' means differ: 24 - 11 collapsed
+        assert spec.collapsed() == 13
+
+
+def test_eigenvalues_beyond_float64_are_a_clear_error_and_unit_rows_still_work():
+    x = low_rank(300, 8, 8, offset=3.0).double()
+    with pytest.raises(ValueError, match=r"largest eigenvalue, about 2\^1\d\d\d, exceeds float64"):
+        _spectrum_in_chunks(x * 1e200, torch.float64)
+    unit = _spectrum_in_chunks(x * 1e200, torch.float64, normalize=True)
+    assert np.allclose(unit.eigenvalues.numpy(), numpy_eigenvalues(x, normalize=True), atol=1e-13)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -8,10 +8,17 @@ parameters when not applied; grayscale, blur and solarize are per-sample conditi
 (the blur window follows sigma, as PIL's blur in the torchvision backend does).
 
 Everything runs ahead of the consumer, across epoch ends: a thread reads the files and draws
-the parameters of the next batches (about 24 ms per 256 ImageNet JPEGs on one core, plus a
-header read per image in the first epoch), PREFETCH batches are fed and scheduled before the one
-being trained on is taken, and DALI's own threads (its own CUDA stream on GPU) decode and augment
-them while the training step runs.
+the parameters of the next batches (about 24 ms per 256 ImageNet JPEGs on one core), PREFETCH
+batches are fed and scheduled before the one being trained on is taken, and DALI's own threads
+(its own CUDA stream on GPU) decode and augment them while the training step runs.
+
+DALI decodes a JPEG with damaged entropy data without a word (images.py), so the first time a
+loader reads a file, it reads its header and checks it as the torchvision backend checks every
+decode: the same files fail, with the same error. The check costs about 0.5 ms per ImageNet
+JPEG on one core, about 11 core-minutes over ImageNet's 1.28M files, spread over num_threads
+threads and paid in the first epoch only: every epoch would cost that again each time, and
+checking when the index is built would hold the start back by it. A file damaged after its
+first read is caught only where DALI itself fails on it (a truncated one).
 """
 from __future__ import annotations
 
@@ -19,11 +26,12 @@ import math
 import queue
 import threading
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from PIL import Image
 
+from .images import CorruptImageError, checked_size, first_bad
 from .recipe import Recipe
 
 FLAGS = ("gray", "blur", "solarize")  # per-sample booleans that select a branch
@@ -124,7 +132,9 @@ class DaliSource:
         self.index, self.recipe, self.image_size = index, recipe, image_size
         self.num_threads, self.seed, self.device = num_threads, seed, device
         self._pipe = None
-        self._sizes: dict[int, tuple[int, int]] = {}
+        self._sizes: dict[int, tuple[int, int]] = {}  # of the files read and checked so far
+        self._checker = ThreadPoolExecutor(max(1, num_threads),
+                                           thread_name_prefix="image-check")
         # ((epoch, batch), sample indices, None or the error that kept it from being fed) of
         # the batches fed and scheduled, oldest first
         self._in_flight: deque[tuple[tuple[int, int], list[int], Exception | None]] = deque()
@@ -191,27 +201,27 @@ class DaliSource:
             return self.recipe.solarize_p[view] > 0
         return True
 
-    def _size(self, i: int) -> tuple[int, int]:
-        if i not in self._sizes:
-            with Image.open(self.index.files[i]) as image:  # reads the header only
-                self._sizes[i] = (image.height, image.width)
-        return self._sizes[i]
-
     def _inputs(self, keys: list[tuple[int, int]]) -> dict[str, list[np.ndarray] | np.ndarray]:
         """One batch's external-source inputs: encoded files, labels, both views' parameters.
         Pure Python and file reads, no DALI: it may run ahead of the pipeline. Fixed-shape
         inputs are one array each (batch first), which DALI takes far faster than a list of
         per-sample arrays."""
+        files = {}
+        for _, i in keys:
+            with open(self.index.files[i], "rb") as f:
+                files[i] = f.read()
+        new = [i for i in files if i not in self._sizes]
+        sizes = self._checker.map(checked_size, [self.index.files[i] for i in new],
+                                  [files[i] for i in new])
+        self._sizes.update(zip(new, sizes))
         encoded, labels = [], []
         params = {f"v{v}_{name}": [] for v in range(2) for name in self.PARAMS
                   if self._used(v, name)}
         for epoch, i in keys:
-            path = self.index.files[i]
-            with open(path, "rb") as f:
-                encoded.append(np.frombuffer(f.read(), dtype=np.uint8))
+            encoded.append(np.frombuffer(files[i], dtype=np.uint8))
             labels.append(self.index.labels[i])
             rng = np.random.default_rng([self.seed, epoch, i])
-            height, width = self._size(i)
+            height, width = self._sizes[i]
             for view in range(2):
                 v = view_params(self.recipe, view, rng, height, width)
                 values = {"roi_start": v["roi_start"], "roi_end": v["roi_end"],
@@ -256,10 +266,16 @@ class DaliSource:
                 view1, view2, labels = self._pipe.outputs(
                     torch.cuda.current_stream(self.device) if self.device.type == "cuda"
                     else None)
+            except CorruptImageError:
+                self._reset()
+                raise
             except Exception as err:  # DALI's errors name the operator, not the file
                 self._reset()
-                raise ValueError(f"DALI failed on a batch holding "
-                                 f"{_first_bad(self.index, indices)}: {err}") from err
+                files = [self.index.files[i] for i in indices]
+                bad = first_bad(files)
+                if bad is None:
+                    raise ValueError(f"DALI failed on a batch holding {files[0]}: {err}") from err
+                raise bad from err
             self._in_flight.popleft()
             self._fill()
             yield (self._to_torch(view1), self._to_torch(view2),
@@ -303,14 +319,3 @@ class DaliSource:
             self._preparer.close()
         self._preparer, self._pipe, self._primed, self._waiting = None, None, False, 0
         self._in_flight.clear()
-
-
-def _first_bad(index, indices) -> str:
-    """The first file of the batch that PIL cannot decode (else the batch's first file)."""
-    for i in indices:
-        try:
-            with Image.open(index.files[i]) as image:
-                image.load()
-        except Exception:
-            return index.files[i]
-    return index.files[indices[0]]

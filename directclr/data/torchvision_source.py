@@ -1,8 +1,5 @@
-"""torchvision backend: PIL decode and the recipe's transforms in DataLoader workers.
-
-Workers start with "forkserver", never "fork": a process that already runs DALI (or any other
-threaded library) can deadlock in a forked child.
-"""
+"""torchvision backend: decode (damage reported as images.py says) and the recipe's transforms
+in DataLoader workers that die with the trainer (workers.py)."""
 from __future__ import annotations
 
 import torch
@@ -10,7 +7,9 @@ from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
+from .images import CorruptImageError, first_bad, load_rgb
 from .recipe import Recipe
+from .workers import worker_args
 
 
 def view_transform(recipe: Recipe, view: int, image_size: int) -> T.Compose:
@@ -38,14 +37,6 @@ class PILGaussianBlur:
     def __call__(self, image: Image.Image) -> Image.Image:
         sigma = torch.empty(1).uniform_(*self.sigma).item()
         return image.filter(ImageFilter.GaussianBlur(radius=sigma))
-
-
-def load_rgb(path: str) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")  # forces the full decode here, inside the try
-    except Exception as err:  # PIL raises many types; the caller needs the file's name
-        raise ValueError(f"cannot decode image {path}: {err}") from err
 
 
 class TwoViewDataset(Dataset):
@@ -92,16 +83,28 @@ class TorchvisionSource:
 
     def _dataloader(self, batch_size: int) -> DataLoader:
         if self._loader is None:
-            workers = self.num_workers
             self._loader = DataLoader(
                 self.dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
-                num_workers=workers, pin_memory=self.pin_memory,
-                persistent_workers=workers > 0,
-                multiprocessing_context="forkserver" if workers > 0 else None)
+                pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
+                **worker_args(self.num_workers))
         return self._loader
 
     def batches(self, loader, epoch: int, start_batch: int):
         n = len(self.dataset)
         order = loader.order(epoch)[start_batch * loader.batch_size:]
         self.sampler.keys = (epoch * n + order).tolist()
-        yield from self._dataloader(loader.batch_size)
+        done = 0
+        try:
+            for batch in self._dataloader(loader.batch_size):
+                yield batch
+                done += 1
+        except CorruptImageError:  # raised here, without workers: it names the file already
+            raise
+        except Exception as err:
+            # A worker's error arrives as its traceback's text; decoding the batch that failed
+            # here gives the one-line error that names the file.
+            failed = order[done * loader.batch_size:(done + 1) * loader.batch_size].tolist()
+            bad = first_bad(self.dataset.files[i] for i in failed)
+            if bad is None:
+                raise
+            raise bad from err

@@ -1,0 +1,77 @@
+"""DataLoader worker processes that die with the process that iterates the loader, kill -9
+included.
+
+Workers start with "forkserver", never "fork": a process that already runs DALI (or any other
+threaded library) can deadlock in a forked child. That made them outlive a killed trainer: a
+worker's parent is the forkserver, and torch's workers watch only their parent (getppid() in
+ManagerWatchdog); the forkserver exits once every write end of its "alive" pipe is closed, and
+multiprocessing hands one to every process the forkserver forks, workers included. After kill -9
+of the trainer the workers kept the forkserver alive and it kept their parent unchanged: both
+lived on (300 s and more; with them the resource tracker, which waits for the workers).
+
+So each worker closes its write end as it starts, leaving the trainer's as the last: the
+forkserver exits when the trainer dies, as designed. And each worker asks the kernel for SIGKILL
+when its parent, the forkserver, dies (prctl PR_SET_PDEATHSIG; Linux only: elsewhere torch's
+check of the parent ends them within its 5 s poll). The forkserver is single-threaded, so the
+parent thread that PR_SET_PDEATHSIG watches is the whole process. A trainer killed while its
+workers still start (import torch, unpickle the dataset) is outlived by them until then: the
+write ends close only in worker_init_fn.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import multiprocessing.forkserver
+import os
+import signal
+import sys
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# A terminal's Ctrl-C and a scheduler's preemption (srun signals every process of a job) reach
+# the workers and the forkserver too, while the trainer finishes its step and writes a checkpoint
+# (directclr.train.StopSignals): they ignore them and end with the trainer instead.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+PRELOAD = "directclr.data.forkserver_preload"
+
+
+def worker_args(num_workers: int) -> dict:
+    """DataLoader arguments for `num_workers` worker processes (0: load in the caller)."""
+    if num_workers == 0:
+        return {"num_workers": 0}
+    context = multiprocessing.get_context("forkserver")
+    preload = multiprocessing.forkserver._forkserver._preload_modules
+    if PRELOAD not in preload:  # effective when this process starts its forkserver
+        context.set_forkserver_preload([*preload, PRELOAD])
+    return {"num_workers": num_workers, "multiprocessing_context": context,
+            "worker_init_fn": functools.partial(_die_with_trainer, os.getpid())}
+
+
+def _die_with_trainer(trainer: int, worker_id: int) -> None:
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    server = multiprocessing.forkserver._forkserver
+    if server._forkserver_alive_fd is not None:
+        os.close(server._forkserver_alive_fd)
+        # A process started from this worker would start a forkserver of its own (none is
+        # known to this process), which sets this anew.
+        server._forkserver_alive_fd = None
+    if sys.platform != "linux":
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
+    # The trainer or the forkserver may have died before prctl took effect, and then no signal
+    # comes: the parent is then no longer a child of the trainer.
+    grandparent = _parent_of(os.getppid())
+    if grandparent is not None and grandparent != trainer:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # The command name in parentheses may hold spaces; state and ppid follow it.
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
