@@ -242,14 +242,20 @@ def save_checkpoint(out: Path, step: int, state: dict) -> None:
 
 
 def check_checkpoint(state, path: Path) -> dict:
-    """A checkpoint this loop wrote: every key, and finite weights and momenta."""
+    """A checkpoint this loop wrote: every key, of the right kind, and finite weights and
+    momenta."""
     if not isinstance(state, dict) or any(key not in state for key in CHECKPOINT_KEYS):
         have = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise CorruptFile(f"{path} is not a training checkpoint: it needs keys "
                           f"{list(CHECKPOINT_KEYS)}, has {have}")
+    kinds = {"model": dict, "optimizer": dict, "loader": dict, "step": int, "run": dict}
+    wrong = [key for key, kind in kinds.items() if not isinstance(state[key], kind)]
+    if wrong:
+        raise CorruptFile(f"{path} is not a training checkpoint: {wrong} have the wrong type")
+    momenta = state["optimizer"].get("state", {})
     tensors = list(state["model"].values()) + [
-        value for entry in state["optimizer"].get("state", {}).values()
-        for value in entry.values()]
+        value for entry in (momenta.values() if isinstance(momenta, dict) else [])
+        if isinstance(entry, dict) for value in entry.values()]
     if not all(torch.isfinite(t).all() for t in tensors
                if isinstance(t, torch.Tensor) and t.is_floating_point()):
         raise CorruptFile(f"{path} holds non-finite weights or momenta")
@@ -555,8 +561,13 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, out: Path,
         if step > last_step:
             raise ValueError(f"the checkpoint in --out is at step {step}, past the {last_step} "
                              "steps --epochs/--max-steps now ask for")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError) as err:  # an accepted --arch, --mode or --dim change
+            detail = " ".join(str(err).split())[:300]
+            raise ValueError(f"the checkpoint at step {step} does not fit this model ({detail}"
+                             "); start over with --no-resume") from err
         loader.load_state_dict(state["loader"])
         if master:
             log.warning("resumed from step %d (epoch %d)", step, loader.epoch)

@@ -19,6 +19,7 @@ write ends close only in worker_init_fn.
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import multiprocessing.forkserver
@@ -29,7 +30,9 @@ import sys
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # A terminal's Ctrl-C and a scheduler's preemption (srun signals every process of a job) reach
 # the workers and the forkserver too, while the trainer finishes its step and writes a checkpoint
-# (directclr.train.StopSignals): they ignore them and end with the trainer instead.
+# (directclr.train.StopSignals): they ignore them and end with the trainer instead. At the
+# trainer's exit, multiprocessing would stop its daemon children with SIGTERM and wait for them,
+# forever; so this process kills them first (_kill_workers_at_exit).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 PRELOAD = "directclr.data.forkserver_preload"
 
@@ -38,12 +41,26 @@ def worker_args(num_workers: int) -> dict:
     """DataLoader arguments for `num_workers` worker processes (0: load in the caller)."""
     if num_workers == 0:
         return {"num_workers": 0}
+    _kill_workers_at_exit()
     context = multiprocessing.get_context("forkserver")
     preload = multiprocessing.forkserver._forkserver._preload_modules
     if PRELOAD not in preload:  # effective when this process starts its forkserver
         context.set_forkserver_preload([*preload, PRELOAD])
     return {"num_workers": num_workers, "multiprocessing_context": context,
             "worker_init_fn": functools.partial(_die_with_trainer, os.getpid())}
+
+
+@functools.cache
+def _kill_workers_at_exit() -> None:
+    """SIGKILL to this process's daemon children (DataLoader workers) at exit: registered after
+    multiprocessing's own exit hook, it runs before it (atexit is last in, first out), which then
+    finds no child left to terminate() and join()."""
+    def kill():
+        for child in multiprocessing.active_children():
+            if child.daemon:
+                child.kill()
+                child.join()
+    atexit.register(kill)
 
 
 def _die_with_trainer(trainer: int, worker_id: int) -> None:
