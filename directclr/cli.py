@@ -51,39 +51,49 @@ def exit_without_teardown(code: int = 0) -> None:
 
 
 def _add_pretrain(commands) -> None:
+    from .models import MODES
     from .train import Config
     d = Config(data="", out="")
-    p = commands.add_parser("pretrain", help="DirectCLR / SimCLR-baseline pretraining")
+    p = commands.add_parser("pretrain", help="DirectCLR / SimCLR-baseline pretraining",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", required=True, help="ImageFolder root, or 'fashion-mnist'")
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics)")
-    p.add_argument("--arch", default=d.arch, choices=list(ARCHS))
-    p.add_argument("--mode", default=d.mode)
+    p.add_argument("--arch", default=d.arch, choices=list(ARCHS), help="backbone")
+    p.add_argument("--mode", default=d.mode, choices=MODES,
+                   help="directclr, or a SimCLR baseline (its projector)")
     p.add_argument("--dim", type=int, default=d.dim, help="d0, the subvector width")
-    p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--variant", default=d.variant, choices=["cross", "ntxent"])
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch")
-    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--temperature", type=float, default=d.temperature, help="InfoNCE's tau")
+    p.add_argument("--variant", default=d.variant, choices=["cross", "ntxent"],
+                   help="the official loss, or SimCLR's 2N x 2N one")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="global batch of pairs, over all ranks")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over --data")
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many steps; warm-up and cosine then span this run")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--wd", type=float, default=d.wd)
-    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
-    p.add_argument("--loader", default=d.loader, choices=["auto", "dali", "torchvision"])
-    p.add_argument("--ckpt-every", type=int, default=d.ckpt_every, help="steps")
+    p.add_argument("--lr", type=float, default=d.lr, help="LARS peak learning rate")
+    p.add_argument("--wd", type=float, default=d.wd, help="weight decay")
+    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs,
+                   help="linear warm-up, at most a tenth of the run")
+    p.add_argument("--loader", default=d.loader, choices=["auto", "dali", "torchvision"],
+                   help="auto: DALI where it imports")
+    p.add_argument("--ckpt-every", type=int, default=d.ckpt_every,
+                   help="steps between checkpoints (also at every epoch end)")
     p.add_argument("--log-every", type=int, default=d.log_every,
                    help="steps between metrics writes and divergence checks (the only host "
                    "syncs of a GPU step; every step still gets its row)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="resume from the newest checkpoint in --out (default); --no-resume "
-                   "starts over, moving the old files to previous-<time>/")
+                   help="resume from the newest checkpoint in --out; --no-resume starts over, "
+                   "moving the old files to previous-<time>/")
     p.add_argument("--accept-changes", nargs="+", default=(), metavar="FLAG",
                    type=lambda name: name.lstrip("-").replace("-", "_"),
                    help="settings a resume may change (e.g. epochs max-steps); the others must "
                    "match the checkpoint's")
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--num-threads", type=int, default=None)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--seed", type=int, default=d.seed, help="weights, data order, augmentations")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="pixels; None: 32 for fashion-mnist, else 224")
+    p.add_argument("--num-threads", type=int, default=None,
+                   help="loader threads or workers; None: min(8, cores)")
     p.add_argument("--cache", default=d.cache, help="where prepared datasets go")
     p.set_defaults(run=_pretrain)
 
@@ -225,7 +235,9 @@ def _add_reproduce(commands) -> None:
 
 
 def main(argv=None) -> int:
+    from . import __version__
     parser = argparse.ArgumentParser(prog="directclr", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"directclr {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     prepare = commands.add_parser("prepare", help="write a dataset as an ImageFolder tree")
     prepare.add_argument("dataset", choices=["fashion-mnist", "synthetic"])

@@ -327,3 +327,18 @@ def test_the_guard_names_the_first_non_finite_step(tmp_path):
         log.flush()
     written = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(written) == 2  # up to the step that diverged
+
+
+def test_help_shows_the_config_defaults_and_the_choices(capsys):
+    from directclr.cli import main
+    with pytest.raises(SystemExit) as done:
+        main(["pretrain", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    d = Config(data="", out="")
+    for value in (d.lr, d.batch_size, d.epochs, d.dim, d.warmup_epochs, d.log_every):
+        assert f"(default: {value})" in text, value
+    assert "{" + ",".join(MODES) + "}" in text
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("directclr 0.")
