@@ -113,7 +113,7 @@ def compile_only(arch: int, launches: list):
     arguments) and is recorded instead of run; cuBLAS products return empty results."""
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
-    kernels = importlib.import_module("kernels.infonce")
+    kernels = importlib.import_module("directclr.kernels.infonce")
     run, mm, wanted = JITFunction.run, kernels._mm, kernels._programs_wanted
 
     def record(self, *args, grid, warmup, **kwargs):
@@ -150,7 +150,7 @@ def compile_only(arch: int, launches: list):
 
 def _jit_functions():
     from triton.runtime.jit import JITFunction
-    for module in ("kernels.infonce", "kernels.covariance"):
+    for module in ("directclr.kernels.infonce", "directclr.kernels.covariance"):
         for value in vars(importlib.import_module(module)).values():
             if isinstance(value, JITFunction):
                 yield value
@@ -180,7 +180,7 @@ def capture_loss(variant: str, dim: int, dtype: str, precision: str, arch: int, 
 
 def capture_covariance(arch: int, n: int, width: int = 2048):
     import torch
-    from kernels.covariance import centered_gram
+    from directclr.kernels.covariance import centered_gram
     x = torch.randn(n, width, dtype=torch.bfloat16)
     launches: list[Launch] = []
     with compile_only(arch, launches):
@@ -430,7 +430,7 @@ def interpreter_counts(cases, n: int = COUNT_N) -> dict:
 def _count_in_interpreter(cases, n: int) -> dict:
     import torch
     from triton.runtime import interpreter
-    kernels = importlib.import_module("kernels.infonce")
+    kernels = importlib.import_module("directclr.kernels.infonce")
     op = importlib.import_module("directclr.infonce")
     counts = {"macs": 0, "exp2": 0, "cublas_macs": 0}
     dot, exp2, mm = (interpreter.InterpreterBuilder.create_dot,

@@ -5,6 +5,8 @@ import argparse
 import os
 import sys
 
+from .data.loader import BACKENDS as LOADERS
+from .infonce import VARIANTS
 from .models import ARCHS
 
 
@@ -63,7 +65,7 @@ def _add_pretrain(commands) -> None:
                    help="directclr, or a SimCLR baseline (its projector)")
     p.add_argument("--dim", type=int, default=d.dim, help="d0, the subvector width")
     p.add_argument("--temperature", type=float, default=d.temperature, help="InfoNCE's tau")
-    p.add_argument("--variant", default=d.variant, choices=["cross", "ntxent"],
+    p.add_argument("--variant", default=d.variant, choices=VARIANTS,
                    help="the official loss, or SimCLR's 2N x 2N one")
     p.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="global batch of pairs, over all ranks")
@@ -74,7 +76,7 @@ def _add_pretrain(commands) -> None:
     p.add_argument("--wd", type=float, default=d.wd, help="weight decay")
     p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs,
                    help="linear warm-up, at most a tenth of the run")
-    p.add_argument("--loader", default=d.loader, choices=["auto", "dali", "torchvision"],
+    p.add_argument("--loader", default=d.loader, choices=LOADERS,
                    help="auto: DALI where it imports")
     p.add_argument("--ckpt-every", type=int, default=d.ckpt_every,
                    help="steps between checkpoints (also at every epoch end)")
@@ -89,6 +91,8 @@ def _add_pretrain(commands) -> None:
                    help="settings a resume may change (e.g. epochs max-steps); the others must "
                    "match the checkpoint's")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write the metrics as TensorBoard scalars into --out/tensorboard")
     p.add_argument("--seed", type=int, default=d.seed, help="weights, data order, augmentations")
     p.add_argument("--image-size", type=int, default=None,
                    help="pixels; None: 32 for fashion-mnist, else 224")
@@ -105,14 +109,13 @@ def _probe(args) -> None:
 
     from .data import prepare_fashion_mnist
     from .probe import linear_probe
-    data, image_size = args.data, args.image_size
+    data = args.data
     if data == "fashion-mnist":
         data = prepare_fashion_mnist(Path(args.cache).expanduser() / "fashion-mnist")
-        image_size = image_size or 32
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     result = linear_probe(args.checkpoint, data, arch=args.arch, epochs=args.epochs,
                           batch_size=args.batch_size, lr=args.lr, subvector=args.subvector,
-                          image_size=image_size or 224, num_workers=args.num_workers,
+                          image_size=args.image_size, num_workers=args.num_workers,
                           limit=args.limit, device=device)
     what = f"r[:, :{args.subvector}]" if args.subvector else "the whole representation"
     print(f"linear probe on {what}: best val top-1 {100 * result['top1_best']:.2f}% "
@@ -124,13 +127,15 @@ def _add_probe(commands) -> None:
     p.add_argument("--checkpoint", required=True, help="backbone.pt or a training checkpoint")
     p.add_argument("--data", required=True,
                    help="root with train/ and val/ ImageFolder trees, or 'fashion-mnist'")
-    p.add_argument("--arch", default="resnet50", choices=list(ARCHS))
+    p.add_argument("--arch", default=None, choices=list(ARCHS),
+                   help="only for a backbone.pt that does not record its arch (older files)")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--subvector", type=int, default=None, metavar="D0",
                    help="probe only r[:, :D0] (DirectCLR's subvector)")
-    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--image-size", type=int, default=None,
+                   help="pixels; default: the size the backbone was trained at")
     p.add_argument("--limit", type=int, default=None, help="at most this many images per split")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default=None)
@@ -159,10 +164,12 @@ def _add_spectrum(commands) -> None:
     p.add_argument("--checkpoint", required=True, help="backbone.pt or a training checkpoint")
     p.add_argument("--data", required=True, help="an ImageFolder root (e.g. .../val)")
     p.add_argument("--out", required=True, help="where spectrum.json and spectrum.png go")
-    p.add_argument("--arch", default="resnet50", choices=list(ARCHS))
+    p.add_argument("--arch", default=None, choices=list(ARCHS),
+                   help="only for a backbone.pt that does not record its arch (older files)")
     p.add_argument("--subvector", type=int, default=None, metavar="D0",
                    help="the spectrum of r[:, :D0] instead of the whole representation")
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--image-size", type=int, default=None,
+                   help="pixels; default: the size the backbone was trained at")
     p.add_argument("--no-normalize", action="store_true",
                    help="skip the L2 normalization of rows (the official script normalizes)")
     p.add_argument("--limit", type=int, default=None, help="at most this many images")
@@ -230,8 +237,22 @@ def _add_reproduce(commands) -> None:
     p.add_argument("--images", type=int, help="training images (default 8000)")
     p.add_argument("--probe-epochs", type=int, help="default 30")
     p.add_argument("--arch", choices=list(ARCHS), help="default resnet18-w16")
-    p.add_argument("--loader", default="auto", choices=["auto", "dali", "torchvision"])
+    p.add_argument("--loader", default="auto", choices=LOADERS)
     p.set_defaults(run=_reproduce, argv=None)
+
+
+def _info(args) -> int:
+    from .info import report
+    lines, cpu_ok = report(build=args.build)
+    print("\n".join(lines))
+    return 0 if cpu_ok or not args.build else 1
+
+
+def _add_info(commands) -> None:
+    p = commands.add_parser("info", help="versions, and which backends work here")
+    p.add_argument("--build", action="store_true",
+                   help="build the C++ CPU kernels now if need be (exit 1 if they cannot be)")
+    p.set_defaults(run=_info)
 
 
 def main(argv=None) -> int:
@@ -253,12 +274,15 @@ def main(argv=None) -> int:
     _add_spectrum(commands)
     _add_theory(commands)
     _add_reproduce(commands)
+    _add_info(commands)
+    from .plot import add_plot_parser
+    add_plot_parser(commands)
     args = parser.parse_args(argv)
     if argv is not None and args.command == "reproduce":
         args.argv = list(argv)
     try:
         return args.run(args) or 0
-    except (ValueError, OSError, ChildProcessError) as err:  # OSError: a full disk, a bad path
+    except (ValueError, OSError, ChildProcessError, ImportError) as err:  # OSError: a full disk
         print(f"directclr {args.command}: error: {err}", file=sys.stderr)
         if "RANK" in os.environ:
             exit_without_teardown(2)

@@ -3,13 +3,15 @@
 Layers, top to bottom:
 
 * ``infonce`` / ``DirectCLRLoss``: the public functional API and its thin module; argument checks.
-* ``directclr::infonce`` (torch.library custom op, with fake and autograd registered) for one
-  process, and ``_DistributedInfoNCE`` (autograd.Function) when torch.distributed is in use.
+* ``directclr::infonce`` / ``directclr::infonce_backward`` (torch.library custom ops, with fake
+  and autograd registered): one op for one process (``group_name=""``) and for a process group
+  (its name), so ``torch.compile(fullgraph=True)`` sees one opaque op either way; the collectives
+  and the equal-N check run inside it, never traced.
 * ``_forward`` / ``_backward``: normalization, the row/column layout of each variant, the
-  collectives. Both the op and the distributed path run exactly this code.
+  collectives (none without a group).
 * the primitive, per backend: rows Q against columns K, one positive column per row, an optional
   excluded column per row -> row LSE (and column LSE); backward recomputes tiles from the LSEs.
-  ``cpu``: C++ in ``directclr._C``; ``triton``: ``kernels/``.
+  ``cpu``: C++ (``kernels/cpu``, built on first use by ``native``); ``triton``: ``kernels/``.
 * ``infonce_reference``: the plain PyTorch formula, which builds the N x N matrix; tests and
   benchmarks compare against it.
 
@@ -32,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import native
 from .scaling import scaled_rows
 
 VARIANTS = ("cross", "ntxent")
@@ -162,12 +165,13 @@ def _unit_rows(x: Tensor, inv_norm: Tensor) -> Tensor:
 
 
 class _CpuPrimitive:
-    """C++ kernels of directclr._C; they work on normalized contiguous rows."""
+    """C++ kernels (torch.ops.directclr_cpu) on normalized contiguous rows; where they cannot be
+    built (no compiler: see ``native``), the same contract in plain PyTorch over the whole
+    M x C logits (``_dense_lse_forward``/``_dense_lse_backward``)."""
 
     @staticmethod
     def _units(rows, row_inv, cols, col_inv, pairing):
         """Normalized rows and columns, each row's positive and excluded column (-1: none)."""
-        from . import _C  # noqa: F401  (loading the library registers torch.ops.directclr_cpu)
         unit_rows = _unit_rows(rows, row_inv)
         n_rows = rows.shape[0]
         return (unit_rows, unit_rows if cols is rows else _unit_rows(cols, col_inv),
@@ -175,29 +179,68 @@ class _CpuPrimitive:
 
     @classmethod
     def lse_forward(cls, rows, row_inv, cols, col_inv, pairing, scale, with_cols):
-        unit_rows, unit_cols, pos, excl = cls._units(rows, row_inv, cols, col_inv, pairing)
-        return torch.ops.directclr_cpu.lse_forward(unit_rows, unit_cols, pos, excl, scale,
-                                                   with_cols)
+        kernel = torch.ops.directclr_cpu.lse_forward if native.available() else _dense_lse_forward
+        return kernel(*cls._units(rows, row_inv, cols, col_inv, pairing), scale, with_cols)
 
     @classmethod
     def lse_backward(cls, rows, row_inv, cols, col_inv, pairing, scale, row_lse, row_w,
                      col_lse, col_w, with_grad_cols):
-        unit_rows, unit_cols, pos, excl = cls._units(rows, row_inv, cols, col_inv, pairing)
-        return torch.ops.directclr_cpu.lse_backward(unit_rows, unit_cols, pos, excl, scale,
-                                                    row_lse, row_w, col_lse, col_w,
-                                                    with_grad_cols)
+        kernel = (torch.ops.directclr_cpu.lse_backward if native.available()
+                  else _dense_lse_backward)
+        return kernel(*cls._units(rows, row_inv, cols, col_inv, pairing), scale, row_lse, row_w,
+                      col_lse, col_w, with_grad_cols)
+
+
+def _dense_logits(rows: Tensor, cols: Tensor, excl: Tensor, scale: float) -> Tensor:
+    logits = (rows @ cols.T).mul_(scale)
+    kept = excl >= 0
+    logits[torch.arange(rows.shape[0])[kept], excl[kept]] = float("-inf")
+    return logits
+
+
+def _dense_lse_forward(rows, cols, pos, excl, scale, with_cols):
+    logits = _dense_logits(rows, cols, excl, scale)
+    pos_logit = logits[torch.arange(rows.shape[0]), pos]
+    if not with_cols:
+        empty = logits.new_empty(0)
+        return torch.logsumexp(logits, 1), pos_logit, empty, empty
+    col_max = logits.amax(0)
+    return torch.logsumexp(logits, 1), pos_logit, col_max, (logits - col_max).exp().sum(0)
+
+
+def _dense_lse_backward(rows, cols, pos, excl, scale, row_lse, row_w, col_lse, col_w,
+                        with_grad_cols):
+    logits = _dense_logits(rows, cols, excl, scale)
+    row_w, col_w = row_w.to(rows.dtype), col_w.to(rows.dtype)
+    grad_logits = (logits - row_lse.to(rows.dtype).unsqueeze(1)).exp() * row_w.unsqueeze(1)
+    positive = row_w
+    if col_lse.numel():
+        grad_logits += (logits - col_lse.to(rows.dtype).unsqueeze(0)).exp() * col_w.unsqueeze(0)
+        positive = row_w + col_w[pos]
+    grad_logits[torch.arange(rows.shape[0]), pos] -= positive
+    grad_cols = (grad_logits.T @ rows * scale if with_grad_cols
+                 else rows.new_empty(0, rows.shape[1]))
+    return grad_logits @ cols * scale, grad_cols
 
 
 def _primitive(backend: str):
     if backend == "cpu":
         return _CpuPrimitive
     if backend == "triton":
-        from kernels import infonce as triton_infonce
+        from .kernels import infonce as triton_infonce
         return triton_infonce
     raise ValueError(f"backend {backend!r} has no fused primitive")
 
 
 # --------------------------------------------------------------------------- collectives
+def _resolve_group(group_name: str):
+    """The process group the ops take by name (a str, which custom ops and dynamo pass through
+    as a constant); "" is None: this process's rows alone, no collectives."""
+    if not group_name:
+        return None
+    return dist.distributed_c10d._resolve_process_group(group_name)
+
+
 def _world(group) -> tuple[int, int]:
     if group is None:
         return 0, 1
@@ -248,13 +291,14 @@ def _merge_col_lse(col_max: Tensor, col_sum: Tensor, group) -> Tensor:
     return col_max + col_sum.log()
 
 
-# (local N, process group) pairs this process has seen to be every rank's N.
+# (local N, process group name) pairs this process has seen to be every rank's N.
 _EQUAL_BATCHES_SEEN: set = set()
 
 
-def _check_equal_batches(n: int, device: torch.device, group) -> None:
+def _check_equal_batches(n: int, device: torch.device, group_name: str) -> None:
     """Every rank must pass the same N. The check is an all-gather read on the host (a sync), so
-    it runs once per (N, group) in each process, not on every step.
+    it runs once per (N, group) in each process, not on every step. It runs in the op's body
+    (eagerly, also under torch.compile, which sees only the op).
 
     Caught: unequal N on a call where every rank's (N, group) is new to it, as on the first step,
     or on a short last batch that every rank reaches at once. Not caught here: ranks that
@@ -266,9 +310,10 @@ def _check_equal_batches(n: int, device: torch.device, group) -> None:
     ranks and raise instead. A DistributedSampler pads every rank to the same number of samples,
     so ranks reach a short last batch together and it is checked like the first.
     """
-    key = (n, group)
+    key = (n, group_name)
     if key in _EQUAL_BATCHES_SEEN:
         return
+    group = _resolve_group(group_name)
     world = _world(group)[1]
     sizes = torch.tensor([n], device=device)
     gathered = _all_gather_rows(sizes, group).tolist()
@@ -365,46 +410,56 @@ def _backward(grad, z1, z2, row_lse, col_lse, dim, temperature, variant, backend
             _subvector_backward(grad_unit2, sub2, inv2, inv_grad2, scale2, z2))
 
 
-# --------------------------------------------------------------------------- torch.library op
-def _fake_outputs(z1: Tensor, variant: str) -> tuple[Tensor, Tensor, Tensor]:
+# --------------------------------------------------------------------------- torch.library ops
+# One op pair for one process (group_name "") and for a process group (its name): the group
+# travels as a str, which dynamo and the dispatcher pass through as a constant, so
+# torch.compile(fullgraph=True) sees one opaque op whose body runs the collectives eagerly.
+def _fake_outputs(z1: Tensor, variant: str, group_name: str) -> tuple[Tensor, Tensor, Tensor]:
     n = z1.shape[0]
     work = _working_dtype(z1.dtype)
     rows = n if variant == "cross" else 2 * n
-    cols = n if variant == "cross" else 0
+    cols = n * _world(_resolve_group(group_name))[1] if variant == "cross" else 0
     return (z1.new_empty(n, dtype=work), z1.new_empty(rows, dtype=work),
             z1.new_empty(cols, dtype=work))
 
 
 @torch.library.custom_op("directclr::infonce", mutates_args=())
 def _infonce_op(z1: Tensor, z2: Tensor, dim: int, temperature: float, variant: str,
-                backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Single-process fused InfoNCE: (per-pair loss, row LSE, column LSE)."""
-    return _forward(z1, z2, dim, temperature, variant, backend, group=None)
+                backend: str, group_name: str = "") -> tuple[Tensor, Tensor, Tensor]:
+    """Fused InfoNCE of this process's rows: (per-pair loss, row LSE, column LSE). With a
+    ``group_name``, the rows are this rank's block of the group's global batch (every rank of the
+    group calls it with the same N, checked once per (N, group)); with "", the batch is z1, z2."""
+    group = _resolve_group(group_name)
+    if group is not None:
+        _check_equal_batches(z1.shape[0], z1.device, group_name)
+    return _forward(z1, z2, dim, temperature, variant, backend, group)
 
 
 @_infonce_op.register_fake
-def _(z1, z2, dim, temperature, variant, backend):
-    return _fake_outputs(z1, variant)
+def _(z1, z2, dim, temperature, variant, backend, group_name=""):
+    return _fake_outputs(z1, variant, group_name)
 
 
 @torch.library.custom_op("directclr::infonce_backward", mutates_args=())
 def _infonce_backward_op(grad: Tensor, z1: Tensor, z2: Tensor, row_lse: Tensor, col_lse: Tensor,
-                         dim: int, temperature: float, variant: str,
-                         backend: str) -> tuple[Tensor, Tensor]:
-    return _backward(grad, z1, z2, row_lse, col_lse, dim, temperature, variant, backend, None)
+                         dim: int, temperature: float, variant: str, backend: str,
+                         group_name: str = "") -> tuple[Tensor, Tensor]:
+    """Gradients w.r.t. z1, z2; with a group, of the sum over all its ranks' losses."""
+    return _backward(grad, z1, z2, row_lse, col_lse, dim, temperature, variant, backend,
+                     _resolve_group(group_name))
 
 
 @_infonce_backward_op.register_fake
-def _(grad, z1, z2, row_lse, col_lse, dim, temperature, variant, backend):
+def _(grad, z1, z2, row_lse, col_lse, dim, temperature, variant, backend, group_name=""):
     return (torch.empty(z1.shape, dtype=z1.dtype, device=z1.device),
             torch.empty(z2.shape, dtype=z2.dtype, device=z2.device))
 
 
 def _setup_context(ctx, inputs, output):
-    z1, z2, dim, temperature, variant, backend = inputs
+    z1, z2, *args = inputs  # dim, temperature, variant, backend, group_name (defaults filled)
     _, row_lse, col_lse = output
     ctx.save_for_backward(z1, z2, row_lse, col_lse)
-    ctx.args = (dim, temperature, variant, backend)
+    ctx.args = tuple(args)
     ctx.mark_non_differentiable(row_lse, col_lse)
 
 
@@ -412,33 +467,37 @@ def _op_backward(ctx, grad_loss, _grad_row_lse, _grad_col_lse):
     z1, z2, row_lse, col_lse = ctx.saved_tensors
     grad_z1, grad_z2 = torch.ops.directclr.infonce_backward(grad_loss, z1, z2, row_lse, col_lse,
                                                             *ctx.args)
-    return grad_z1, grad_z2, None, None, None, None
+    return (grad_z1, grad_z2) + (None,) * len(ctx.args)
 
 
 _infonce_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
-class _DistributedInfoNCE(torch.autograd.Function):
-    """Local rows against gathered columns; column gradients go back to their owners."""
-
-    @staticmethod
-    def forward(ctx, z1, z2, dim, temperature, variant, backend, group):
-        loss, row_lse, col_lse = _forward(z1, z2, dim, temperature, variant, backend, group)
-        ctx.save_for_backward(z1, z2, row_lse, col_lse)
-        ctx.args = (dim, temperature, variant, backend, group)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        z1, z2, row_lse, col_lse = ctx.saved_tensors
-        grad_z1, grad_z2 = _backward(grad_loss, z1, z2, row_lse, col_lse, *ctx.args)
-        return grad_z1, grad_z2, None, None, None, None, None
-
-
 # --------------------------------------------------------------------------- public API
+def _gather_group(gather, group):
+    """The process group the loss covers (None: this process's rows alone, no collectives), from
+    ``gather`` and ``group`` as ``infonce`` documents them; raises on a contradiction."""
+    if gather is not None and not isinstance(gather, bool):
+        raise TypeError(f"gather must be None, True or False, got {gather!r}")
+    if gather is False:
+        if group is not None:
+            raise ValueError("group and gather=False contradict each other: gather=False is the "
+                             "loss over this rank's rows alone, with no process group; pass "
+                             "gather=True (or None) with group, or drop group")
+        return None
+    if group is None and dist.is_available() and dist.is_initialized():
+        group = dist.group.WORLD
+    if group is None:
+        if gather:
+            raise ValueError("gather=True needs a process group: initialize torch.distributed "
+                             "or pass group= (gather=False is the loss over this process's rows)")
+        return None
+    return None if dist.get_world_size(group) == 1 else group
+
+
 def infonce(z1: Tensor, z2: Tensor, dim: int | None = 360, temperature: float = 0.1,
             variant: str = "cross", reduction: str = "mean", backend: str = "auto",
-            group=None) -> Tensor:
+            group=None, gather: bool | None = None) -> Tensor:
     """InfoNCE on the first ``dim`` coordinates of two views' embeddings, never forming N x N.
 
     Args:
@@ -450,46 +509,67 @@ def infonce(z1: Tensor, z2: Tensor, dim: int | None = 360, temperature: float = 
             averaged) or ``"ntxent"`` (SimCLR: 2N x 2N, self-similarity excluded).
         reduction: ``"mean"`` (scalar) or ``"none"`` (one loss per pair; their mean is the loss).
         backend: ``"auto"`` (C++ on CPU, Triton on CUDA), ``"cpu"``, ``"triton"`` or
-            ``"reference"`` (plain PyTorch, builds the N x N matrix).
-        group: process group. When torch.distributed is initialized (or ``group`` is given), each
-            rank passes its own rows; the loss is over the global batch, each rank returns its own
-            rows' losses, and DDP's gradient averaging yields exactly the gradient of the global
-            loss. Every rank must pass the same N (checked the first time a process sees an N:
-            see ``_check_equal_batches`` for what that catches).
+            ``"reference"`` (plain PyTorch, builds the N x N matrix; this process's rows only,
+            so it needs ``gather=False`` once torch.distributed is initialized).
+        group: the process group to gather over (default: the world, once torch.distributed is
+            initialized).
+        gather: whether the batch is the group's global batch (each rank passing its own rows)
+            or this process's rows alone.
+
+            * ``None`` (default): global when torch.distributed is initialized or ``group`` is
+              given, else local.
+            * ``True``: global; needs ``group`` or an initialized torch.distributed (else
+              ValueError).
+            * ``False``: local: the loss of this rank's N pairs among themselves, with no
+              collectives at all, so one rank may call it alone. Use it for anything a rank
+              computes by itself (a validation loss on rank 0, a per-rank diagnostic). Passing
+              ``group`` with it is a ValueError.
+
+            With gather, *every rank of the group must call infonce, with the same N*: it runs
+            collectives (a rank that does not call it leaves the others waiting). Equal N is
+            checked the first time a process sees an N (see ``_check_equal_batches`` for what
+            that catches).
+
+    Returns:
+        Without gather, the loss of the N pairs (``"mean"``) or their N losses (``"none"``).
+        With gather over W ranks (global batch W * N), this rank's share: ``"none"`` gives the
+        losses of this rank's N pairs *in the global batch* (their negatives are all W * N
+        pairs), and ``"mean"`` their mean over this rank's pairs, not the global loss. The mean
+        of the returned scalars over the ranks is the global loss; and the gradient each rank
+        gets is that of the *sum* of all ranks' returned values, so DDP's averaging over ranks
+        yields exactly the gradient of the global loss.
     """
     dim = _check_args(z1, z2, dim, temperature, variant, reduction, backend)
+    group = _gather_group(gather, group)
     backend = _resolve_backend(backend, z1)
     temperature = float(temperature)
-    if group is None and dist.is_available() and dist.is_initialized():
-        group = dist.group.WORLD
-    if group is not None and dist.get_world_size(group) == 1:
-        group = None
     if backend == "reference":
         if group is not None:
-            raise ValueError("backend='reference' is single-process; use backend='auto' with a "
-                             "process group")
+            raise ValueError("backend='reference' is single-process: pass gather=False for this "
+                             "rank's rows alone, or use backend='auto' to gather")
         loss = infonce_reference(z1, z2, dim, temperature, variant)
-    elif group is not None:
-        _check_equal_batches(z1.shape[0], z1.device, group)
-        loss = _DistributedInfoNCE.apply(z1, z2, dim, temperature, variant, backend, group)
     else:
-        loss = torch.ops.directclr.infonce(z1, z2, dim, temperature, variant, backend)[0]
+        group_name = "" if group is None else group.group_name
+        loss = torch.ops.directclr.infonce(z1, z2, dim, temperature, variant, backend,
+                                           group_name)[0]
     return loss.mean() if reduction == "mean" else loss
 
 
 class DirectCLRLoss(torch.nn.Module):
-    """``infonce`` as a module: ``DirectCLRLoss(dim=360)(z1, z2)``."""
+    """``infonce`` as a module: ``DirectCLRLoss(dim=360)(z1, z2)``; ``gather=False`` for a loss a
+    rank computes alone (e.g. validation) under torch.distributed."""
 
     def __init__(self, dim: int | None = 360, temperature: float = 0.1, variant: str = "cross",
-                 reduction: str = "mean", backend: str = "auto", group=None):
+                 reduction: str = "mean", backend: str = "auto", group=None,
+                 gather: bool | None = None):
         super().__init__()
         self.dim, self.temperature, self.variant = dim, temperature, variant
-        self.reduction, self.backend, self.group = reduction, backend, group
+        self.reduction, self.backend, self.group, self.gather = reduction, backend, group, gather
 
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
         return infonce(z1, z2, self.dim, self.temperature, self.variant, self.reduction,
-                       self.backend, self.group)
+                       self.backend, self.group, self.gather)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, temperature={self.temperature}, variant={self.variant!r}, "
-                f"reduction={self.reduction!r}")
+                f"reduction={self.reduction!r}, gather={self.gather!r}")

@@ -11,6 +11,29 @@ from torchvision.models.resnet import BasicBlock
 ARCHS = {"resnet18": 512, "resnet50": 2048, "resnet18-w32": 256, "resnet18-w16": 128}
 MODES = ("directclr", "simclr-mlp", "simclr-linear", "simclr-none", "fixed-lowrank", "diagonal")
 SIMCLR_OUT = 128  # SimCLR's projector output width
+SMALL_IMAGE_MAX = 64  # pixels; up to this size the backbone gets the CIFAR stem
+# backbone.pt stays a plain state dict (weights_only=True, torchvision's load_state_dict); what
+# built it rides in its `_metadata[""]`, which torch.save keeps and load_state_dict ignores.
+DESCRIPTION_KEY = "directclr"
+
+
+def stem_for(image_size: int) -> str:
+    """"cifar" (3x3 stride-1 conv, no max-pool) for small images, else torchvision's "imagenet"."""
+    return "cifar" if image_size <= SMALL_IMAGE_MAX else "imagenet"
+
+
+def describe_backbone(state: dict, **description) -> dict:
+    """`state` (a state_dict) carrying `description` (arch, stem, image_size, mode, dim...)."""
+    metadata = getattr(state, "_metadata", None)
+    if metadata is None:
+        raise TypeError("describe_backbone takes a module's state_dict()")
+    metadata[""] = {**metadata.get("", {}), DESCRIPTION_KEY: dict(description)}
+    return state
+
+
+def backbone_description(state: dict) -> dict:
+    """What describe_backbone stored in `state`; {} for a state dict without it."""
+    return dict(getattr(state, "_metadata", {}).get("", {}).get(DESCRIPTION_KEY, {}))
 
 
 def build_backbone(arch: str, small_images: bool = False) -> tuple[nn.Module, int]:

@@ -18,18 +18,55 @@ from torchvision import transforms as T
 
 from .data.recipe import IMAGENET_MEAN, IMAGENET_STD
 from .data.workers import worker_args
-from .models import build_backbone
+from .files import load_verified
+from .models import backbone_description, build_backbone
 
 
-def load_backbone(checkpoint, arch: str, small_images: bool) -> tuple[nn.Module, int]:
-    """A backbone from backbone.pt (plain state dict) or a training checkpoint."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+def load_backbone(checkpoint, arch: str | None = None) -> tuple[nn.Module, dict]:
+    """A frozen backbone from backbone.pt or a training checkpoint, and what it is: arch, stem,
+    width, and where recorded, image_size, mode and dim. Both kinds of file describe themselves;
+    `arch` is needed only for a backbone.pt written before they did, and must agree otherwise."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise ValueError(f"--checkpoint {path}: no such file")
+    state = load_verified(path)
+    if not isinstance(state, dict):
+        raise ValueError(f"--checkpoint {path} holds a {type(state).__name__}, not a state dict")
     if "model" in state:  # a training checkpoint: keep the backbone's entries
+        config, run = state.get("config", {}), state.get("run", {})
+        image_size = run.get("image_size", config.get("image_size"))
+        description = {key: config.get(key) for key in ("arch", "mode", "dim")}
+        description["image_size"] = image_size
         state = {k[len("backbone."):]: v for k, v in state["model"].items()
                  if k.startswith("backbone.")}
-    backbone, width = build_backbone(arch, small_images)
-    backbone.load_state_dict(state)
-    return backbone.eval().requires_grad_(False), width
+    else:
+        description = backbone_description(state)
+    recorded = description.get("arch")
+    if arch is not None and recorded not in (None, arch):
+        raise ValueError(f"--arch {arch}, but {path} holds a {recorded} backbone (drop --arch)")
+    arch = arch or recorded
+    if arch is None:
+        raise ValueError(f"{path} does not say which backbone it holds (written before "
+                         "checkpoints described themselves): pass --arch")
+    description["stem"] = _stem_of(state)
+    backbone, width = build_backbone(arch, description["stem"] == "cifar")
+    try:
+        backbone.load_state_dict(state)
+    except RuntimeError as err:
+        reason = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+        raise ValueError(f"{path} does not fit a {arch} backbone ({reason})") from None
+    return backbone.eval().requires_grad_(False), {**description, "arch": arch, "width": width}
+
+
+def default_image_size(description: dict) -> int:
+    """The size the backbone was trained at; for an old backbone.pt, its stem's usual size."""
+    return description.get("image_size") or (32 if description["stem"] == "cifar" else 224)
+
+
+def _stem_of(state: dict) -> str:
+    """The first convolution's kernel tells the stems apart: 3x3 (cifar) or 7x7 (imagenet)."""
+    first_conv = next((v for v in state.values() if torch.is_tensor(v) and v.dim() == 4), None)
+    return "cifar" if first_conv is not None and first_conv.shape[-1] == 3 else "imagenet"
 
 
 def _transforms(image_size: int):
@@ -56,7 +93,7 @@ def _features(backbone, images, dim):
     return rep[:, :dim] if dim is not None else rep
 
 
-def linear_probe(checkpoint, data, *, arch: str = "resnet50", epochs: int = 100,
+def linear_probe(checkpoint, data, *, arch: str | None = None, epochs: int = 100,
                  batch_size: int = 256, lr: float = 0.1, weight_decay: float = 1e-6,
                  subvector: int | None = None, image_size: int | None = None,
                  num_workers: int = 0, limit: int | None = None, seed: int = 0,
@@ -66,10 +103,10 @@ def linear_probe(checkpoint, data, *, arch: str = "resnet50", epochs: int = 100,
     for split in ("train", "val"):
         if not (data / split).is_dir():
             raise ValueError(f"--data {data} needs {split}/ (ImageFolder trees train/ and val/)")
-    image_size = image_size or (32 if "fashion" in data.name else 224)
-    small = image_size <= 64
     torch.manual_seed(seed)
-    backbone, width = load_backbone(checkpoint, arch, small)
+    backbone, description = load_backbone(checkpoint, arch)
+    arch, width = description["arch"], description["width"]
+    image_size = image_size or default_image_size(description)
     if subvector is not None and not 1 <= subvector <= width:
         raise ValueError(f"--subvector {subvector} must be in [1, {width}]")
     backbone = backbone.to(device)
@@ -106,7 +143,8 @@ def linear_probe(checkpoint, data, *, arch: str = "resnet50", epochs: int = 100,
                 correct += (logits.argmax(1).cpu() == labels).sum().item()
                 total += len(labels)
         history.append(correct / total)
-    result = {"checkpoint": str(checkpoint), "arch": arch, "subvector": subvector,
+    result = {"checkpoint": str(checkpoint), "arch": arch, "image_size": image_size,
+              "subvector": subvector,
               "epochs": epochs, "top1_best": max(history), "top1_last": history[-1],
               "top1_per_epoch": history, "train_images": len(train_set),
               "val_images": len(val_set)}

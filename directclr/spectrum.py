@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import native
 from .scaling import max_abs, power_of_two_scale, scaled_rows
 
 NORM_EPS = 1e-12
@@ -22,14 +23,18 @@ NORM_EPS = 1e-12
 
 def centered_gram(x: Tensor, mean: Tensor, backend: str = "auto") -> tuple[Tensor, Tensor]:
     """(sum_i (x_i - mean)(x_i - mean)^T, sum_i (x_i - mean)) with fp32 accumulation (fp64 for
-    fp64 input on CPU). backend: "auto" (Triton on CUDA, C++ on CPU), "cpu", or "triton" (CPU
-    tensors need TRITON_INTERPRET=1)."""
+    fp64 input on CPU). backend: "auto" (Triton on CUDA, C++ on CPU, plain PyTorch on a CPU where
+    the C++ kernels cannot be built), "cpu", or "triton" (CPU tensors need TRITON_INTERPRET=1)."""
     if backend not in ("auto", "triton", "cpu"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'cpu', got {backend!r}")
     if backend == "triton" or (backend == "auto" and x.is_cuda):
-        from kernels.covariance import centered_gram as triton_gram
+        from .kernels.covariance import centered_gram as triton_gram
         return triton_gram(x, mean)
-    from . import _C  # noqa: F401  (registers torch.ops.directclr_cpu)
+    if backend == "auto" and not native.available():
+        work = torch.float64 if x.dtype == torch.float64 else torch.float32
+        centered = x.to(work) - mean.to(work)
+        return centered.T @ centered, centered.sum(0)
+    native.load()
     return torch.ops.directclr_cpu.centered_gram(x, mean)
 
 
@@ -61,8 +66,31 @@ class Spectrum:
         p = p[p > 0]
         return math.exp(-(p * p.log()).sum().item())
 
+    @property
+    def rank_bound(self) -> int:
+        """The largest rank the covariance of `n` rows can have: centering leaves n - 1
+        independent rows, so min(n - 1, dim) whatever the embeddings."""
+        return max(0, min(self.n - 1, self.eigenvalues.numel()))
+
+    @property
+    def sample_limited(self) -> bool:
+        """True when n <= dim: at least dim - (n - 1) dimensions collapse for want of rows."""
+        return self.rank_bound < self.eigenvalues.numel()
+
+    @property
+    def sample_size_note(self) -> str | None:
+        """Why `collapsed` counts dimensions the sample cannot span (None when n > dim)."""
+        if not self.sample_limited:
+            return None
+        dim = self.eigenvalues.numel()
+        return (f"only {self.n} rows for {dim} dimensions: centered, they span at most "
+                f"{self.rank_bound} (N - 1), so {dim - self.rank_bound} of the {dim} dimensions "
+                f"count as collapsed whatever the model; embed more than {dim} images to "
+                f"measure collapse")
+
     def collapsed(self, rel: float = 1e-6) -> int:
-        """How many dimensions have an eigenvalue below rel x the largest."""
+        """How many dimensions have an eigenvalue below rel x the largest (with n <= dim, at
+        least dim - rank_bound of them for want of rows: see ``sample_size_note``)."""
         top = self.eigenvalues[0]
         if top <= 0:  # constant embeddings: every dimension has collapsed
             return self.eigenvalues.numel()
@@ -71,7 +99,8 @@ class Spectrum:
     def summary(self, rel: float = 1e-6) -> dict:
         return {"n": self.n, "dim": self.eigenvalues.numel(),
                 "effective_rank": self.effective_rank, "collapsed": self.collapsed(rel),
-                "collapsed_rel": rel, "top_eigenvalue": self.eigenvalues[0].item()}
+                "collapsed_rel": rel, "top_eigenvalue": self.eigenvalues[0].item(),
+                "rank_bound": self.rank_bound}
 
 
 class SpectrumAccumulator:

@@ -43,18 +43,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import build_pretrain_loader, prepare_fashion_mnist
-from .data.loader import dali_available
+from .data.loader import BACKENDS as LOADERS, dali_available
 from .files import (CorruptFile, FolderLock, atomic_write, load_verified,
                     remove_stale_temporaries, save_verified)
-from .infonce import infonce
+from .infonce import VARIANTS, infonce
 from .lars import LARS
-from .models import ARCHS, MODES, build_backbone, build_projector, sync_batchnorm
+from .models import (ARCHS, MODES, build_backbone, build_projector, describe_backbone, stem_for,
+                     sync_batchnorm)
 from .spectrum import SpectrumAccumulator
 
 log = logging.getLogger("directclr.train")
 CHECKPOINT_GLOB = "ckpt_*.pt"
 KEEP_CHECKPOINTS = 2
 SMALL_IMAGE_SIZE = 32  # Fashion-MNIST padded to 32 px: CIFAR stem and the "small" recipe
+MIN_IMAGE_SIZE = 8  # pixels: below this the crops of the recipe have nothing left to crop
+MIN_TEMPERATURE = 1e-30  # far below any useful tau; 1/tau stays finite in fp32
 EXIT_DIVERGED = 3
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL of sysexits.h: "try again later"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -101,6 +104,7 @@ class Config:
     resume: bool = True
     accept_changes: tuple[str, ...] = ()  # RESUME_FIELDS a resume may change
     compile: bool = False
+    tensorboard: bool = False  # also write the metrics as TensorBoard scalars, in out/tensorboard
     seed: int = 0
     image_size: int | None = None  # default: 32 for fashion-mnist, else 224
     num_threads: int | None = None
@@ -139,24 +143,51 @@ def resolve_data(cfg: Config, rank: int) -> tuple[Path, int]:
     return root, cfg.image_size or 224
 
 
+# Lowest allowed value of each integer setting (None, where allowed, means "the default").
+INT_MINIMUMS = {"batch_size": 2, "epochs": 1, "max_steps": 1, "ckpt_every": 1, "log_every": 1,
+                "image_size": MIN_IMAGE_SIZE, "num_threads": 0, "seed": 0}
+SEED_LIMIT = 2 ** 32  # numpy's generators take seeds below this
+
+
 def check_config(cfg: Config, world: int) -> None:
-    """Clear errors before any work."""
+    """Clear errors, each naming its flag, before any work (nothing is created or read)."""
     if cfg.arch not in ARCHS:
         raise ValueError(f"--arch must be one of {sorted(ARCHS)}, got {cfg.arch!r}")
     if cfg.mode not in MODES:
         raise ValueError(f"--mode must be one of {MODES}, got {cfg.mode!r}")
-    if cfg.batch_size < 2 or cfg.batch_size % world:
-        raise ValueError(f"--batch-size {cfg.batch_size} must be >= 2 and divisible by the "
-                         f"world size {world}")
+    if cfg.variant not in VARIANTS:
+        raise ValueError(f"--variant must be one of {VARIANTS}, got {cfg.variant!r}")
+    for name, lowest in INT_MINIMUMS.items():
+        value = getattr(cfg, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < lowest):
+            raise ValueError(f"{flag(name)} must be an integer >= {lowest}, got {value!r}")
+    if cfg.seed >= SEED_LIMIT:
+        raise ValueError(f"--seed must be below 2**32, got {cfg.seed}")
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the world size "
+                         f"{world}")
     if not 1 <= cfg.dim <= ARCHS[cfg.arch]:
         raise ValueError(f"--dim {cfg.dim} must be in [1, {ARCHS[cfg.arch]}] (the "
                          f"representation width of {cfg.arch})")
-    if cfg.epochs < 1 or not cfg.temperature > 0 or not cfg.lr > 0:
-        raise ValueError("--epochs, --temperature and --lr must be positive")
-    for name in ("ckpt_every", "log_every", "max_steps"):
+    for name, positive in (("lr", True), ("temperature", True), ("wd", False),
+                           ("warmup_epochs", False)):
         value = getattr(cfg, name)
-        if value is not None and value < 1:
-            raise ValueError(f"{flag(name)} must be >= 1, got {value}")
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            raise ValueError(f"{flag(name)} must be finite and {'> 0' if positive else '>= 0'}, "
+                             f"got {value}")
+    if cfg.temperature < MIN_TEMPERATURE:
+        raise ValueError(f"--temperature must be >= {MIN_TEMPERATURE} (1/temperature scales "
+                         f"fp32 logits), got {cfg.temperature}")
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; it must name a run directory (new or "
+                         "existing)")
+    if cfg.loader == "dali" and not dali_available():
+        raise ValueError("--loader dali: NVIDIA DALI does not import here (pip install "
+                         "'directclr[dali]'); use --loader torchvision or auto")
+    if cfg.loader not in LOADERS:
+        raise ValueError(f"--loader must be one of {LOADERS}, got {cfg.loader!r}")
     unknown = [name for name in cfg.accept_changes if name not in RESUME_FIELDS]
     if unknown:
         raise ValueError(f"--accept-changes: {unknown} are not among "
@@ -173,14 +204,21 @@ def total_steps(cfg: Config, steps_per_epoch: int) -> int:
     return total if cfg.max_steps is None else min(total, cfg.max_steps)
 
 
-def learning_rate(cfg: Config, step: int, steps_per_epoch: int) -> float:
-    """Linear warm-up (--warmup-epochs, at most a tenth of the run), then per-step cosine from
-    lr to 0.001 x lr."""
+def warmup_steps(cfg: Config, steps_per_epoch: int) -> int:
+    """--warmup-epochs in whole steps, at most a tenth of the run (rounded up: a run of any
+    length with a warm-up spends at least its first step on it)."""
     total = total_steps(cfg, steps_per_epoch)
-    warmup = min(cfg.warmup_epochs * steps_per_epoch, total / 10)
+    return math.ceil(min(cfg.warmup_epochs * steps_per_epoch, total / 10))
+
+
+def learning_rate(cfg: Config, step: int, steps_per_epoch: int) -> float:
+    """Linear warm-up whose last step is at --lr (the peak: never above it, for any run length),
+    then per-step cosine from --lr towards 0.001 x --lr."""
+    total = total_steps(cfg, steps_per_epoch)
+    warmup = warmup_steps(cfg, steps_per_epoch)
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1.0, total - warmup))
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
     floor = 0.001 * cfg.lr
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -456,8 +494,10 @@ class MetricsLog:
     --log-every steps, and before anything is written): the only host syncs of a GPU step.
     The flush also guards against divergence, in step order, before the rows are trusted."""
 
-    def __init__(self, path: Path | None, cfg: Config, world: int, num_classes: int, progress):
+    def __init__(self, path: Path | None, cfg: Config, world: int, num_classes: int, progress,
+                 tensorboard=None):
         self.file = path.open("a") if path is not None else None
+        self.tensorboard = tensorboard  # a plot.TensorBoardWriter on rank 0 with --tensorboard
         self.cfg, self.world, self.progress = cfg, world, progress
         self.probe_limit = PROBE_BLOWUP * math.log(max(2, num_classes))
         self.values: list[torch.Tensor] = []
@@ -487,8 +527,7 @@ class MetricsLog:
         for info, (loss, probe_loss, grad_norm) in zip(host, rows):
             row = {**info, "loss": loss, "probe_loss": probe_loss, "grad_norm": grad_norm,
                    "pairs_per_s": rate, "data_wait": wait}
-            if self.file is not None:
-                self.file.write(json.dumps(row) + "\n")
+            self._write(row)
             problem = self._divergence(row)
             if problem:
                 self.close()
@@ -508,15 +547,24 @@ class MetricsLog:
                     f"level (the features are blowing up)")
         return None
 
-    def epoch_row(self, row: dict) -> None:
+    def _write(self, row: dict) -> None:
         if self.file is not None:
             self.file.write(json.dumps(row) + "\n")
+        if self.tensorboard is not None:
+            self.tensorboard.write(row)
+
+    def epoch_row(self, row: dict) -> None:
+        self._write(row)
+        if self.file is not None:
             self.file.flush()
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
             self.file = None
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
         self.progress.close()
 
 
@@ -540,7 +588,7 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, out: Path,
            signals: StopSignals) -> Path:
     master = rank == 0
     root, image_size = resolve_data(cfg, rank)
-    small = image_size <= 64
+    small = stem_for(image_size) == "cifar"
     backend = cfg.loader if cfg.loader != "auto" else (
         "dali" if dali_available() else "torchvision")
     run = resume_settings(cfg, image_size, backend)
@@ -577,8 +625,12 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, out: Path,
             model, device_ids=[device.index] if device.type == "cuda" else None)
     forward = torch.compile(model) if cfg.compile else model
     votes = stop_group(world, device)
+    tensorboard = None
+    if cfg.tensorboard and master:
+        from .plot import TensorBoardWriter
+        tensorboard = TensorBoardWriter(out / "tensorboard", purge_step=step)
     metrics = MetricsLog(out / "metrics.jsonl" if master else None, cfg, world,
-                         len(loader.classes), _progress_bar(master, last_step, step))
+                         len(loader.classes), _progress_bar(master, last_step, step), tensorboard)
     saved_step = step if state is not None else None
 
     def checkpoint():
@@ -652,7 +704,10 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, out: Path,
             checkpoint()
         checkpoint()
         if master:
-            atomic_save(raw_model.backbone.state_dict(), out / "backbone.pt")
+            atomic_save(describe_backbone(
+                raw_model.backbone.state_dict(), arch=cfg.arch, stem=stem_for(image_size),
+                image_size=image_size, mode=cfg.mode, dim=cfg.dim,
+                width=ARCHS[cfg.arch]), out / "backbone.pt")
     finally:
         metrics.close()
     if dist.is_initialized():

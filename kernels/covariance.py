@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.infonce import Config, _operand, _vector_width
+from .infonce import Config, _operand, _vector_width
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Chosen from the static report (bench/gpu_report.py): no spills, 16-byte loads.

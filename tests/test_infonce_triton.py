@@ -90,7 +90,7 @@ def test_triton_reduction_none_weights_and_zero_rows(variant):
 def test_triton_running_max_and_fixed_shift_match_float64(variant, temperature):
     """tau = 0.01 is past the fixed shift's range (2 / tau logits of spread underflow exp2):
     the kernels keep running maxima there; tau = 0.5 takes the fixed shift."""
-    from kernels import infonce as kernels
+    from directclr.kernels import infonce as kernels
     assert kernels._fixed_shift(1 / temperature)[1] == (temperature > 0.05)
     z1, z2 = make_views(70, 96)
     with torch.no_grad():  # correlated views: peaked softmaxes, as in training
@@ -107,7 +107,7 @@ def test_triton_running_max_and_fixed_shift_match_float64(variant, temperature):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_wide_subvector_panels(variant, dtype):
     """Subvectors too wide for a fused backward: G panels, products outside the kernel."""
-    from kernels import infonce as kernels
+    from directclr.kernels import infonce as kernels
     z1, z2 = make_views(70, 640, dtype=dtype)
     old = kernels.PANEL_BYTES
     kernels.PANEL_BYTES = 32 * 140 * 4  # one 32-row block per panel under the interpreter
@@ -132,7 +132,7 @@ def test_triton_wide_subvector_panels(variant, dtype):
 def test_triton_row_groups_and_column_splits(variant, monkeypatch):
     """Several row blocks per program (column partials read-modified-written across them) and
     several column splits (row partials merged, backward partial rows summed)."""
-    from kernels import infonce as kernels
+    from directclr.kernels import infonce as kernels
     monkeypatch.setattr(kernels, "MAX_ROW_GROUPS", 2)
     monkeypatch.setattr(kernels, "PROGRAMS_PER_SM", 8)
     z1, z2 = make_views(150, 64)

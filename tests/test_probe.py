@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from directclr.data import prepare_synthetic
-from directclr.models import build_backbone
-from directclr.probe import linear_probe, load_backbone
+from directclr.models import backbone_description, build_backbone, describe_backbone, stem_for
+from directclr.probe import default_image_size, linear_probe, load_backbone
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +35,49 @@ def test_training_checkpoints_load_too(tmp_path):
     backbone, _ = build_backbone("resnet18", small_images=True)
     model_state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
     model_state["probe.weight"] = torch.zeros(3, 512)
-    torch.save({"model": model_state, "step": 3}, tmp_path / "ckpt.pt")
-    loaded, width = load_backbone(tmp_path / "ckpt.pt", "resnet18", small_images=True)
-    assert width == 512 and not loaded.training
+    torch.save({"model": model_state, "step": 3}, tmp_path / "old.pt")
+    loaded, described = load_backbone(tmp_path / "old.pt", "resnet18")
+    assert described["width"] == 512 and described["stem"] == "cifar" and not loaded.training
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in backbone.state_dict().items())
+    config = {"arch": "resnet18", "mode": "directclr", "dim": 90, "image_size": None}
+    torch.save({"model": model_state, "step": 3, "config": config, "run": {"image_size": 32}},
+               tmp_path / "ckpt.pt")
+    _, described = load_backbone(tmp_path / "ckpt.pt")  # no arch: the config says it
+    assert described == {"arch": "resnet18", "mode": "directclr", "dim": 90, "image_size": 32,
+                         "stem": "cifar", "width": 512}
+
+
+@pytest.mark.parametrize("arch, small", [("resnet18", False), ("resnet18-w16", True)])
+def test_backbone_pt_describes_itself(tmp_path, arch, small):
+    backbone, width = build_backbone(arch, small_images=small)
+    state = describe_backbone(backbone.state_dict(), arch=arch, stem=stem_for(32 if small else 224),
+                              image_size=32 if small else 224, mode="directclr", dim=8)
+    torch.save(state, tmp_path / "backbone.pt")
+    raw = torch.load(tmp_path / "backbone.pt", weights_only=True)
+    assert backbone_description(raw)["arch"] == arch
+    loaded, described = load_backbone(tmp_path / "backbone.pt")
+    assert described["arch"] == arch and described["width"] == width
+    assert described["stem"] == ("cifar" if small else "imagenet")
+    assert default_image_size(described) == (32 if small else 224)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in backbone.state_dict().items())
+    if arch == "resnet18":  # torchvision's own model takes it, description and all
+        from torchvision.models import resnet18
+        plain = resnet18()
+        plain.fc = torch.nn.Identity()
+        plain.load_state_dict(raw)
+    with pytest.raises(ValueError, match="--arch resnet50, but .* holds a " + arch):
+        load_backbone(tmp_path / "backbone.pt", "resnet50")
+
+
+def test_backbone_without_description_needs_arch_and_must_fit(tmp_path):
+    backbone, _ = build_backbone("resnet18-w16", small_images=True)
+    torch.save(backbone.state_dict(), tmp_path / "backbone.pt")
+    with pytest.raises(ValueError, match="pass --arch"):
+        load_backbone(tmp_path / "backbone.pt")
+    with pytest.raises(ValueError, match="does not fit a resnet18 backbone"):
+        load_backbone(tmp_path / "backbone.pt", "resnet18")
+    with pytest.raises(ValueError, match="no such file"):
+        load_backbone(tmp_path / "missing.pt")
 
 
 def test_bad_data_and_subvector(splits, tmp_path):

@@ -1,6 +1,8 @@
 """The pretraining loop: modes learn, runs resume exactly after kill -9, checkpoints are safe."""
 import json
+import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -13,10 +15,10 @@ from directclr import train
 from directclr.data import prepare_synthetic
 from directclr.infonce import infonce
 from directclr.lars import LARS
-from directclr.models import MODES
+from directclr.models import MODES, backbone_description
 from helpers import count_host_reads
 from directclr.train import (Config, Diverged, MetricsLog, Model, check_config, learning_rate,
-                             load_latest_checkpoint, save_checkpoint)
+                             load_latest_checkpoint, save_checkpoint, warmup_steps)
 
 RUN = [sys.executable, "-m", "directclr", "pretrain", "--arch", "resnet18", "--batch-size", "8",
        "--epochs", "2", "--lr", "0.3", "--warmup-epochs", "0.5", "--dim", "90",
@@ -176,6 +178,38 @@ def test_two_nodes_train_like_one_process_and_need_a_shared_out(tiny, tmp_path, 
     assert not (seen / "ckpt_000000004.pt").exists()
 
 
+def test_a_run_describes_itself_to_probe_spectrum_plot_and_tensorboard(tiny, tmp_path, capsys):
+    """backbone.pt says what it is: probe and spectrum need no --arch or --image-size."""
+    from directclr.cli import main
+    from directclr.plot import load_metrics
+    out = tmp_path / "run"
+    args = RUN[4:] + ["--data", str(tiny), "--max-steps", "2", "--arch", "resnet18-w16",
+                      "--dim", "22", "--out", str(out), "--tensorboard"]
+    assert main(["pretrain", *args]) == 0
+    raw = torch.load(out / "backbone.pt", weights_only=True)
+    assert backbone_description(raw) == {"arch": "resnet18-w16", "stem": "cifar",
+                                         "image_size": 32, "mode": "directclr", "dim": 22,
+                                         "width": 128}
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    for split in ("train", "val"):
+        (splits / split).symlink_to(tiny)
+    assert main(["probe", "--checkpoint", str(out / "backbone.pt"), "--data", str(splits),
+                 "--epochs", "1", "--batch-size", "20"]) == 0
+    probe = json.loads((out / "probe.json").read_text())
+    assert probe["arch"] == "resnet18-w16" and probe["image_size"] == 32
+    assert main(["spectrum", "--checkpoint", str(out / "backbone.pt"), "--data", str(tiny),
+                 "--out", str(tmp_path / "spectrum")]) == 0
+    assert json.loads((tmp_path / "spectrum" / "spectrum.json").read_text())["dim"] == 128
+    assert main(["plot", str(out)]) == 0
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    logged = [event.value for event in events.Scalars("train/loss")]
+    assert logged == pytest.approx([row["loss"] for row in load_metrics(out).steps])
+
+
 def test_compile_flag_trains_like_eager(tiny, tmp_path):
     """--compile (inductor, through the directclr::infonce op) ends 3 steps where eager does, up
     to float reordering (the same measure and bound as the DDP test)."""
@@ -259,6 +293,54 @@ def test_schedule_warms_up_then_decays_to_a_thousandth():
     capped = Config(data="", out="", epochs=100, lr=1.0, warmup_epochs=10, max_steps=50)
     assert learning_rate(capped, 4, 10) == 1.0  # warm-up shrinks to a tenth of the cut run
     assert learning_rate(capped, 49, 10) < 0.01
+
+
+@pytest.mark.parametrize("steps", [1, 5, 1000])
+@pytest.mark.parametrize("warmup_epochs", [0, 0.3, 1, 10])
+def test_lr_peaks_at_exactly_lr_whatever_the_run_length(steps, warmup_epochs):
+    cfg = Config(data="", out="", epochs=1000, lr=4.8, warmup_epochs=warmup_epochs,
+                 max_steps=steps)
+    lrs = [learning_rate(cfg, step, 6) for step in range(steps)]
+    assert max(lrs) == 4.8
+    warmup = warmup_steps(cfg, 6)
+    assert warmup == math.ceil(min(warmup_epochs * 6, steps / 10))
+    if warmup:  # linear ramp to the peak, reached on the warm-up's last step
+        assert lrs[:warmup] == pytest.approx([4.8 * (s + 1) / warmup for s in range(warmup)])
+    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1:]))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--out", "A_FILE"], r"--out .*a_file is a file"),
+    (["--ckpt-every", "0"], r"--ckpt-every must be an integer >= 1, got 0"),
+    (["--loader", "dali"], r"--loader dali: NVIDIA DALI does not import here"),
+    (["--image-size", "0"], r"--image-size must be an integer >= 8, got 0"),
+    (["--max-steps", "0"], r"--max-steps must be an integer >= 1, got 0"),
+    (["--log-every", "-2"], r"--log-every must be an integer >= 1"),
+    (["--batch-size", "1"], r"--batch-size must be an integer >= 2"),
+    (["--epochs", "0"], r"--epochs must be an integer >= 1"),
+    (["--seed", "-1"], r"--seed must be an integer >= 0"),
+    (["--seed", str(2 ** 32)], r"--seed must be below 2\*\*32"),
+    (["--num-threads", "-1"], r"--num-threads must be an integer >= 0"),
+    (["--dim", "0"], r"--dim 0 must be in \[1, 128\]"),
+    (["--lr", "nan"], r"--lr must be finite and > 0"),
+    (["--lr", "0"], r"--lr must be finite and > 0"),
+    (["--wd=-1e-6"], r"--wd must be finite and >= 0"),
+    (["--warmup-epochs", "inf"], r"--warmup-epochs must be finite and >= 0"),
+    (["--temperature", "1e-40"], r"--temperature must be >= 1e-30"),
+])
+def test_each_bad_flag_is_a_one_line_error_before_any_work(tmp_path, capsys, monkeypatch,
+                                                           flags, message):
+    from directclr.cli import main
+    monkeypatch.setattr(train, "dali_available", lambda: False)  # as on a machine without it
+    (tmp_path / "a_file").write_text("not a directory")
+    out = tmp_path / "run"
+    flags = [str(tmp_path / "a_file") if flag == "A_FILE" else flag for flag in flags]
+    code = main(["pretrain", "--data", str(tmp_path / "no-data"), "--out", str(out), "--arch",
+                 "resnet18-w16", "--dim", "8", *flags])
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(errors) == 1, errors
+    assert re.search(message, errors[0]), errors[0]
+    assert not out.exists()  # nothing created, nothing read (--data does not even exist)
 
 
 class FixedBatches:

@@ -11,8 +11,6 @@
 //
 // Tiles go through ATen's BLAS (at::mm_out into a per-thread buffer) and ATen's vectorized
 // elementwise ops, so the exp/sum passes run on a tile while it is still in cache.
-#include <Python.h>
-
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -244,11 +242,3 @@ TORCH_LIBRARY(directclr_cpu, m) {
 }
 
 }  // namespace directclr
-
-// `import directclr._C` loads this library, whose static initializer registers the ops above.
-PyMODINIT_FUNC PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
-                               "CPU kernels of directclr, registered as torch.ops.directclr_cpu",
-                               -1, nullptr};
-  return PyModule_Create(&module);
-}

@@ -1,0 +1,148 @@
+"""The package as users get it: `pip install .` with pip's default flags, from the files a clean
+clone has, into a fresh venv that already has torch; then the loss from the installed copy."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+
+from directclr import infonce, infonce_reference, native
+from directclr.spectrum import centered_gram
+
+ROOT = Path(__file__).resolve().parents[1]
+SITE = Path(torch.__file__).resolve().parents[1]  # .venv's site-packages: torch and the rest
+
+USE_INSTALLED = """
+import json, sys, torch, directclr
+from directclr import native
+z1, z2 = (torch.randn(48, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(s))
+          for s in (1, 2))
+loss = directclr.infonce(z1, z2, dim=12)
+reference = directclr.infonce_reference(z1, z2, dim=12).mean()
+try:
+    import kernels
+    top_level_kernels = kernels.__file__
+except ModuleNotFoundError:
+    top_level_kernels = None
+print(json.dumps({"file": directclr.__file__, "loss": loss.item(), "reference": reference.item(),
+                  "native": native._loaded and str(native._loaded),
+                  "triton_kernels": directclr.kernels.__file__,
+                  "top_level_kernels": top_level_kernels}))
+"""
+
+
+def _clean_clone_files(dest: Path) -> None:
+    """What `git clone` of this tree would hold, with the uncommitted edits: tracked and
+    untracked-but-not-ignored files (so no .venv, no build outputs), links kept as links."""
+    listed = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=ROOT,
+                            check=True, capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        source, target = ROOT / name, dest / name
+        if not source.exists() and not source.is_symlink():
+            continue  # deleted in the working tree
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_symlink():
+            os.symlink(os.readlink(source), target)
+        else:
+            shutil.copy2(source, target)
+
+
+def _run(args, **kwargs):
+    return subprocess.run(args, capture_output=True, text=True, timeout=900, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """A fresh venv whose site-packages sees .venv's packages (torch...) but not directclr, and
+    directclr installed into it by `pip install <clone>` with pip's default flags."""
+    work = tmp_path_factory.mktemp("install")
+    clone = work / "clone"
+    _clean_clone_files(clone)
+    venv = work / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    with_torch = work / "with-torch"
+    with_torch.mkdir()
+    for entry in SITE.iterdir():  # every package but this one (its editable hook included)
+        if "directclr" not in entry.name and not entry.name.endswith(".pth"):
+            os.symlink(entry, with_torch / entry.name)
+    venv_site = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()"
+                           "['purelib'])"], check=True).stdout.strip())
+    (venv_site / "with-torch.pth").write_text(f"{with_torch}\n")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("PIP_") and k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    pip = _run([str(python), "-m", "pip", "install", "-q", str(clone)], env=env, cwd=work)
+    assert pip.returncode == 0, pip.stdout[-3000:] + pip.stderr[-3000:]
+    shutil.rmtree(clone)  # the installed copy must not lean on the source tree
+    return work, venv, env
+
+
+def _use(installed, **env_changes):
+    work, venv, env = installed
+    result = _run([str(venv / "bin" / "python"), "-c", USE_INSTALLED], cwd=work,
+                  env={**env, **env_changes})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
+
+
+def test_installed_copy_builds_its_cpu_kernels_and_gives_the_exact_loss(installed):
+    work, venv, _ = installed
+    seen, log = _use(installed, DIRECTCLR_NATIVE_CACHE=str(work / "native"))
+    assert seen["file"].startswith(str(venv))
+    assert seen["triton_kernels"].startswith(str(venv))
+    assert seen["top_level_kernels"] is None  # no top-level `kernels` package installed
+    assert seen["native"] and seen["native"].startswith(str(work / "native"))
+    assert "building directclr's C++ CPU kernels" in log
+    assert seen["loss"] == pytest.approx(seen["reference"], rel=1e-12, abs=0)
+    again, log = _use(installed, DIRECTCLR_NATIVE_CACHE=str(work / "native"))
+    assert again["native"] == seen["native"] and "building" not in log  # cached
+
+
+def test_installed_copy_without_a_compiler_says_so_in_one_line_and_still_works(installed):
+    work, _, _ = installed
+    seen, log = _use(installed, DIRECTCLR_NATIVE_CACHE=str(work / "no-compiler"),
+                     CXX="no-such-compiler")
+    assert seen["native"] is None
+    warnings = [line for line in log.splitlines() if "C++ CPU kernels" in line]
+    assert len(warnings) == 1, log
+    assert "C++20 compiler" in warnings[0] and "plain PyTorch" in warnings[0]
+    assert seen["loss"] == pytest.approx(seen["reference"], rel=1e-12, abs=0)
+
+
+def test_info_lists_the_backends_and_the_fix_for_each_missing_one(installed):
+    work, venv, env = installed
+    info = _run([str(venv / "bin" / "directclr"), "info"], cwd=work, env=env)
+    assert info.returncode == 0, info.stderr
+    for backend in ("C++ CPU kernels", "Triton on CUDA", "TRITON_INTERPRET", "DALI loader"):
+        assert backend in info.stdout
+    assert f"torch                  {torch.__version__}" in info.stdout
+    broken = _run([str(venv / "bin" / "directclr"), "info", "--build"], cwd=work,
+                  env={**env, "CXX": "no-such-compiler",
+                       "DIRECTCLR_NATIVE_CACHE": str(work / "info-no-compiler")})
+    assert broken.returncode == 1
+    assert "[ ] C++ CPU kernels    directclr's C++ CPU kernels need a C++20 compiler" in broken.stdout
+
+
+@pytest.mark.parametrize("variant", ["cross", "ntxent"])
+def test_pytorch_fallback_equals_the_cpp_kernels(variant):
+    native.load()
+    gen = torch.Generator().manual_seed(3)
+    z1, z2 = (torch.randn(40, 24, dtype=torch.float64, generator=gen) for _ in range(2))
+    weights = torch.rand(40, dtype=torch.float64, generator=gen)
+    results = []
+    for available in (True, False):
+        with mock.patch.object(native, "available", lambda: available):
+            a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+            loss = infonce(a, b, dim=16, variant=variant, reduction="none")
+            loss.backward(weights)
+            gram = centered_gram(z1, z1.mean(0))
+            results.append((loss.detach(), a.grad, b.grad, *gram))
+    for cpp, fallback in zip(*results):
+        torch.testing.assert_close(fallback, cpp, rtol=1e-12, atol=1e-14)
+    reference = infonce_reference(z1, z2, dim=16, variant=variant)
+    torch.testing.assert_close(results[1][0], reference, rtol=1e-12, atol=0)

@@ -1,0 +1,242 @@
+"""`directclr plot`, TensorBoard scalars, and the spectrum's sample-size bound (issue #15)."""
+import argparse
+import json
+import logging
+import math
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from directclr import embedding_spectrum
+from directclr.plot import (TensorBoardWriter, add_plot_parser, build_figures, export_tensorboard,
+                            load_metrics, plot_run)
+from directclr.report import write_report
+from directclr.train import Config, MetricsLog
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+STEPS_PER_EPOCH, EPOCHS, WIDTH, D0 = 5, 2, 16, 4
+
+
+class _NoBar:
+    def update(self, n): pass
+    def set_postfix(self, **kw): pass
+    def close(self): pass
+
+
+def write_run(run, steps=STEPS_PER_EPOCH * EPOCHS, eigenvalues=False):
+    """A metrics.jsonl in the real format: step rows from train.MetricsLog itself, epoch rows
+    shaped as pretrain() writes them, with real spectrum summaries. Returns what was written."""
+    run.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(run / "metrics.jsonl", Config(data="", out=str(run), batch_size=8), 1, 4,
+                     _NoBar())
+    gen = torch.Generator().manual_seed(1)
+    written = {"loss": [], "lr": [], "probe_loss": [], "top1": [], "rank": [], "rank_sub": []}
+    for step in range(1, steps + 1):
+        loss, probe, lr = 5.0 - 0.1 * step + 0.01 * (step % 3), 1.4 - 0.02 * step, 0.3 * step
+        log.add(step, (step - 1) // STEPS_PER_EPOCH, lr, torch.tensor([loss, probe, 1.0]), 0.0)
+        written["loss"].append(loss)
+        written["lr"].append(lr)
+        written["probe_loss"].append(probe)
+        if step % 3 == 0:
+            log.flush()
+        if step % STEPS_PER_EPOCH == 0:
+            log.flush()
+            rank = step // STEPS_PER_EPOCH + 1  # the spectrum changes from epoch to epoch
+            rep = torch.randn(64, rank, generator=gen) @ torch.randn(rank, WIDTH, generator=gen)
+            summary = {"representation": embedding_spectrum(rep).summary(),
+                       "subvector": embedding_spectrum(rep[:, :D0]).summary()}
+            if eigenvalues:
+                summary["representation"]["eigenvalues"] = (
+                    embedding_spectrum(rep).eigenvalues.tolist())
+            top1 = 0.25 + 0.1 * rank
+            log.epoch_row({"epoch_end": step // STEPS_PER_EPOCH - 1, "step": step,
+                           "probe_train_top1": top1, "spectrum": summary})
+            written["top1"].append(top1)
+            written["rank"].append(summary["representation"]["effective_rank"])
+            written["rank_sub"].append(summary["subvector"]["effective_rank"])
+    log.flush()
+    log.close()
+    return written
+
+
+def line_xy(fig, axis=0, line=0):
+    xy = fig.axes[axis].lines[line].get_xydata()
+    return xy[:, 0].tolist(), xy[:, 1].tolist()
+
+
+def test_plot_run_writes_pngs_of_the_files_data(tmp_path):
+    run = tmp_path / "my-run"
+    written = write_run(run)
+    paths = plot_run(run, tmp_path / "figs")
+    assert [p.name for p in paths] == ["loss.png", "lr.png", "probe.png", "rank.png"]
+    for path in paths:
+        data = path.read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000, path
+        with Image.open(path) as image:
+            image.verify()
+    assert not (run / "loss.png").exists()  # --out was honoured
+
+    metrics = load_metrics(run)
+    figs = build_figures(metrics, "my-run")
+    steps = list(range(1, STEPS_PER_EPOCH * EPOCHS + 1))
+    assert line_xy(figs["loss.png"]) == (steps, pytest.approx(written["loss"], rel=1e-6))
+    assert line_xy(figs["lr.png"]) == (steps, pytest.approx(written["lr"]))
+    assert line_xy(figs["probe.png"]) == (steps, pytest.approx(written["probe_loss"], rel=1e-6))
+    epochs = list(range(1, EPOCHS + 1))
+    assert line_xy(figs["probe.png"], axis=1) == (epochs, pytest.approx(
+        [100 * t for t in written["top1"]]))
+    assert line_xy(figs["rank.png"], axis=0) == (epochs, pytest.approx(written["rank"]))
+    assert line_xy(figs["rank.png"], axis=1) == (epochs, pytest.approx(written["rank_sub"]))
+    assert "my-run" in figs["loss.png"].axes[0].get_title()
+    assert "step" in figs["loss.png"].axes[0].get_xlabel()
+    # rank.png draws each spectrum's width as its ceiling
+    assert figs["rank.png"].axes[1].lines[1].get_ydata()[0] == D0
+
+
+def test_spectra_figure_when_epoch_rows_carry_eigenvalues(tmp_path):
+    write_run(tmp_path, eigenvalues=True)
+    metrics = load_metrics(tmp_path / "metrics.jsonl")
+    fig = build_figures(metrics, "run")["spectra.png"]
+    eig = metrics.epochs[-1]["spectrum"]["representation"]["eigenvalues"]
+    _, ys = line_xy(fig, axis=0, line=EPOCHS - 1)
+    assert ys == pytest.approx([math.log10(v) if v > 0 else math.nan for v in eig], nan_ok=True)
+    assert "spectra.png" in [p.name for p in plot_run(tmp_path)]
+
+
+def test_no_epoch_yet_skips_rank_and_warns(tmp_path, caplog):
+    write_run(tmp_path, steps=3)
+    with caplog.at_level(logging.WARNING, "directclr.plot"):
+        names = [p.name for p in plot_run(tmp_path)]
+    assert names == ["loss.png", "lr.png", "probe.png"]
+    assert "no epoch has ended" in caplog.text
+
+
+def test_truncated_last_line_is_dropped_with_a_warning(tmp_path, caplog):
+    write_run(tmp_path)
+    path = tmp_path / "metrics.jsonl"
+    with path.open("a") as f:
+        f.write('{"step": 11, "epoch": 2, "lr": 0.1, "lo')  # killed mid-row
+    with caplog.at_level(logging.WARNING, "directclr.plot"):
+        metrics = load_metrics(path)
+    assert "truncated last line" in caplog.text and str(path) in caplog.text
+    assert metrics.steps[-1]["step"] == STEPS_PER_EPOCH * EPOCHS and len(metrics.epochs) == EPOCHS
+
+
+def test_a_step_logged_twice_keeps_its_last_row(tmp_path):
+    write_run(tmp_path, steps=3)
+    path = tmp_path / "metrics.jsonl"
+    row = json.loads(path.read_text().splitlines()[1])
+    with path.open("a") as f:
+        f.write(json.dumps({**row, "loss": 123.0}) + "\n")
+    metrics = load_metrics(path)
+    assert [r["step"] for r in metrics.steps] == [1, 2, 3]
+    assert metrics.steps[1]["loss"] == 123.0
+
+
+GOOD = '{"step": 1, "epoch": 0, "lr": 0.1, "loss": 4.0, "probe_loss": 1.0}\n'
+
+
+@pytest.mark.parametrize("content,match", [
+    (None, "no such file"),
+    ("", "is empty"),
+    ("\n  \n", "is empty"),
+    (GOOD + "{not json}\n" + GOOD, r":2: not a JSON row"),
+    (GOOD + '{"step": 2, "lo\n', r":2: not a JSON row"),  # cut, but a newline after: corrupt
+    (GOOD + "[1, 2]\n", r":2: not a metrics row"),
+    (GOOD + '{"loss": 3.0}\n', r":2: not a metrics row"),
+    (GOOD + '{"step": 2, "what": 1}\n', r":2: neither a step row"),
+    ('{"epoch_end": 0, "step": 5, "probe_train_top1": 0.3}\n', "no training-step rows"),
+])
+def test_malformed_metrics_raise_value_error_naming_the_file(tmp_path, content, match):
+    path = tmp_path / "metrics.jsonl"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=match) as err:
+        plot_run(tmp_path)
+    assert str(path) in str(err.value)
+
+
+def test_plot_subcommand(tmp_path, capsys):
+    write_run(tmp_path / "run")
+    parser = argparse.ArgumentParser(prog="directclr")
+    add_plot_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["plot", str(tmp_path / "run")])
+    args.run(args)
+    printed = capsys.readouterr().out
+    for name in ("loss.png", "lr.png", "probe.png", "rank.png"):
+        assert (tmp_path / "run" / name).is_file() and str(tmp_path / "run" / name) in printed
+    args = parser.parse_args(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "o"),
+                              "--tensorboard", str(tmp_path / "tb")])
+    args.run(args)
+    assert (tmp_path / "o" / "rank.png").is_file()
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def read_events(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_round_trip(tmp_path):
+    write_run(tmp_path / "run")
+    metrics = load_metrics(tmp_path / "run")
+    writer = TensorBoardWriter(tmp_path / "tb")
+    for row in metrics.steps + metrics.epochs:  # exactly the rows MetricsLog wrote
+        writer.write(row)
+    writer.close()
+    events = read_events(tmp_path / "tb")
+    assert events["train/loss"] == [(r["step"], pytest.approx(r["loss"], rel=1e-6))
+                                    for r in metrics.steps]
+    assert [s for s, _ in events["train/lr"]] == [r["step"] for r in metrics.steps]
+    for key in ("probe_loss", "grad_norm", "pairs_per_s", "data_wait"):
+        assert len(events[f"train/{key}"]) == len(metrics.steps)
+    rank = events["epoch/spectrum/subvector/effective_rank"]
+    assert rank == [(r["step"], pytest.approx(r["spectrum"]["subvector"]["effective_rank"]))
+                    for r in metrics.epochs]
+    assert [v for _, v in events["epoch/probe_train_top1"]] == pytest.approx(
+        [r["probe_train_top1"] for r in metrics.epochs])
+    assert "train/step" not in events and "train/epoch" not in events
+    # the replay of a finished run writes the same scalars
+    export_tensorboard(tmp_path / "run", tmp_path / "tb2")
+    assert read_events(tmp_path / "tb2")["train/loss"] == events["train/loss"]
+
+
+def test_tensorboard_missing_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    with pytest.raises(ImportError, match="pip install tensorboard"):
+        TensorBoardWriter(tmp_path / "tb")
+
+
+def test_spectrum_knows_its_sample_size_bound():
+    x = torch.randn(200, 512, generator=torch.Generator().manual_seed(0))
+    spec = embedding_spectrum(x)
+    assert spec.rank_bound == 199 and spec.sample_limited
+    assert spec.collapsed() == 313  # all of them by the sample size
+    assert "200 rows for 512 dimensions" in spec.sample_size_note
+    assert "at most 199 (N - 1)" in spec.sample_size_note
+    assert "313 of the 512" in spec.sample_size_note
+    assert spec.summary()["rank_bound"] == 199
+    square = embedding_spectrum(torch.randn(64, 64))  # N == D: rank <= 63, one forced
+    assert square.rank_bound == 63 and square.sample_limited
+    wide = embedding_spectrum(torch.randn(65, 64))
+    assert wide.rank_bound == 64 and not wide.sample_limited and wide.sample_size_note is None
+
+
+@pytest.mark.parametrize("n,warns", [(40, True), (64, True), (65, False)])
+def test_spectrum_report_warns_when_rows_do_not_exceed_dims(tmp_path, caplog, n, warns):
+    spec = embedding_spectrum(torch.randn(n, 64, generator=torch.Generator().manual_seed(n)))
+    with caplog.at_level(logging.WARNING, "directclr.report"):
+        json_path, png_path = write_report(spec, tmp_path, "representation")
+    report = json.loads(json_path.read_text())
+    assert report["rank_bound"] == min(n - 1, 64)
+    assert png_path.read_bytes().startswith(PNG_MAGIC)
+    if warns:
+        assert f"at most {n - 1} (N - 1)" in caplog.text
+        assert report["sample_size_warning"] == spec.sample_size_note
+        assert report["collapsed"] >= 64 - (n - 1)  # the bound shows in the count
+    else:
+        assert caplog.text == "" and report["sample_size_warning"] is None
