@@ -40,7 +40,7 @@ def _config(case: dict, data: str, out: str):
                   # The warm-up steps fill the first log intervals, whose shared rate is not timed.
                   log_every=max(1, case["warmup"]),
                   compile=case["compile"], image_size=case["image_size"],
-                  num_threads=case["threads"])
+                  num_threads=case["threads"], micro_batch=case.get("micro_batch"))
 
 
 def model_alone(case: dict) -> dict:
@@ -57,17 +57,41 @@ def model_alone(case: dict) -> dict:
     gen = torch.Generator(device=device).manual_seed(0)
     view1, view2 = (torch.randn(shape, device=device, generator=gen) for _ in range(2))
     labels = torch.randint(0, 10, (cfg.batch_size,), device=device, generator=gen)
+    baseline = _memory_now(device)
     start = None
     for i in range(case["warmup"] + case["steps"]):
         if i == case["warmup"]:
             if i:
                 values.tolist()  # the warm-up steps done on the device
             start = time.perf_counter()
-        _, _, values = train_step(forward, optimizer, cfg, model.loss_dim, view1, view2, labels)
+        _, _, values = train_step(forward, optimizer, cfg, model.loss_dim, view1, view2, labels,
+                                  model)
     values.tolist()  # the loop syncs once per log interval; this, once for the timed steps
     seconds = time.perf_counter() - start
     return {**case, "pairs_per_s": case["steps"] * cfg.batch_size / seconds,
-            "data_wait": 0.0, "status": "ok"}
+            "step_peak_mb": (_memory_peak(device) - baseline) / 2**20, "data_wait": 0.0,
+            "status": "ok"}
+
+
+def _memory_now(device) -> int:
+    """Bytes in use before the steps: the CUDA allocator's, or this process's resident set."""
+    import torch
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    with open("/proc/self/statm") as statm:
+        import os
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _memory_peak(device) -> int:
+    """The peak since _memory_now: the allocator's, or the process's peak resident set."""
+    import resource
+
+    import torch
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def whole_loop(case: dict) -> dict:
@@ -99,6 +123,9 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--micro-batch", type=int, default=None,
+                        help="also time the model alone with gradient caching at this "
+                        "micro-batch, beside the plain step (time and peak-memory ratios)")
     parser.add_argument("--what", nargs="+", default=["model", "loop"], choices=["model", "loop"])
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--results-dir", type=Path, default=common.RESULTS)
@@ -106,7 +133,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.child:
         case = json.loads(args.child)
-        print(json.dumps((model_alone if case["what"] == "model" else whole_loop)(case)))
+        print(json.dumps((whole_loop if case["what"] == "loop" else model_alone)(case)))
         return []
     data = args.data
     if data == "synthetic" and "loop" in args.what:
@@ -120,14 +147,24 @@ def main(argv=None):
                     steps=args.steps, compile=args.compile)
         rows.append({"op": "train", **common.run_child(__file__, case, timeout=args.timeout)})
         print(json.dumps(rows[-1]), flush=True)
+        if what == "model" and args.micro_batch:
+            micro = {**case, "what": "model-micro", "micro_batch": args.micro_batch}
+            rows.append({"op": "train", **common.run_child(__file__, micro,
+                                                           timeout=args.timeout)})
+            print(json.dumps(rows[-1]), flush=True)
     ok = {r["what"]: r for r in rows if r["status"] == "ok"}
     if "model" in ok and "loop" in ok:
         ok["loop"]["vs_model"] = ok["loop"]["pairs_per_s"] / ok["model"]["pairs_per_s"]
+    if "model" in ok and "model-micro" in ok:  # same run, side by side: time and memory ratios
+        plain, micro = ok["model"], ok["model-micro"]
+        micro["time_vs_plain"] = plain["pairs_per_s"] / micro["pairs_per_s"]
+        micro["memory_vs_plain"] = micro["step_peak_mb"] / plain["step_peak_mb"]
     rows = common.stamp(rows, args.device)
     path = common.append_rows(rows, "bench_train", args.results_dir)
     print(common.format_table(rows, ["what", "arch", "device", "image_size", "batch_size",
-                                     "loader", "pairs_per_s", "data_wait", "vs_model",
-                                     "status"]))
+                                     "micro_batch", "loader", "pairs_per_s", "step_peak_mb",
+                                     "data_wait", "vs_model", "time_vs_plain",
+                                     "memory_vs_plain", "status"]))
     print(f"rows appended to {path}")
     return rows
 

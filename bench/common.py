@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
-from directclr.provenance import git_commit
+from directclr.provenance import cpu_model, git_commit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -22,15 +20,7 @@ def machine(device: str) -> str:
     if device.startswith("cuda"):
         import torch
         return torch.cuda.get_device_name(device)
-    model = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores"
+    return cpu_model()
 
 
 def stamp(rows: list[dict], device: str) -> list[dict]:

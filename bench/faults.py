@@ -77,8 +77,9 @@ def finished(work: Path, name: str, make_args: Callable[[Path], list[str]],
     return out
 
 
-def straight(work: Path, loader: str = "torchvision") -> Path:
-    return finished(work, f"straight-{loader}", lambda out: pretrain_args(work, out, loader))
+def straight(work: Path, loader: str = "torchvision", extra: tuple[str, ...] = ()) -> Path:
+    return finished(work, "-".join(["straight", loader, *extra]).replace("--", ""),
+                    lambda out: pretrain_args(work, out, loader) + list(extra))
 
 
 def rows(out: Path) -> list[dict]:
@@ -139,16 +140,16 @@ def stop_and_resume(work: Path, name: str, sig: signal.Signals, loader: str,
             f"steps done, no traceback; resumed to step {STEPS} with identical weights")
 
 
-def kill_and_resume(work: Path, loader: str) -> str:
+def kill_and_resume(work: Path, loader: str, extra: tuple[str, ...] = ()) -> str:
     """kill -9 after a random checkpoint (one per step), then resume to the straight run's
-    weights."""
+    weights (both with the `extra` flags)."""
     if loader == "dali" and not dali_available():
         return "skipped: nvidia.dali does not import"
-    reference = straight(work, loader)
-    out = work / f"kill-{loader}"
+    reference = straight(work, loader, extra)
+    out = work / "-".join(["kill", loader, *extra]).replace("--", "")
     shutil.rmtree(out, ignore_errors=True)
     at = random.randrange(1, STEPS - 1)
-    args = pretrain_args(work, out, loader)
+    args = pretrain_args(work, out, loader) + list(extra)
     args[args.index("--ckpt-every") + 1] = "1"
     proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=ENV_ONE_THREAD)
@@ -176,6 +177,12 @@ def _(work):
 @case("kill-9-dali", "kill -9 at a random step, DALI loader (CPU); then resume")
 def _(work):
     return kill_and_resume(work, "dali")
+
+
+@case("kill-9-micro-batch", "kill -9 at a random step of a --micro-batch 4 run (gradient "
+      "caching, 2 micro-batches a step); then resume")
+def _(work):
+    return kill_and_resume(work, "torchvision", ("--micro-batch", "4"))
 
 
 @case("sigterm-torchvision", "SIGTERM at a random step, torchvision loader; then resume")

@@ -46,6 +46,7 @@ for name in ("torch", "triton", "pytest", "numpy", "torchvision", "PIL", "nvidia
     except Exception as error:  # noqa: BLE001 -- any failure to import means "absent" here
         print(f"{name}: MISSING ({type(error).__name__})")
 PYEOF
+"$PY" -m directclr info > "$OUT/gpu_info.txt" 2>&1 || true  # backends as directclr sees them
 has() { ! grep -q "^$1: MISSING" "$OUT/gpu_modules.txt"; }
 needs() {  # needs STEP MODULE...: true, or prints why STEP is skipped
   local step=$1 missing=(); shift

@@ -64,11 +64,16 @@ def _add_pretrain(commands) -> None:
     p.add_argument("--mode", default=d.mode, choices=MODES,
                    help="directclr, or a SimCLR baseline (its projector)")
     p.add_argument("--dim", type=int, default=d.dim, help="d0, the subvector width")
+    p.add_argument("--simclr-out", type=int, default=d.simclr_out,
+                   help="output width of the simclr-mlp and simclr-linear projectors")
     p.add_argument("--temperature", type=float, default=d.temperature, help="InfoNCE's tau")
     p.add_argument("--variant", default=d.variant, choices=VARIANTS,
                    help="the official loss, or SimCLR's 2N x 2N one")
     p.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="global batch of pairs, over all ranks")
+    p.add_argument("--micro-batch", type=int, default=None, metavar="M",
+                   help="pairs per micro-batch per process: the exact gradient of the whole "
+                   "batch with one micro-batch's activations (gradient caching)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="passes over --data")
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many steps; warm-up and cosine then span this run")
@@ -80,6 +85,9 @@ def _add_pretrain(commands) -> None:
                    help="auto: DALI where it imports")
     p.add_argument("--ckpt-every", type=int, default=d.ckpt_every,
                    help="steps between checkpoints (also at every epoch end)")
+    p.add_argument("--keep-every", type=int, default=None,
+                   help="also checkpoint at multiples of this many steps and keep those "
+                   "(snapshots for training dynamics); others are pruned to the last 2")
     p.add_argument("--log-every", type=int, default=d.log_every,
                    help="steps between metrics writes and divergence checks (the only host "
                    "syncs of a GPU step; every step still gets its row)")
@@ -215,26 +223,41 @@ def _reproduce(args) -> None:
 
     from .reproduce import Budget, reproduce
     given = {"arch": args.arch, "images": args.images, "epochs": args.epochs,
-             "probe_epochs": args.probe_epochs, "loader": args.loader}
+             "long_epochs": args.long_epochs, "probe_epochs": args.probe_epochs,
+             "loader": args.loader, "snapshot_every": args.snapshot_every,
+             "dynamics_images": args.dynamics_images}
     budget = Budget(**{k: v for k, v in given.items() if v is not None})
     command = "directclr " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
     rows = reproduce(args.out, modes=args.modes, seeds=args.seeds, budget=budget,
                      command=command)
     for row in rows:
-        print(f"{row['mode']:28s} top-1 {row['probe_top1_mean']:6.2f} ± "
-              f"{row['probe_top1_std']:.2f}  effective rank {row['effective_rank']:6.1f}")
-    print(f"wrote {args.out}/results.md, results.json, runs.json and spectra.png")
+        print(f"{row['mode']:28s} linear {row['probe_top1_mean']:6.2f} ± "
+              f"{row['probe_top1_std']:.2f}  k-NN {row['knn_top1_mean']:6.2f} ± "
+              f"{row['knn_top1_std']:.2f}  effective rank (centered) "
+              f"{row['effective_rank']:6.1f}  RankMe (raw) {row['rankme_raw']:6.1f}")
+    print(f"wrote {args.out}/results.md, results.json, runs.json, spectra.png and dynamics.png")
 
 
 def _add_reproduce(commands) -> None:
     from .models import MODES
+    from .reproduce import LONG_MODES, Budget
+    d = Budget()
+    long = ", ".join(LONG_MODES)
     p = commands.add_parser("reproduce", help="the paper's Tables 1-2 in miniature "
-                            "(Fashion-MNIST, every mode x seed)")
-    p.add_argument("--out", required=True, help="results.md/json, spectra.png, runs/, data/")
+                            "(Fashion-MNIST, every mode x seed, and the untrained backbone)")
+    p.add_argument("--out", required=True,
+                   help="results.md/json, spectra.png, dynamics.png, runs/, data/")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, help="pretraining epochs (default 4)")
-    p.add_argument("--images", type=int, help="training images (default 8000)")
+    p.add_argument("--epochs", type=int,
+                   help=f"pretraining epochs of the modes other than {long} (default {d.epochs})")
+    p.add_argument("--long-epochs", type=int,
+                   help=f"pretraining epochs of {long} (default {d.long_epochs})")
+    p.add_argument("--snapshot-every", type=int, help="steps between training-dynamics "
+                   f"snapshots (kept checkpoints; default {d.snapshot_every})")
+    p.add_argument("--dynamics-images", type=int, help="the fixed validation subset the "
+                   f"snapshots are measured on (default {d.dynamics_images})")
+    p.add_argument("--images", type=int, help=f"training images (default {d.images})")
     p.add_argument("--probe-epochs", type=int, help="default 30")
     p.add_argument("--arch", choices=list(ARCHS), help="default resnet18-w16")
     p.add_argument("--loader", default="auto", choices=LOADERS)

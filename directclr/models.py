@@ -109,17 +109,21 @@ class Diagonal(nn.Module):
         return r * self.scale
 
 
-def build_projector(mode: str, width: int, dim: int) -> tuple[nn.Module, int | None]:
-    """(projector, the loss's `dim`): DirectCLR has no projector and a subvector of `dim`."""
+def build_projector(mode: str, width: int, dim: int,
+                    simclr_out: int = SIMCLR_OUT) -> tuple[nn.Module, int | None]:
+    """(projector, the loss's `dim`): DirectCLR has no projector and a subvector of `dim`. The
+    SimCLR projectors are the official code's: the MLP is Linear(w, w) + BN + ReLU +
+    Linear(w, out) + BN(out), the linear one Linear(w, out), all without biases."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "directclr":
         return nn.Identity(), dim
     if mode == "simclr-mlp":
         return nn.Sequential(nn.Linear(width, width, bias=False), nn.BatchNorm1d(width),
-                             nn.ReLU(inplace=True), nn.Linear(width, SIMCLR_OUT)), None
+                             nn.ReLU(inplace=True), nn.Linear(width, simclr_out, bias=False),
+                             nn.BatchNorm1d(simclr_out)), None
     if mode == "simclr-linear":
-        return nn.Linear(width, width), None
+        return nn.Linear(width, simclr_out, bias=False), None
     if mode == "simclr-none":
         return nn.Identity(), None
     if mode == "fixed-lowrank":

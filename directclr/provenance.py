@@ -1,6 +1,8 @@
-"""Where a result came from: the git commit of the tree that produced it."""
+"""Where a result came from: the git commit of the tree that produced it, and the CPU."""
 from __future__ import annotations
 
+import os
+import platform
 import subprocess
 from pathlib import Path
 
@@ -18,3 +20,16 @@ def git_commit(repo: Path = REPO) -> str:
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def cpu_model() -> str:
+    """The CPU's model name and core count, e.g. "AMD EPYC 7B13, 2 cores"."""
+    model = platform.processor() or platform.machine() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"

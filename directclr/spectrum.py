@@ -5,6 +5,12 @@ with Chan's rule, M2 = M2a + M2b + delta delta^T na nb / n, never the unstable E
 The per-batch centered Gram matrix is a fused kernel (Triton on CUDA, C++ on CPU) that computes
 only the upper triangle of tiles; the state stays on the batches' device until ``result``, whose
 eigenvalues come from ``eigvalsh`` in float64 on the CPU.
+
+Two effective ranks, not to be confused: ``Spectrum.effective_rank`` is exp of the entropy of
+the singular values of the *centered* embeddings (the covariance's view, the paper's spectrum);
+``Spectrum.rankme_raw`` is RankMe as Garrido et al. (2023) publish it, the singular values of the
+*raw, uncentered* embedding matrix with their epsilon. The raw second moment needs no other state:
+sum_i z_i z_i^T = M2 + n mu mu^T.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ from . import native
 from .scaling import max_abs, power_of_two_scale, scaled_rows
 
 NORM_EPS = 1e-12
+RANKME_EPS = 1e-7  # Garrido et al. (2023): p_k = s_k / sum(s) + eps
 
 
 def centered_gram(x: Tensor, mean: Tensor, backend: str = "auto") -> tuple[Tensor, Tensor]:
@@ -40,10 +47,12 @@ def centered_gram(x: Tensor, mean: Tensor, backend: str = "auto") -> tuple[Tenso
 
 @dataclass(frozen=True)
 class Spectrum:
-    """Eigenvalues of the covariance (descending, clamped at 0, float64) of `n` embeddings."""
+    """Eigenvalues of the covariance (descending, clamped at 0, float64) of `n` embeddings, and
+    (where computed) those of their raw, uncentered second moment Z^T Z / n."""
 
     eigenvalues: Tensor
     n: int
+    raw_eigenvalues: Tensor | None = None
 
     @property
     def singular_values(self) -> Tensor:
@@ -57,13 +66,29 @@ class Spectrum:
 
     @property
     def effective_rank(self) -> float:
-        """RankMe: exp of the entropy of p_k = s_k / sum(s), s the singular values."""
+        """Effective rank (centered): exp of the entropy of p_k = s_k / sum(s), s the singular
+        values of the centered embeddings (RankMe's formula on the covariance, no epsilon)."""
         s = self.singular_values
         total = s.sum()
         if total <= 0:
             return 0.0
         p = s / total
         p = p[p > 0]
+        return math.exp(-(p * p.log()).sum().item())
+
+    @property
+    def rankme_raw(self) -> float | None:
+        """RankMe as published (Garrido et al. 2023): s the min(n, D) singular values of the raw,
+        uncentered (n, D) embedding matrix, p_k = s_k / sum(s) + 1e-7, exp(-sum p_k log p_k).
+        None where the raw eigenvalues were not computed; 0.0 for all-zero embeddings (where
+        the published formula divides by zero)."""
+        if self.raw_eigenvalues is None:
+            return None
+        s = (self.raw_eigenvalues * self.n).sqrt()[:min(self.n, self.raw_eigenvalues.numel())]
+        total = s.sum()
+        if total <= 0:
+            return 0.0
+        p = s / total + RANKME_EPS
         return math.exp(-(p * p.log()).sum().item())
 
     @property
@@ -98,7 +123,8 @@ class Spectrum:
 
     def summary(self, rel: float = 1e-6) -> dict:
         return {"n": self.n, "dim": self.eigenvalues.numel(),
-                "effective_rank": self.effective_rank, "collapsed": self.collapsed(rel),
+                "effective_rank": self.effective_rank, "rankme_raw": self.rankme_raw,
+                "collapsed": self.collapsed(rel),
                 "collapsed_rel": rel, "top_eigenvalue": self.eigenvalues[0].item(),
                 "rank_bound": self.rank_bound}
 
@@ -261,7 +287,9 @@ class SpectrumAccumulator:
     def covariance(self) -> Tensor:
         return self._unscaled(self._scaled_covariance(), 2)
 
-    def result(self) -> Spectrum:
+    def result(self, raw: bool = True) -> Spectrum:
+        """The spectrum; with raw=True also the eigenvalues of the raw second moment
+        (M2 + n mu mu^T) / n, for ``Spectrum.rankme_raw`` (None where they exceed float64)."""
         cov = self._scaled_covariance().double().cpu()
         nonfinite = int(self._nonfinite)  # the state's first read on the host: no extra sync
         if nonfinite:
@@ -275,7 +303,15 @@ class SpectrumAccumulator:
                              f"2^{math.log2(top) + 2 * math.log2(scale):.0f}, exceeds float64: "
                              f"the spectrum cannot be reported in the embeddings' scale "
                              f"(normalize=True gives that of their unit rows)")
-        return Spectrum(eig * scale * scale, self.n)
+        raw_eig = None
+        if raw:  # the uncentered second moment, in the same units of _scale ** 2
+            mean = self._mean.double().cpu()
+            second = cov + torch.outer(mean, mean)
+            raw_eig = torch.linalg.eigvalsh((second + second.T) / 2).flip(0).clamp_min(0)
+            raw_eig = raw_eig * scale * scale
+            if not math.isfinite(raw_eig[0].item()):
+                raw_eig = None
+        return Spectrum(eig * scale * scale, self.n, raw_eig)
 
 
 def embedding_spectrum(z: Tensor, normalize: bool = False) -> Spectrum:

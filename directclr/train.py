@@ -46,6 +46,7 @@ from .data import build_pretrain_loader, prepare_fashion_mnist
 from .data.loader import BACKENDS as LOADERS, dali_available
 from .files import (CorruptFile, FolderLock, atomic_write, load_verified,
                     remove_stale_temporaries, save_verified)
+from .gradcache import cached_backward
 from .infonce import VARIANTS, infonce
 from .lars import LARS
 from .models import (ARCHS, MODES, build_backbone, build_projector, describe_backbone, stem_for,
@@ -66,7 +67,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 PROBE_BLOWUP = 100.0
 # Settings that change the math of a run: a resume must keep them (or accept the change).
 RESUME_FIELDS = ("arch", "mode", "dim", "temperature", "variant", "batch_size", "image_size",
-                 "seed", "lr", "wd", "warmup_epochs", "epochs", "max_steps", "loader")
+                 "seed", "lr", "wd", "warmup_epochs", "epochs", "max_steps", "loader",
+                 "simclr_out", "micro_batch")
 CHECKPOINT_KEYS = ("model", "optimizer", "loader", "step", "config", "run")
 
 
@@ -100,6 +102,9 @@ class Config:
     warmup_epochs: float = 10.0
     loader: str = "auto"
     ckpt_every: int = 500
+    micro_batch: int | None = None  # pairs per micro-batch per process: gradient caching
+    keep_every: int | None = None  # also checkpoint at multiples of this, never pruned (snapshots)
+    simclr_out: int = 128  # the SimCLR projectors' output width (the paper's 128)
     log_every: int = 10  # steps between metrics writes: the only host syncs of a GPU step
     resume: bool = True
     accept_changes: tuple[str, ...] = ()  # RESUME_FIELDS a resume may change
@@ -145,6 +150,7 @@ def resolve_data(cfg: Config, rank: int) -> tuple[Path, int]:
 
 # Lowest allowed value of each integer setting (None, where allowed, means "the default").
 INT_MINIMUMS = {"batch_size": 2, "epochs": 1, "max_steps": 1, "ckpt_every": 1, "log_every": 1,
+                "keep_every": 1, "simclr_out": 1, "micro_batch": 1,
                 "image_size": MIN_IMAGE_SIZE, "num_threads": 0, "seed": 0}
 SEED_LIMIT = 2 ** 32  # numpy's generators take seeds below this
 
@@ -167,6 +173,9 @@ def check_config(cfg: Config, world: int) -> None:
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the world size "
                          f"{world}")
+    if cfg.micro_batch is not None and (cfg.batch_size // world) % cfg.micro_batch:
+        raise ValueError(f"--micro-batch {cfg.micro_batch} must divide the batch of each "
+                         f"process, {cfg.batch_size // world} (--batch-size / world size)")
     if not 1 <= cfg.dim <= ARCHS[cfg.arch]:
         raise ValueError(f"--dim {cfg.dim} must be in [1, {ARCHS[cfg.arch]}] (the "
                          f"representation width of {cfg.arch})")
@@ -229,7 +238,8 @@ class Model(nn.Module):
     def __init__(self, cfg: Config, num_classes: int, small_images: bool):
         super().__init__()
         self.backbone, width = build_backbone(cfg.arch, small_images)
-        self.projector, self.loss_dim = build_projector(cfg.mode, width, cfg.dim)
+        self.projector, self.loss_dim = build_projector(cfg.mode, width, cfg.dim,
+                                                        cfg.simclr_out)
         self.probe = nn.Linear(width, num_classes)
 
     def forward(self, view1, view2, labels):
@@ -249,34 +259,60 @@ def build_model(cfg: Config, num_classes: int, small_images: bool, device: torch
     return sync_batchnorm(model, device) if world > 1 else model
 
 
-def train_step(forward, optimizer, cfg: Config, loss_dim, view1, view2, labels):
+def train_step(forward, optimizer, cfg: Config, loss_dim, view1, view2, labels, model=None):
     """One optimizer step on a batch of view pairs (bf16 autocast and channels_last on GPU):
     returns rep1, the probe hits and (infonce loss, probe loss, gradient norm), all on the
-    device."""
+    device. With cfg.micro_batch smaller than the batch, the gradient is cached
+    (directclr.gradcache): one micro-batch's activations at a time; `model` is then the module
+    (DDP-wrapped or not) whose BatchNorm statistics and gradient sync that needs."""
     cuda = view1.is_cuda
     if cuda:
         view1 = view1.contiguous(memory_format=torch.channels_last)
         view2 = view2.contiguous(memory_format=torch.channels_last)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-        rep1, z1, z2, probe_loss, correct = forward(view1, view2, labels)
-    loss = infonce(z1.float(), z2.float(), dim=loss_dim, temperature=cfg.temperature,
-                   variant=cfg.variant)
+
+    def run(first, second, targets):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            return forward(first, second, targets)
+
+    def loss_of(z1, z2):
+        return infonce(z1.float(), z2.float(), dim=loss_dim, temperature=cfg.temperature,
+                       variant=cfg.variant)
+
     optimizer.zero_grad(set_to_none=True)
-    (loss + probe_loss).backward()
+    if cfg.micro_batch is None or cfg.micro_batch >= len(labels):
+        rep1, z1, z2, probe_loss, correct = run(view1, view2, labels)
+        loss = loss_of(z1, z2)
+        (loss + probe_loss).backward()
+        loss, probe_loss = loss.detach(), probe_loss.detach()
+    else:
+        def chunk(first, second, targets):
+            rep, z1, z2, probe, hits = run(first, second, targets)
+            return (z1, z2), probe, (rep.detach(), hits)
+        loss, probe_loss, extras = cached_backward(chunk, (view1, view2, labels),
+                                                   cfg.micro_batch, loss_of,
+                                                   forward if model is None else model)
+        rep1 = torch.cat([rep for rep, _ in extras])
+        correct = torch.stack([hits for _, hits in extras]).sum()
     grads = [p.grad for group in optimizer.param_groups for p in group["params"]
              if p.grad is not None]
     grad_norm = torch.nn.utils.get_total_norm(grads)
     optimizer.step()
-    return rep1, correct, torch.stack([loss.detach(), probe_loss.detach(), grad_norm.float()])
+    return rep1, correct, torch.stack([loss, probe_loss, grad_norm.float()])
 
 
 # --------------------------------------------------------------------------- checkpoints
-def save_checkpoint(out: Path, step: int, state: dict) -> None:
+def save_checkpoint(out: Path, step: int, state: dict, keep_every: int | None = None) -> None:
     """Atomic, durable and checksummed (directclr.files.save_verified); keeps the last
-    KEEP_CHECKPOINTS."""
+    KEEP_CHECKPOINTS, and those at multiples of keep_every."""
     save_verified(state, out / f"ckpt_{step:09d}.pt")
     for old in sorted(out.glob(CHECKPOINT_GLOB))[:-KEEP_CHECKPOINTS]:
-        old.unlink(missing_ok=True)
+        if not (keep_every and checkpoint_step(old) % keep_every == 0):
+            old.unlink(missing_ok=True)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step in a checkpoint's name, ckpt_<step>.pt."""
+    return int(path.stem.split("_")[1])
 
 
 def check_checkpoint(state, path: Path) -> dict:
@@ -338,9 +374,11 @@ def resume_settings(cfg: Config, image_size: int, backend: str) -> dict:
 def check_resume_config(saved: dict, current: dict, accepted, step: int) -> None:
     """The run in --out continues only with the settings it was started with, or with changes
     named in --accept-changes."""
-    changed = [f"  {flag(name)}: {saved.get(name)!r} -> {current[name]!r}"
-               for name in RESUME_FIELDS
-               if saved.get(name) != current[name] and name not in accepted]
+    # a field added after the checkpoint was written had, in effect, its default then
+    saved = {name: saved.get(name, Config.__dataclass_fields__[name].default)
+             for name in RESUME_FIELDS}
+    changed = [f"  {flag(name)}: {saved[name]!r} -> {current[name]!r}"
+               for name in RESUME_FIELDS if saved[name] != current[name] and name not in accepted]
     if changed:
         names = " ".join(line.split(":")[0].strip()[2:] for line in changed)
         raise ValueError(
@@ -643,7 +681,7 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, out: Path,
             save_checkpoint(out, step, {"model": raw_model.state_dict(),
                                         "optimizer": optimizer.state_dict(),
                                         "loader": loader.state_dict(), "step": step,
-                                        "config": asdict(cfg), "run": run})
+                                        "config": asdict(cfg), "run": run}, cfg.keep_every)
         saved_step = step
 
     try:
@@ -673,7 +711,7 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, out: Path,
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 rep1, correct, values = train_step(forward, optimizer, cfg, raw_model.loss_dim,
-                                                   view1, view2, labels)
+                                                   view1, view2, labels, model)
                 step += 1
                 rep = rep1.detach().float()
                 spectra["representation"].update(rep)
@@ -686,7 +724,7 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, out: Path,
                     # step resumes at the next epoch, not at the end of this one.
                     next(batches, None)
                     break
-                if step % cfg.ckpt_every == 0:
+                if step % cfg.ckpt_every == 0 or (cfg.keep_every and step % cfg.keep_every == 0):
                     checkpoint()
                 elif step % cfg.log_every == 0:
                     metrics.flush()

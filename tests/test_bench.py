@@ -68,10 +68,14 @@ def test_bench_train_times_the_model_and_the_whole_loop(tmp_path):
                              progress=False)
     rows = bench_train.main(["--data", str(data), "--batch-size", "8", "--warmup", "1",
                              "--steps", "2", "--loader", "torchvision", "--threads", "0",
-                             "--results-dir", str(tmp_path)])
-    assert [(r["what"], r["status"]) for r in rows] == [("model", "ok"), ("loop", "ok")], rows
+                             "--micro-batch", "4", "--results-dir", str(tmp_path)])
+    assert [(r["what"], r["status"]) for r in rows] == [
+        ("model", "ok"), ("model-micro", "ok"), ("loop", "ok")], rows
     assert all(r["pairs_per_s"] > 0 for r in rows)
-    loop = rows[1]
+    micro = rows[1]
+    assert micro["micro_batch"] == 4 and micro["time_vs_plain"] > 0
+    assert micro["memory_vs_plain"] > 0 and rows[0]["step_peak_mb"] > 0
+    loop = rows[2]
     assert 0 <= loop["data_wait"] < 1 and loop["vs_model"] > 0
     assert {"commit", "date", "machine"} <= loop.keys()
 

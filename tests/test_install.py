@@ -74,8 +74,11 @@ def installed(tmp_path_factory):
     venv_site = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()"
                            "['purelib'])"], check=True).stdout.strip())
     (venv_site / "with-torch.pth").write_text(f"{with_torch}\n")
+    # pip's default flags: this machine's index and certificate settings stay, nothing that
+    # would change how the package builds
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith("PIP_") and k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+           if k not in ("PYTHONPATH", "TRITON_INTERPRET", "PIP_NO_BUILD_ISOLATION", "PIP_NO_DEPS",
+                        "PIP_USE_PEP517", "PIP_EDITABLE")}
     pip = _run([str(python), "-m", "pip", "install", "-q", str(clone)], env=env, cwd=work)
     assert pip.returncode == 0, pip.stdout[-3000:] + pip.stderr[-3000:]
     shutil.rmtree(clone)  # the installed copy must not lean on the source tree

@@ -58,6 +58,25 @@ def test_zero_init_residual():
     assert all(block.bn2.weight.abs().sum() == 0 for block in backbone.layer1)
 
 
+@pytest.mark.parametrize("width, out", [(2048, 128), (128, 8)])
+def test_simclr_projectors_have_the_official_shapes(width, out):
+    """Official DirectCLR code: MLP = Linear(w, w, no bias), BN(w), ReLU, Linear(w, out, no
+    bias), BN(out); linear = Linear(w, out, no bias)."""
+    mlp, loss_dim = build_projector("simclr-mlp", width, dim=22, simclr_out=out)
+    assert loss_dim is None
+    kinds = [type(layer) for layer in mlp]
+    assert kinds == [torch.nn.Linear, torch.nn.BatchNorm1d, torch.nn.ReLU, torch.nn.Linear,
+                     torch.nn.BatchNorm1d]
+    assert (mlp[0].in_features, mlp[0].out_features) == (width, width) and mlp[0].bias is None
+    assert (mlp[3].in_features, mlp[3].out_features) == (width, out) and mlp[3].bias is None
+    assert mlp[1].num_features == width and mlp[4].num_features == out
+    linear, _ = build_projector("simclr-linear", width, dim=22, simclr_out=out)
+    assert isinstance(linear, torch.nn.Linear) and linear.bias is None
+    assert (linear.in_features, linear.out_features) == (width, out)
+    assert linear(torch.randn(4, width)).shape == (4, out)
+    assert build_projector("simclr-mlp", width, dim=22)[0][3].out_features == 128  # default
+
+
 def test_fixed_lowrank_has_the_asked_rank():
     from directclr.models import FixedLowRank
     head = FixedLowRank(64, 10)

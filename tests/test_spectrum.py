@@ -196,3 +196,46 @@ def test_cuda_bf16_spectrum_against_float64():
     ref = torch.linalg.eigvalsh(torch.cov(x.bfloat16().double().T).cpu()).flip(0).clamp_min(0)
     assert (spec.eigenvalues - ref).abs().max() <= 1e-5 * ref[0]
     assert spec.collapsed() == 2048 - 300
+
+
+def rankme_published(z):
+    """Garrido et al. (2023), directly: singular values of the raw (uncentered) float64 matrix,
+    p = s / sum(s) + 1e-7, exp of the entropy."""
+    s = torch.linalg.svdvals(z.double())
+    p = s / s.sum() + 1e-7
+    return torch.exp(-(p * p.log()).sum()).item()
+
+
+@pytest.mark.parametrize("n,width,rank,offset,dtype,rel", [
+    (2000, 48, 48, 0.0, torch.float64, 1e-9), (1000, 64, 64, 0.5, torch.float32, 1e-6),
+    # Null directions: the second moment's round-off (1e-16 of the top) becomes singular values
+    # of 1e-8 of the largest, each adding ~1e-9 to the entropy (fp32 input: 3e-4, too coarse).
+    (2000, 48, 12, 3.0, torch.float64, 1e-7),
+    (10, 30, 30, 1.0, torch.float64, 1e-7)])  # n < D: the 10 singular values only
+def test_rankme_raw_matches_the_published_formula_in_float64(n, width, rank, offset, dtype, rel):
+    """Tolerances well below what the epsilon alone contributes (~1e-5 of the value)."""
+    x = low_rank(n, width, rank, offset=offset, seed=2).to(dtype)
+    x[: n // 2] *= 3  # rows of different scales
+    expected = rankme_published(x)
+    streamed = _spectrum_in_chunks(x, torch.float64) if n >= 350 else embedding_spectrum(x)
+    assert streamed.rankme_raw == pytest.approx(expected, rel=rel)
+    unit = x.double() / x.double().norm(dim=1, keepdim=True)  # normalize=True: of unit rows
+    assert embedding_spectrum(x, normalize=True).rankme_raw == pytest.approx(
+        rankme_published(unit), rel=max(rel, 1e-6 if dtype == torch.float32 else 1e-9))
+    assert embedding_spectrum(x).summary()["rankme_raw"] == pytest.approx(streamed.rankme_raw,
+                                                                          rel=rel)
+
+
+def test_rankme_raw_is_not_the_centered_effective_rank():
+    """An offset adds one strong uncentered direction: the raw RankMe falls, the centered
+    effective rank does not move; both are invariant to scale."""
+    x = torch.randn(4000, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    plain, shifted = embedding_spectrum(x), embedding_spectrum(x + 10.0)
+    assert plain.rankme_raw == pytest.approx(plain.effective_rank, rel=0.01)  # mean ~ 0
+    assert shifted.effective_rank == pytest.approx(plain.effective_rank, rel=1e-9)
+    assert shifted.rankme_raw < 0.5 * plain.rankme_raw
+    assert shifted.rankme_raw == pytest.approx(rankme_published(x + 10.0), rel=1e-9)
+    assert embedding_spectrum(1e-3 * x).rankme_raw == pytest.approx(plain.rankme_raw, rel=1e-9)
+    assert embedding_spectrum(torch.zeros(5, 3)).rankme_raw == 0.0
+    assert SpectrumAccumulator(16).update(x).result(raw=False).rankme_raw is None
+

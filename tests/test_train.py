@@ -210,6 +210,24 @@ def test_a_run_describes_itself_to_probe_spectrum_plot_and_tensorboard(tiny, tmp
     assert logged == pytest.approx([row["loss"] for row in load_metrics(out).steps])
 
 
+def test_keep_every_keeps_snapshots_that_pruning_would_remove(tiny, tmp_path):
+    from directclr.cli import main
+    out = tmp_path / "run"
+    args = RUN[4:] + ["--data", str(tiny), "--max-steps", "5", "--arch", "resnet18-w16",
+                      "--dim", "22", "--out", str(out), "--ckpt-every", "100", "--keep-every", "2"]
+    assert main(["pretrain", *args]) == 0
+    kept = sorted(int(path.stem.split("_")[1]) for path in out.glob("ckpt_*.pt"))
+    assert kept == [2, 4, 5]  # the snapshots, and the last two (4 and 5)
+
+
+def test_a_setting_added_later_resumes_at_its_old_default():
+    current = {name: None for name in train.RESUME_FIELDS} | {"simclr_out": 128}
+    saved = {name: None for name in train.RESUME_FIELDS if name != "simclr_out"}
+    train.check_resume_config(saved, current, (), step=7)  # written before --simclr-out: fine
+    with pytest.raises(ValueError, match="--simclr-out: 128 -> 64"):
+        train.check_resume_config(saved, current | {"simclr_out": 64}, (), step=7)
+
+
 def test_compile_flag_trains_like_eager(tiny, tmp_path):
     """--compile (inductor, through the directclr::infonce op) ends 3 steps where eager does, up
     to float reordering (the same measure and bound as the DDP test)."""
