@@ -47,13 +47,24 @@ def cache_dir() -> Path:
     return Path(base) / "directclr" / "native"
 
 
+def cpu_features() -> str:
+    """The CPU's model and instruction-set flags: the library is compiled for this CPU
+    (-march=native), so a cache shared between different machines must not mix builds."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    wanted = [line for line in info if line.startswith(("model name", "flags", "Features"))]
+    return "\n".join(dict.fromkeys(wanted))  # once per kind, not once per core
+
+
 def build_key() -> str:
-    """Changes with any source byte, the torch build and the machine type."""
+    """Changes with any source byte, the torch build, the compiler and the CPU."""
     digest = hashlib.sha256()
     for name in SOURCES:
         digest.update(name.encode() + b"\0" + (source_dir() / name).read_bytes())
     for part in (torch.__version__, torch.utils.cmake_prefix_path, platform.machine(),
-                 os.environ.get("CXX", "")):
+                 os.environ.get("CXX", ""), cpu_features()):
         digest.update(part.encode() + b"\0")
     return digest.hexdigest()[:16]
 

@@ -16,6 +16,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
+#include <cstdint>
 #include <limits>
 #include <tuple>
 
@@ -62,10 +64,133 @@ void mask_excluded(at::Tensor& tile, const int64_t* excl, int64_t row0, int64_t 
   }
 }
 
+
+// ----------------------------------------------------------------------------- fixed shift (fp32)
+// Rows and columns are unit (or zero) vectors, so every logit lies in [-scale, scale]: exp(S -
+// scale) is in [exp(-2 scale), 1] and needs no running max while exp(-2 scale) stays a normal
+// float. Then one pass over a tile gives the row sums and the column partial sums at once, and
+// the backward needs one exp per logit instead of two (exp(S - lse) = exp(S - scale) exp(scale -
+// lse)). Larger scales (tau < 1/kMaxFixedShift) keep the online-max path.
+constexpr double kMaxFixedShift = 40.0;  // exp(-80) = 1.8e-35, far above FLT_MIN (1.2e-38)
+
+// exp(x) for x <= 0 without branches, so that the loops calling it vectorize: 2^k 2^f with k the
+// nearest integer to x log2(e), f in [-1/2, 1/2], 2^f by its degree-7 Taylor series (truncation
+// 6e-9, under one ulp). x < -87 (a masked logit's -inf included) gives exactly 0.
+inline float exp_nonpositive(float x) {
+  const float clamped = std::max(x, -87.0f);
+  const float t = clamped * 1.44269504088896341f;
+  const float k = (t + 12582912.0f) - 12582912.0f;  // round to nearest: 1.5 * 2^23 trick
+  const float f = (t - k) * 0.693147180559945309f;
+  float p = 1.0f / 5040.0f;
+  p = p * f + 1.0f / 720.0f;
+  p = p * f + 1.0f / 120.0f;
+  p = p * f + 1.0f / 24.0f;
+  p = p * f + 1.0f / 6.0f;
+  p = p * f + 0.5f;
+  p = p * f + 1.0f;
+  p = p * f + 1.0f;
+  const float two_k = std::bit_cast<float>((static_cast<int32_t>(k) + 127) << 23);
+  return x < -87.0f ? 0.0f : p * two_k;
+}
+
+constexpr int kLanes = 16;  // independent partial sums per row: the row sum vectorizes
+
+// For one row of a tile: dots[j] (unit dot products, -inf where masked) -> adds exp(scale dots[j]
+// - scale) to col_acc[j] (if given) and returns their sum over j, in a fixed order.
+inline float shifted_exp_row(const float* dots, int64_t n, float scale, float* col_acc) {
+  float partial[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const float e = exp_nonpositive(scale * dots[j + l] - scale);
+      partial[l] += e;
+      if (col_acc) col_acc[j + l] += e;
+    }
+  }
+  float total = 0.0f;
+  for (; j < n; ++j) {
+    const float e = exp_nonpositive(scale * dots[j] - scale);
+    total += e;
+    if (col_acc) col_acc[j] += e;
+  }
+  for (int l = 0; l < kLanes; ++l) total += partial[l];
+  return total;
+}
+
+// dots (a tile of unit dot products, -inf where masked) -> grad = exp(scale dots - scale)
+// (row_coef_i + col_coef_j); col_coef may be null (no column term).
+inline void shifted_grad_tile(const float* dots, float* grad, int64_t n_rows, int64_t n_cols,
+                              float scale, const float* row_coef, const float* col_coef) {
+  for (int64_t i = 0; i < n_rows; ++i) {
+    const float* d = dots + i * n_cols;
+    float* g = grad + i * n_cols;
+    const float a = row_coef[i];
+    if (col_coef) {
+      for (int64_t j = 0; j < n_cols; ++j) g[j] = exp_nonpositive(scale * d[j] - scale) * (a + col_coef[j]);
+    } else {
+      for (int64_t j = 0; j < n_cols; ++j) g[j] = exp_nonpositive(scale * d[j] - scale) * a;
+    }
+  }
+}
+
+bool fixed_shift(const at::Tensor& rows, double scale) {
+  return rows.scalar_type() == at::kFloat && scale <= kMaxFixedShift;
+}
+
+// lse_forward for fp32 with the fixed shift: column partials are (scale, sum exp(S - scale)).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lse_forward_fixed_shift(
+    const at::Tensor& rows, const at::Tensor& cols, const int64_t* pos_ptr,
+    const int64_t* excl_ptr, double scale, bool with_cols) {
+  const int64_t n_rows = rows.size(0), n_cols = cols.size(0);
+  const auto opts = rows.options();
+  const float shift = static_cast<float>(scale);
+  auto row_sum = at::zeros({n_rows}, opts);
+  auto pos_logit = at::zeros({n_rows}, opts);
+  auto col_sum = with_cols ? at::zeros({n_cols}, opts) : at::empty({0}, opts);
+  const int64_t row_tile = row_tile_size(n_rows);
+  const int64_t n_row_tiles = (n_rows + row_tile - 1) / row_tile;
+  const int64_t n_threads = at::get_num_threads();
+  float* row_sum_ptr = row_sum.data_ptr<float>();
+  float* pos_ptr_out = pos_logit.data_ptr<float>();
+
+  for (int64_t col0 = 0; col0 < n_cols; col0 += kColTile) {
+    const int64_t col_tile = std::min(kColTile, n_cols - col0);
+    const auto col_block = cols.narrow(0, col0, col_tile);
+    auto thread_col_sum = with_cols ? at::zeros({n_threads, col_tile}, opts) : at::Tensor();
+    at::parallel_for(0, n_row_tiles, 1, [&](int64_t first, int64_t last) {
+      const int64_t tid = at::get_thread_num();
+      auto dots_buf = at::empty({row_tile, col_tile}, opts);
+      float* col_acc = with_cols ? thread_col_sum[tid].data_ptr<float>() : nullptr;
+      for (int64_t t = first; t < last; ++t) {
+        const int64_t row0 = t * row_tile;
+        const int64_t rows_here = std::min(row_tile, n_rows - row0);
+        auto dots = dots_buf.narrow(0, 0, rows_here);
+        at::mm_out(dots, rows.narrow(0, row0, rows_here), col_block.t());
+        float* data = dots.data_ptr<float>();
+        for (int64_t i = 0; i < rows_here; ++i) {
+          const int64_t j = pos_ptr[row0 + i] - col0;
+          if (j >= 0 && j < col_tile) pos_ptr_out[row0 + i] = data[i * col_tile + j] * shift;
+        }
+        mask_excluded<float>(dots, excl_ptr, row0, col0);
+        for (int64_t i = 0; i < rows_here; ++i) {
+          row_sum_ptr[row0 + i] += shifted_exp_row(data + i * col_tile, col_tile, shift, col_acc);
+        }
+      }
+    });
+    if (with_cols) col_sum.narrow(0, col0, col_tile).copy_(thread_col_sum.sum(0));
+  }
+  auto col_max = with_cols ? at::full({n_cols}, scale, opts) : at::empty({0}, opts);
+  return {row_sum.log_().add_(scale), pos_logit, col_max, col_sum};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lse_forward(
     const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& pos, const at::Tensor& excl,
     double scale, bool with_cols) {
   check_inputs(rows, cols, pos, excl);
+  if (fixed_shift(rows, scale)) {
+    return lse_forward_fixed_shift(rows, cols, pos.data_ptr<int64_t>(), excl.data_ptr<int64_t>(),
+                                   scale, with_cols);
+  }
   const int64_t n_rows = rows.size(0), n_cols = cols.size(0);
   const auto opts = rows.options();
   // Rows are unit (or zero) vectors, so every logit is >= -scale: a finite starting max that
@@ -164,6 +289,14 @@ std::tuple<at::Tensor, at::Tensor> lse_backward(
   const auto row_weight = row_w.to(opts).contiguous();
   const auto col_lse_w = with_cols ? col_lse.to(opts).contiguous() : at::Tensor();
   const auto col_weight = with_cols ? col_w.to(opts).contiguous() : at::Tensor();
+  // Fixed shift: dL/dS_ij = exp(S_ij - scale) (row_coef_i + col_coef_j) off the positives, with
+  // row_coef_i = row_w_i exp(scale - row_lse_i) and col_coef_j = col_w_j exp(scale - col_lse_j).
+  const bool shifted = fixed_shift(rows, scale);
+  const auto row_coef = shifted ? (row_weight * (scale - row_lse_w).exp()).contiguous()
+                                : at::Tensor();
+  const auto col_coef = shifted && with_cols
+                            ? (col_weight * (scale - col_lse_w).exp()).contiguous()
+                            : at::Tensor();
 
   const int64_t row_tile = row_tile_size(n_rows);
   const int64_t n_row_tiles = (n_rows + row_tile - 1) / row_tile;
@@ -193,18 +326,26 @@ std::tuple<at::Tensor, at::Tensor> lse_backward(
         auto logits = logits_buf.narrow(0, 0, rows_here);
         auto grad_logits = grad_buf.narrow(0, 0, rows_here);
         at::mm_out(logits, row_block, col_block.t());
-        logits.mul_(scale);
-        AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "lse_backward_mask", [&] {
-          mask_excluded<scalar_t>(logits, excl_ptr, row0, col0);
-        });
-        at::sub_out(grad_logits, logits, row_lse_w.narrow(0, row0, rows_here).unsqueeze(1))
-            .exp_()
-            .mul_(row_weight.narrow(0, row0, rows_here).unsqueeze(1));
-        if (with_cols) {
-          logits.sub_(col_lse_w.narrow(0, col0, col_tile).unsqueeze(0))
+        if (shifted) {
+          mask_excluded<float>(logits, excl_ptr, row0, col0);
+          shifted_grad_tile(logits.data_ptr<float>(), grad_logits.data_ptr<float>(), rows_here,
+                            col_tile, static_cast<float>(scale),
+                            row_coef.data_ptr<float>() + row0,
+                            with_cols ? col_coef.data_ptr<float>() + col0 : nullptr);
+        } else {
+          logits.mul_(scale);
+          AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "lse_backward_mask", [&] {
+            mask_excluded<scalar_t>(logits, excl_ptr, row0, col0);
+          });
+          at::sub_out(grad_logits, logits, row_lse_w.narrow(0, row0, rows_here).unsqueeze(1))
               .exp_()
-              .mul_(col_weight.narrow(0, col0, col_tile).unsqueeze(0));
-          grad_logits.add_(logits);
+              .mul_(row_weight.narrow(0, row0, rows_here).unsqueeze(1));
+          if (with_cols) {
+            logits.sub_(col_lse_w.narrow(0, col0, col_tile).unsqueeze(0))
+                .exp_()
+                .mul_(col_weight.narrow(0, col0, col_tile).unsqueeze(0));
+            grad_logits.add_(logits);
+          }
         }
         AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "lse_backward_positives", [&] {
           auto* grad = grad_logits.data_ptr<scalar_t>();
