@@ -122,6 +122,26 @@ def test_two_process_ddp_ends_with_the_weights_of_one_process(tiny, tmp_path, on
     assert_same_training(one_process(mode), two, mode)
 
 
+def test_two_process_ddp_with_micro_batches_and_compile(tiny, tmp_path):
+    """--micro-batch under torchrun x 2 with --compile: every step logged with a finite loss,
+    the gradient all-reduced over ranks (the ranks' weights stay equal: one backbone.pt), and
+    the same losses as without --compile up to float reordering."""
+    losses = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        out = tmp_path / name
+        proc = subprocess.run(TORCHRUN + ["--standalone", "--nproc_per_node=2"]
+                              + ddp_args(tiny, "simclr-mlp")
+                              + ["--out", str(out), "--micro-batch", "4", *extra],
+                              capture_output=True, text=True, timeout=900, env=ENV_ONE_THREAD)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        losses[name] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").open()
+                        if '"loss"' in line]
+        assert len(losses[name]) == 3 and all(math.isfinite(v) for v in losses[name])
+        assert (out / "backbone.pt").exists()
+    assert torch.allclose(torch.tensor(losses["eager"]), torch.tensor(losses["compiled"]),
+                          rtol=1e-3)
+
+
 def test_a_one_process_run_resumes_on_two_ranks_and_ends_where_it_would_have(tiny, tmp_path,
                                                                           one_process):
     """Killed after step 2 of 3 on one process, resumed on 2 ranks (same global batch)."""
