@@ -341,7 +341,8 @@ def _(work):
 
 CHANGED = {"arch": "resnet18", "mode": "simclr-none", "dim": 21, "temperature": 0.2,
            "variant": "ntxent", "batch_size": 16, "image_size": 40, "seed": 1, "lr": 0.4,
-           "wd": 1e-5, "warmup_epochs": 1.0, "epochs": 3, "max_steps": 7, "loader": "dali"}
+           "wd": 1e-5, "warmup_epochs": 1.0, "epochs": 3, "max_steps": 7, "loader": "dali",
+           "simclr_out": 64, "micro_batch": 4}
 
 
 @case("config-drift", "resume with each setting of RESUME_FIELDS changed, one at a time")
