@@ -29,8 +29,9 @@ import torch
 from directclr.data import prepare_synthetic
 from directclr.data.loader import dali_available
 from directclr.files import FolderLock
-from directclr.train import (EXIT_DIVERGED, EXIT_PREEMPTED, RESUME_FIELDS, Config, claim_out,
-                             flag, pick_checkpoint, resume_settings, save_checkpoint)
+from directclr.train import (EXIT_DIVERGED, EXIT_PREEMPTED, RESUME_FIELDS, Config,
+                             checkpoint_step, claim_out, flag, pick_checkpoint, resume_settings,
+                             save_checkpoint)
 
 CASES: dict[str, tuple[str, Callable[[Path], str]]] = {}
 STEPS = 6  # of 10 (2 epochs of 5 batches of 8 from 40 images)
@@ -128,7 +129,7 @@ def stop_and_resume(work: Path, name: str, sig: signal.Signals, loader: str,
     assert code == EXIT_PREEMPTED, f"exit {code} after {sig.name}: {text[-2000:]}"
     assert "Traceback" not in text, text[-3000:]
     saved = sorted(out.glob("ckpt_*.pt"))[-1]
-    stopped = int(saved.stem.split("_")[1])
+    stopped = checkpoint_step(saved)
     done = max(r["step"] for r in rows(out))
     assert stopped == done, f"{done} steps done, checkpoint at step {stopped}: steps lost"
     resumed = run(pretrain_args(work, out, loader))
@@ -300,7 +301,7 @@ def _(work):
     text = (work / "ddp-stopped.log").read_text()
     assert "stopped by a signal to another rank" in text, text[-3000:]
     saved = sorted(out.glob("ckpt_*.pt"))[-1]
-    stopped = int(saved.stem.split("_")[1])
+    stopped = checkpoint_step(saved)
     assert stopped == max(r["step"] for r in rows(out)) < DDP_STEPS, (stopped, rows(out))
     resumed = run(args, launcher=launcher)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .files import CorruptFile, atomic_write
 from .models import ARCHS, MODES
 from .provenance import cpu_model, git_commit
 from .spectrum import SpectrumAccumulator
@@ -351,7 +352,6 @@ def training_dynamics(mode: str, seed: int, budget: Budget, data: Path, run_dir:
     """Measures every kept snapshot (checkpoints at multiples of snapshot_every, the final one,
     and the initial weights as step 0) on the fixed validation subset; rows already measured
     are kept in run_dir/dynamics.json and not measured again."""
-    from .files import CorruptFile
     from .train import CHECKPOINT_GLOB, checkpoint_step, read_checkpoint
     cache_path = run_dir / "dynamics.json"
     rows = {}
@@ -376,10 +376,8 @@ def training_dynamics(mode: str, seed: int, budget: Budget, data: Path, run_dir:
             continue
         model = build_model(mode, seed, budget, classes, state)
         rows[step] = {"step": step, **snapshot_metrics(model, mode, budget, images)}
-        tmp = cache_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"settings": budget.run_settings(mode),
-                                   "rows": [rows[s] for s in sorted(rows)]}))
-        tmp.replace(cache_path)
+        cached = {"settings": budget.run_settings(mode), "rows": [rows[s] for s in sorted(rows)]}
+        atomic_write(cache_path, lambda tmp: tmp.write_text(json.dumps(cached)))
     return [rows[s] for s in sorted(rows)]
 
 
@@ -759,9 +757,7 @@ def reproduce(out, modes=MODES, seeds=(0, 1, 2), budget: Budget | None = None,
         run_dir.mkdir(parents=True, exist_ok=True)
         started.write_text(json.dumps(settings))
         result = _run_one(mode, seed, budget, data, run_dir)
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result))
-        tmp.replace(done)
+        atomic_write(done, lambda tmp: tmp.write_text(json.dumps(result)))
     # every finished run in `out` with this budget, e.g. from earlier calls with other --modes
     results = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/result.json"))]
     results = sorted((r for r in results if r.get("mode") in ORDER
