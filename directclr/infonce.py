@@ -158,37 +158,37 @@ class Pairing(NamedTuple):
         return torch.arange(n_rows, device=device) + self.excl_offset
 
 
-def _unit_rows(x: Tensor, inv_norm: Tensor) -> Tensor:
-    """Row-major normalized copy in the working dtype, whatever x's strides."""
-    unit = torch.empty(x.shape, dtype=inv_norm.dtype, device=x.device)
-    return torch.mul(x, inv_norm.unsqueeze(1), out=unit)
-
-
 class _CpuPrimitive:
-    """C++ kernels (torch.ops.directclr_cpu) on normalized contiguous rows; where they cannot be
-    built (no compiler: see ``native``), the same contract in plain PyTorch over the whole
-    M x C logits (``_dense_lse_forward``/``_dense_lse_backward``)."""
+    """C++ kernels (torch.ops.directclr_cpu) on rows and columns that come normalized and
+    contiguous in the working dtype (``_subvectors(unit=True)``; row_inv and col_inv, the inverse
+    norms the Triton kernels apply in their tiles, are not used); where the kernels cannot be
+    built (no compiler: see ``native``), the same contract in plain PyTorch over the whole M x C
+    logits (``_dense_lse_forward``/``_dense_lse_backward``)."""
 
     @staticmethod
-    def _units(rows, row_inv, cols, col_inv, pairing):
-        """Normalized rows and columns, each row's positive and excluded column (-1: none)."""
-        unit_rows = _unit_rows(rows, row_inv)
-        n_rows = rows.shape[0]
-        return (unit_rows, unit_rows if cols is rows else _unit_rows(cols, col_inv),
-                pairing.positives(n_rows, rows.device), pairing.excluded(n_rows, rows.device))
-
-    @classmethod
-    def lse_forward(cls, rows, row_inv, cols, col_inv, pairing, scale, with_cols):
+    def lse_forward(rows, _row_inv, cols, _col_inv, pairing, scale, with_cols):
         kernel = torch.ops.directclr_cpu.lse_forward if native.available() else _dense_lse_forward
-        return kernel(*cls._units(rows, row_inv, cols, col_inv, pairing), scale, with_cols)
+        n_rows = rows.shape[0]
+        return kernel(rows, cols, pairing.positives(n_rows, rows.device),
+                      pairing.excluded(n_rows, rows.device), scale, with_cols)
 
-    @classmethod
-    def lse_backward(cls, rows, row_inv, cols, col_inv, pairing, scale, row_lse, row_w,
-                     col_lse, col_w, with_grad_cols):
+    @staticmethod
+    def lse_backward_into(rows, _row_inv, cols, _col_inv, pairing, scale, row_lse, row_w,
+                          col_lse, col_w, grad_row_blocks, grad_cols):
+        """Writes the rows' gradient into ``grad_row_blocks`` (outputs for consecutive blocks of
+        rows: one per view, which may be the first columns of z's gradients) and, if grad_cols
+        has rows, the columns' gradient into it. Row blocks are independent (each row's LSE and
+        weight are given), so a block at a time costs no extra products."""
         kernel = (torch.ops.directclr_cpu.lse_backward if native.available()
                   else _dense_lse_backward)
-        return kernel(*cls._units(rows, row_inv, cols, col_inv, pairing), scale, row_lse, row_w,
-                      col_lse, col_w, with_grad_cols)
+        pos = pairing.positives(rows.shape[0], rows.device)
+        excl = pairing.excluded(rows.shape[0], rows.device)
+        first = 0
+        for index, block in enumerate(grad_row_blocks):
+            mine = slice(first, first + block.shape[0])
+            first = mine.stop
+            kernel(rows[mine], cols, pos[mine], excl[mine], scale, row_lse[mine], row_w[mine],
+                   col_lse, col_w, block, grad_cols if index == 0 else grad_cols[:0])
 
 
 def _dense_logits(rows: Tensor, cols: Tensor, excl: Tensor, scale: float) -> Tensor:
@@ -209,7 +209,7 @@ def _dense_lse_forward(rows, cols, pos, excl, scale, with_cols):
 
 
 def _dense_lse_backward(rows, cols, pos, excl, scale, row_lse, row_w, col_lse, col_w,
-                        with_grad_cols):
+                        grad_rows, grad_cols):
     logits = _dense_logits(rows, cols, excl, scale)
     row_w, col_w = row_w.to(rows.dtype), col_w.to(rows.dtype)
     grad_logits = (logits - row_lse.to(rows.dtype).unsqueeze(1)).exp() * row_w.unsqueeze(1)
@@ -218,9 +218,9 @@ def _dense_lse_backward(rows, cols, pos, excl, scale, row_lse, row_w, col_lse, c
         grad_logits += (logits - col_lse.to(rows.dtype).unsqueeze(0)).exp() * col_w.unsqueeze(0)
         positive = row_w + col_w[pos]
     grad_logits[torch.arange(rows.shape[0]), pos] -= positive
-    grad_cols = (grad_logits.T @ rows * scale if with_grad_cols
-                 else rows.new_empty(0, rows.shape[1]))
-    return grad_logits @ cols * scale, grad_cols
+    torch.mm(grad_logits, cols, out=grad_rows).mul_(scale)
+    if grad_cols.shape[0]:
+        torch.mm(grad_logits.T, rows, out=grad_cols).mul_(scale)
 
 
 def _primitive(backend: str):
@@ -324,44 +324,49 @@ def _check_equal_batches(n: int, device: torch.device, group_name: str) -> None:
 
 
 # --------------------------------------------------------------------------- the algorithm
-def _subvector(z: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """v = u / s for u = z[:, :dim] (a new tensor in z's dtype) with s a power of two per row that
-    keeps |v| in range, 1/max(|v|, eps) for the forward, the 1/|v| the backward uses, and s.
-    v / |v| is u's unit row; rows that meet the eps floor are never rescaled (s = 1), so the
-    floor is F.normalize's. The backward's 1/|v| is 0 where |v| < eps, since the norm has no
-    derivative at 0 (this keeps fp16 gradients of zero rows finite)."""
-    work = _working_dtype(z.dtype)
-    sub, scale = scaled_rows(z[:, :dim], work)
+def _subvectors(z1: Tensor, z2: Tensor, dim: int, unit: bool
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Both views' v = u / s for u = z[:, :dim], in one new (2N, dim) tensor (z1's rows, then
+    z2's: ntxent's rows as they are, cross's rows and columns its halves), with s a power of two
+    per row that keeps |v| in range; 1/max(|v|, eps) for the forward, the 1/|v| the backward uses,
+    and s. unit: v / max(|v|, eps) instead of v, in the working dtype, normalized in place (the
+    CPU kernels take unit rows: no second copy); else v in z's dtype (the Triton kernels
+    normalize in their tiles). v / |v| is u's unit row; rows that meet the eps floor are never
+    rescaled (s = 1), so the floor is F.normalize's. The backward's 1/|v| is 0 where |v| < eps,
+    since the norm has no derivative at 0 (this keeps fp16 gradients of zero rows finite)."""
+    work = _working_dtype(z1.dtype)
+    n = z1.shape[0]
+    sub = torch.empty((2 * n, dim), dtype=work if unit else z1.dtype, device=z1.device)
+    scale = torch.cat([scaled_rows(z1[:, :dim], work, out=sub[:n])[1],
+                       scaled_rows(z2[:, :dim], work, out=sub[n:])[1]])
     norm = torch.linalg.vector_norm(sub, dim=1, dtype=work)
     inv_norm = 1.0 / norm.clamp_min(NORM_EPS)
+    if unit:
+        sub.mul_(inv_norm.unsqueeze(1))
     return sub, inv_norm, torch.where(norm >= NORM_EPS, inv_norm, torch.zeros_like(norm)), scale
 
 
-def _subvector_backward(grad_unit: Tensor, sub: Tensor, inv_norm: Tensor, inv_norm_grad: Tensor,
-                        scale: Tensor, z: Tensor) -> Tensor:
-    """(g - v_hat (v_hat . g)) / |v| / s (= d/du for u = s v) into the first columns of a zero
-    gradient of z; consumes grad_unit (fp32/fp64, contiguous)."""
-    radial = (grad_unit * sub).sum(1) * inv_norm  # v_hat . g without materializing v_hat
-    grad_unit.addcmul_(sub, (radial * inv_norm).unsqueeze(1), value=-1.0)
+def _remove_radial(grad_unit: Tensor, sub: Tensor, sub_inv_norm: Tensor | float,
+                   inv_norm_grad: Tensor) -> None:
+    """grad_unit <- (g - v_hat (v_hat . g)) / |v| in place (fp32/fp64, any row stride): from the
+    gradient w.r.t. v_hat to the one w.r.t. v, for one view's rows of ``_subvectors``: sub is v
+    with sub_inv_norm 1/|v|, or already v_hat with sub_inv_norm 1."""
+    radial = (grad_unit * sub).sum(1) * sub_inv_norm  # v_hat . g without materializing v_hat
+    grad_unit.addcmul_(sub, (radial * sub_inv_norm).unsqueeze(1), value=-1.0)
     grad_unit.mul_(inv_norm_grad.unsqueeze(1))
-    grad_z = torch.zeros(z.shape, dtype=z.dtype, device=z.device)
-    # 1/s last: for a huge row the quotient is the (tiny) gradient itself, with no factor
-    # 1/(s |v|) rounded on the way.
-    torch.div(grad_unit, scale.unsqueeze(1), out=grad_z[:, :sub.shape[1]])
-    return grad_z
 
 
-def _layout(sub1, inv1, sub2, inv2, variant: str, group):
-    """Rows and gathered columns (each with inverse norms) and their Pairing, for one rank.
-    ntxent: rank r's block of the gathered columns is [a_r; b_r]."""
+def _layout(sub, inv, variant: str, group):
+    """Rows and gathered columns (each with inverse norms) and their Pairing, for one rank, from
+    ``_subvectors``' tensors. ntxent: rank r's block of the gathered columns is [a_r; b_r]."""
     rank, world = _world(group)
-    n = sub1.shape[0]
+    n = sub.shape[0] // 2
     if variant == "cross":
-        rows, row_inv = sub1, inv1
-        cols, col_inv = _all_gather_rows(sub2, group), _all_gather_rows(inv2, group)
+        rows, row_inv = sub[:n], inv[:n]
+        cols, col_inv = _all_gather_rows(sub[n:], group), _all_gather_rows(inv[n:], group)
         pairing = Pairing(rank * n, 0, -1)
     else:
-        rows, row_inv = torch.cat([sub1, sub2]), torch.cat([inv1, inv2])
+        rows, row_inv = sub, inv
         cols, col_inv = _all_gather_rows(rows, group), _all_gather_rows(row_inv, group)
         pairing = Pairing(rank * 2 * n, n, rank * 2 * n)
     return rows, row_inv, cols, col_inv, pairing
@@ -369,9 +374,8 @@ def _layout(sub1, inv1, sub2, inv2, variant: str, group):
 
 def _forward(z1, z2, dim, temperature, variant, backend, group):
     """Per-pair losses of this rank's rows, and the LSEs that backward needs."""
-    sub1, inv1, _, _ = _subvector(z1, dim)
-    sub2, inv2, _, _ = _subvector(z2, dim)
-    layout = _layout(sub1, inv1, sub2, inv2, variant, group)
+    sub, inv, _, _ = _subvectors(z1, z2, dim, unit=backend == "cpu")
+    layout = _layout(sub, inv, variant, group)
     row_lse, pos_logit, col_max, col_sum = _primitive(backend).lse_forward(
         *layout, 1.0 / temperature, variant == "cross")
     n = z1.shape[0]
@@ -389,9 +393,9 @@ def _forward(z1, z2, dim, temperature, variant, backend, group):
 
 def _backward(grad, z1, z2, row_lse, col_lse, dim, temperature, variant, backend, group):
     """Gradients w.r.t. z1, z2 of sum_i grad_i * loss_i, summed over all ranks' losses."""
-    sub1, inv1, inv_grad1, scale1 = _subvector(z1, dim)
-    sub2, inv2, inv_grad2, scale2 = _subvector(z2, dim)
-    layout = _layout(sub1, inv1, sub2, inv2, variant, group)
+    unit = backend == "cpu"
+    sub, inv, inv_grad, scale = _subvectors(z1, z2, dim, unit)
+    layout = _layout(sub, inv, variant, group)
     half = 0.5 * grad.to(row_lse.dtype).contiguous()  # each pair's loss averages two terms
     row_w = half if variant == "cross" else torch.cat([half, half])
     col_w = _all_gather_rows(row_w if variant == "ntxent" else half, group)
@@ -399,15 +403,31 @@ def _backward(grad, z1, z2, row_lse, col_lse, dim, temperature, variant, backend
         col_lse = _all_gather_rows(row_lse, group)
     # cross: local rows only see their part of each column's gradient -> sum over ranks.
     # ntxent: G + G^T on local rows is complete (S symmetric), no column gradient needed.
-    grad_rows, grad_cols = _primitive(backend).lse_backward(
-        *layout, 1.0 / temperature, row_lse, row_w, col_lse, col_w, variant == "cross")
     n = z1.shape[0]
-    if variant == "cross":
-        grad_unit1, grad_unit2 = grad_rows, _reduce_scatter_rows(grad_cols, group)
+    cross = variant == "cross"
+    grad_z = [torch.zeros(z.shape, dtype=z.dtype, device=z.device) for z in (z1, z2)]
+    if unit:
+        # The kernels write each view's (N, dim) gradient into the first columns of z's own
+        # gradient where z is in the working dtype: no N x dim buffers beside them.
+        grads = [g[:, :dim] if g.dtype == sub.dtype else sub.new_empty(n, dim) for g in grad_z]
+        world = _world(group)[1]
+        gathered = grads[1] if world == 1 else sub.new_empty(world * n, dim)
+        _CpuPrimitive.lse_backward_into(*layout, 1.0 / temperature, row_lse, row_w, col_lse,
+                                        col_w, grads[:1] if cross else grads,
+                                        gathered if cross else sub[:0])
+        if cross and world > 1:
+            grads[1].copy_(_reduce_scatter_rows(gathered, group))
     else:
-        grad_unit1, grad_unit2 = grad_rows[:n], grad_rows[n:]
-    return (_subvector_backward(grad_unit1, sub1, inv1, inv_grad1, scale1, z1),
-            _subvector_backward(grad_unit2, sub2, inv2, inv_grad2, scale2, z2))
+        grad_rows, grad_cols = _primitive(backend).lse_backward(
+            *layout, 1.0 / temperature, row_lse, row_w, col_lse, col_w, cross)
+        grads = ([grad_rows, _reduce_scatter_rows(grad_cols, group)] if cross
+                 else list(grad_rows.split(n)))
+    for grad_sub, z_grad, rows in zip(grads, grad_z, (slice(0, n), slice(n, 2 * n))):
+        _remove_radial(grad_sub, sub[rows], 1.0 if unit else inv[rows], inv_grad[rows])
+        # 1/s last: for a huge row the quotient is the (tiny) gradient itself, with no factor
+        # 1/(s |v|) rounded on the way. (grad_sub may be z_grad's own first columns.)
+        torch.div(grad_sub, scale[rows].unsqueeze(1), out=z_grad[:, :dim])
+    return tuple(grad_z)
 
 
 # --------------------------------------------------------------------------- torch.library ops

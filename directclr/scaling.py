@@ -39,11 +39,14 @@ def power_of_two_scale(maxabs: Tensor, scale_up: bool) -> Tensor:
     return scale
 
 
-def scaled_rows(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def scaled_rows(x: Tensor, dtype: torch.dtype, out: Tensor | None = None
+                ) -> tuple[Tensor, Tensor]:
     """(x / s, s) with s a power of two per row (``dtype``, 1-D) that only ever scales rows down,
     those whose max |x| reaches 2^HIGH: their norms then fit any dtype, while rows below (zero
     and tiny ones included) keep their values, so a norm floor applies to them as before. The
-    quotient is a new tensor in x's dtype; s carries no gradient."""
+    quotient is a new tensor in x's dtype, or written into ``out`` (any dtype that holds x's
+    values); s carries no gradient."""
     maxabs = max_abs(x.detach(), dim=1).to(dtype)
     scale = power_of_two_scale(maxabs, scale_up=False)
-    return x / scale.to(x.dtype).unsqueeze(1), scale
+    divisor = scale.to(x.dtype if out is None else out.dtype).unsqueeze(1)
+    return torch.div(x, divisor, out=out), scale

@@ -160,6 +160,13 @@ def test_module_matches_functional():
     assert torch.equal(module(z1, z2), infonce(z1, z2, dim=30, temperature=0.2, variant="ntxent"))
 
 
+def test_cpu_kernels_build_here():
+    """The cpu backend's tests below test the C++ kernels, not the plain-PyTorch fallback that a
+    failed build would quietly switch to (make build provides cmake and a compiler)."""
+    from directclr import native
+    native.load()  # raises, with the build log's path, where the kernels cannot be built
+
+
 def test_dim_none_uses_whole_vector():
     z1, z2 = make_views(10, 12)
     assert torch.equal(infonce(z1, z2, dim=None), infonce(z1, z2, dim=12))

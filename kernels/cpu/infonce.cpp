@@ -268,23 +268,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lse_forward(
   return {row_lse, pos_logit, col_max, col_sum};
 }
 
+// An output the backward writes: n_rows x width in the working dtype with unit column stride (any
+// row stride, so that it can be the first columns of the caller's N x D gradient).
+void check_output(const at::Tensor& out, const at::Tensor& like, int64_t n_rows, const char* name) {
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == n_rows && out.size(1) == like.size(1), name,
+              " must be ", n_rows, " x ", like.size(1), ", got ", out.sizes());
+  TORCH_CHECK(out.scalar_type() == like.scalar_type() && out.device().is_cpu(), name,
+              " must be a CPU tensor in the working dtype");
+  TORCH_CHECK(out.stride(1) == 1 && out.stride(0) >= out.size(1), name,
+              " must have unit column stride and non-overlapping rows");
+}
+
 // dL/dS_ij = row_w_i (P^row_ij - [j = pos_i]) + col_w_j (P^col_ij - [j = pos_i]); the column term
-// is present only when col_lse is non-empty. dQ = scale G K and, if with_grad_cols, dK = scale G^T Q.
-// (ntxent passes its own row LSEs/weights as the column term and skips dK: S is symmetric and pos
-// an involution, so G + G^T is exactly this G and dY = scale (G + G^T) Y is one product.)
-std::tuple<at::Tensor, at::Tensor> lse_backward(
-    const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& pos, const at::Tensor& excl,
-    double scale, const at::Tensor& row_lse, const at::Tensor& row_w, const at::Tensor& col_lse,
-    const at::Tensor& col_w, bool with_grad_cols) {
+// is present only when col_lse is non-empty. Writes dQ = scale G K into grad_rows and, if
+// grad_cols has rows, dK = scale G^T Q into grad_cols (both overwritten, so they can be the
+// caller's gradients themselves: no M x d copies). (ntxent passes its own row LSEs/weights as
+// the column term and no grad_cols: S is symmetric and pos an involution, so G + G^T is exactly
+// this G and dY = scale (G + G^T) Y is one product.)
+void lse_backward(const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& pos,
+                  const at::Tensor& excl, double scale, const at::Tensor& row_lse,
+                  const at::Tensor& row_w, const at::Tensor& col_lse, const at::Tensor& col_w,
+                  at::Tensor grad_rows, at::Tensor grad_cols) {
   check_inputs(rows, cols, pos, excl);
   const int64_t n_rows = rows.size(0), n_cols = cols.size(0), width = rows.size(1);
   const bool with_cols = col_lse.numel() > 0;
+  const bool with_grad_cols = grad_cols.size(0) > 0;
   TORCH_CHECK(row_lse.numel() == n_rows && row_w.numel() == n_rows, "row_lse/row_w: one per row");
   TORCH_CHECK(!with_cols || (col_lse.numel() == n_cols && col_w.numel() == n_cols),
               "col_lse/col_w: one per column");
+  check_output(grad_rows, rows, n_rows, "grad_rows");
+  if (with_grad_cols) check_output(grad_cols, rows, n_cols, "grad_cols");
   const auto opts = rows.options();
-  auto grad_rows = at::zeros({n_rows, width}, opts);
-  auto grad_cols = with_grad_cols ? at::zeros({n_cols, width}, opts) : at::empty({0, width}, opts);
+  grad_rows.zero_();  // accumulated over the column tiles; grad_cols is written once per tile
   const auto row_lse_w = row_lse.to(opts).contiguous();
   const auto row_weight = row_w.to(opts).contiguous();
   const auto col_lse_w = with_cols ? col_lse.to(opts).contiguous() : at::Tensor();
@@ -364,9 +379,11 @@ std::tuple<at::Tensor, at::Tensor> lse_backward(
         if (with_grad_cols) grad_cols_acc.addmm_(grad_logits.t(), row_block, 1.0, scale);
       }
     });
-    if (with_grad_cols) grad_cols.narrow(0, col0, col_tile).copy_(thread_grad_cols.sum(0));
+    if (with_grad_cols) {
+      auto grad_cols_here = grad_cols.narrow(0, col0, col_tile);
+      at::sum_out(grad_cols_here, thread_grad_cols, 0);
+    }
   }
-  return {grad_rows, grad_cols};
 }
 
 }  // namespace
@@ -377,7 +394,8 @@ TORCH_LIBRARY(directclr_cpu, m) {
       " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "lse_backward(Tensor rows, Tensor cols, Tensor pos, Tensor excl, float scale, Tensor row_lse,"
-      " Tensor row_w, Tensor col_lse, Tensor col_w, bool with_grad_cols) -> (Tensor, Tensor)");
+      " Tensor row_w, Tensor col_lse, Tensor col_w, Tensor(a!) grad_rows, Tensor(b!) grad_cols)"
+      " -> ()");
   m.impl("lse_forward", c10::DispatchKey::CPU, TORCH_FN(lse_forward));
   m.impl("lse_backward", c10::DispatchKey::CPU, TORCH_FN(lse_backward));
 }
