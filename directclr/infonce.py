@@ -41,6 +41,7 @@ VARIANTS = ("cross", "ntxent")
 REDUCTIONS = ("mean", "none")
 BACKENDS = ("auto", "cpu", "triton", "reference")
 NORM_EPS = 1e-12  # same floor as F.normalize
+RADIAL_CHUNK = 1024  # rows per temporary in the backward's row dot products
 
 
 # --------------------------------------------------------------------------- reference formula
@@ -351,7 +352,11 @@ def _remove_radial(grad_unit: Tensor, sub: Tensor, sub_inv_norm: Tensor | float,
     """grad_unit <- (g - v_hat (v_hat . g)) / |v| in place (fp32/fp64, any row stride): from the
     gradient w.r.t. v_hat to the one w.r.t. v, for one view's rows of ``_subvectors``: sub is v
     with sub_inv_norm 1/|v|, or already v_hat with sub_inv_norm 1."""
-    radial = (grad_unit * sub).sum(1) * sub_inv_norm  # v_hat . g without materializing v_hat
+    # v_hat . g without materializing v_hat, RADIAL_CHUNK rows at a time: an N x dim product
+    # here would be the backward's only temporary of that size.
+    radial = torch.cat([(grad_chunk * sub_chunk).sum(1) for grad_chunk, sub_chunk
+                        in zip(grad_unit.split(RADIAL_CHUNK), sub.split(RADIAL_CHUNK))])
+    radial *= sub_inv_norm
     grad_unit.addcmul_(sub, (radial * sub_inv_norm).unsqueeze(1), value=-1.0)
     grad_unit.mul_(inv_norm_grad.unsqueeze(1))
 
