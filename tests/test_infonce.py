@@ -298,3 +298,19 @@ def test_many_threads_narrow_column_tiles():
     assert_rel_close(loss, ref_loss, 1e-5, "loss")
     assert_rel_close(g1, ref_g1, 1e-4, "grad z1")
     assert_rel_close(g2, ref_g2, 1e-4, "grad z2")
+
+
+@pytest.mark.parametrize("threads", [1, 3, 16])
+def test_ntxent_mirror_tiles_give_every_row_its_loss(threads):
+    """ntxent's fp32 forward computes only the tiles that start before each 1024-column block
+    ends and takes the others' row sums and positives from their mirror tiles: 2 x 1100 rows
+    span three column blocks; these thread counts give row tiles of 256, 256 and 128 rows."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        z1, z2 = make_views(1100, 48, seed=threads)
+        loss = infonce(z1, z2, dim=40, variant="ntxent", reduction="none")
+    finally:
+        torch.set_num_threads(before)
+    reference = directclr.infonce_reference(z1.double(), z2.double(), 40, 0.1, "ntxent")
+    assert_rel_close(loss, reference, 1e-5, "per-row loss")
