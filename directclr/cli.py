@@ -221,15 +221,20 @@ def _add_theory(commands) -> None:
 def _reproduce(args) -> None:
     import shlex
 
-    from .reproduce import Budget, reproduce
+    from .reproduce import Budget, reproduce, write_reports
     given = {"arch": args.arch, "images": args.images, "epochs": args.epochs,
              "long_epochs": args.long_epochs, "probe_epochs": args.probe_epochs,
              "loader": args.loader, "snapshot_every": args.snapshot_every,
              "dynamics_images": args.dynamics_images}
     budget = Budget(**{k: v for k, v in given.items() if v is not None})
     command = "directclr " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
-    rows = reproduce(args.out, modes=args.modes, seeds=args.seeds, budget=budget,
-                     command=command)
+    if args.report_only:
+        rows = write_reports(args.out, budget, command)
+    else:
+        rows = reproduce(args.out, modes=args.modes, seeds=args.seeds, budget=budget,
+                         command=command)
+    if not rows:
+        raise SystemExit(f"--out {args.out}: no finished run with this budget")
     for row in rows:
         print(f"{row['mode']:28s} linear {row['probe_top1_mean']:6.2f} ± "
               f"{row['probe_top1_std']:.2f}  k-NN {row['knn_top1_mean']:6.2f} ± "
@@ -261,6 +266,9 @@ def _add_reproduce(commands) -> None:
     p.add_argument("--probe-epochs", type=int, help="default 30")
     p.add_argument("--arch", choices=list(ARCHS), help="default resnet18-w16")
     p.add_argument("--loader", default="auto", choices=LOADERS)
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite results.md/json and the figures from the runs already finished "
+                        "in --out (e.g. copied from other machines); train nothing")
     p.set_defaults(run=_reproduce, argv=None)
 
 

@@ -725,10 +725,8 @@ def _run_one(mode: str, seed: int, budget: Budget, data: Path, run_dir: Path) ->
 
 def reproduce(out, modes=MODES, seeds=(0, 1, 2), budget: Budget | None = None,
               command: str = "directclr reproduce", progress: bool = True) -> list[dict]:
-    """Runs (or resumes) the untrained row and every mode, for each seed, then writes, over every
-    finished run in `out` with this budget: results.json (the table's rows, with command,
-    commit and budget), runs.json (every run's probes, spectra and dynamics), results.md,
-    spectra.png and dynamics.png; returns the rows."""
+    """Runs (or resumes) the untrained row and every mode, for each seed, then writes the reports
+    over every finished run in `out` with this budget (``write_reports``); returns the rows."""
     from .data import prepare_fashion_mnist
     budget = budget or Budget()
     bad = [m for m in modes if m not in MODES]
@@ -758,12 +756,22 @@ def reproduce(out, modes=MODES, seeds=(0, 1, 2), budget: Budget | None = None,
         started.write_text(json.dumps(settings))
         result = _run_one(mode, seed, budget, data, run_dir)
         atomic_write(done, lambda tmp: tmp.write_text(json.dumps(result)))
-    # every finished run in `out` with this budget, e.g. from earlier calls with other --modes
+    return write_reports(out, budget, command)
+
+
+def write_reports(out, budget: Budget, command: str) -> list[dict]:
+    """Over every finished run in `out` with this budget (e.g. from earlier calls with other
+    --modes, or copied from other machines), writes results.json (the table's rows, with command,
+    commit and budget), runs.json (every run's probes, spectra and dynamics), results.md,
+    spectra.png and dynamics.png; returns the rows (none: nothing written)."""
+    out = Path(out)
     results = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/result.json"))]
     results = sorted((r for r in results if r.get("mode") in ORDER
                       and r.get("budget") == budget.run_settings(r["mode"])),
                      key=lambda r: (ORDER.index(r["mode"]), r["seed"]))
     rows = aggregate(results, budget)
+    if not rows:
+        return rows
     commit = git_commit()
     meta = {"command": command, "commit": commit,
             "budget": {**asdict(budget), "dim": budget.dim, "width": budget.width,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from directclr.reproduce import (Budget, aggregate, build_model, feature_probe, knn_probe,
-                                 reproduce, training_dynamics)
+                                 reproduce, training_dynamics, write_reports)
 
 TINY = Budget(images=96, epochs=1, long_epochs=2, batch_size=32, probe_epochs=3,
               loader="torchvision", val_images=200, snapshot_every=2, dynamics_images=150)
@@ -139,6 +139,21 @@ def test_resume_keeps_finished_runs_and_guards_each_modes_budget(reproduced):
     with pytest.raises(ValueError, match="another budget"):
         reproduce(out, modes=["simclr-mlp"], seeds=[0],
                   budget=dataclasses.replace(TINY, epochs=2), progress=False)
+
+
+def test_report_only_rewrites_the_tables_from_copied_runs(reproduced, tmp_path):
+    out, rows = reproduced
+    for result in (out / "runs").glob("*/result.json"):
+        copy = tmp_path / "runs" / result.parent.name / "result.json"
+        copy.parent.mkdir(parents=True)
+        copy.write_bytes(result.read_bytes())
+    assert write_reports(tmp_path, TINY, "directclr reproduce --report-only") == rows
+    assert (tmp_path / "results.md").exists() and (tmp_path / "dynamics.png").exists()
+    empty = tmp_path / "empty"
+    proc = subprocess.run([sys.executable, "-m", "directclr", "reproduce", "--out", str(empty),
+                           "--report-only"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "no finished run" in proc.stderr, proc.stderr[-2000:]
+    assert not empty.exists()  # nothing trained, nothing prepared
 
 
 def test_budget_keeps_the_papers_geometry():
