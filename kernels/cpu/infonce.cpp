@@ -164,7 +164,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lse_forward_fixed_shi
   auto col_sum = with_cols ? at::zeros({n_cols}, opts) : at::empty({0}, opts);
   int64_t row_tile = row_tile_size(n_rows);
   // A power of two divides kColTile: no row tile straddles a column block's start.
-  if (symmetric) row_tile = int64_t(1) << (63 - __builtin_clzll(static_cast<uint64_t>(row_tile)));
+  if (symmetric) row_tile = static_cast<int64_t>(std::bit_floor(static_cast<uint64_t>(row_tile)));
   const int64_t n_row_tiles = (n_rows + row_tile - 1) / row_tile;
   const int64_t n_threads = at::get_num_threads();
   float* row_sum_ptr = row_sum.data_ptr<float>();
