@@ -416,12 +416,12 @@ def _backward(grad, z1, z2, row_lse, col_lse, dim, temperature, variant, backend
         # gradient where z is in the working dtype: no N x dim buffers beside them.
         grads = [g[:, :dim] if g.dtype == sub.dtype else sub.new_empty(n, dim) for g in grad_z]
         world = _world(group)[1]
-        gathered = grads[1] if world == 1 else sub.new_empty(world * n, dim)
+        grad_cols = (sub[:0] if not cross  # none: see above
+                     else grads[1] if world == 1 else sub.new_empty(world * n, dim))
         _CpuPrimitive.lse_backward_into(*layout, 1.0 / temperature, row_lse, row_w, col_lse,
-                                        col_w, grads[:1] if cross else grads,
-                                        gathered if cross else sub[:0])
+                                        col_w, grads[:1] if cross else grads, grad_cols)
         if cross and world > 1:
-            grads[1].copy_(_reduce_scatter_rows(gathered, group))
+            grads[1].copy_(_reduce_scatter_rows(grad_cols, group))
     else:
         grad_rows, grad_cols = _primitive(backend).lse_backward(
             *layout, 1.0 / temperature, row_lse, row_w, col_lse, col_w, cross)
