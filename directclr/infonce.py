@@ -167,14 +167,18 @@ class _CpuPrimitive:
     logits (``_dense_lse_forward``/``_dense_lse_backward``)."""
 
     @staticmethod
-    def lse_forward(rows, _row_inv, cols, _col_inv, pairing, scale, with_cols):
-        kernel = torch.ops.directclr_cpu.lse_forward if native.available() else _dense_lse_forward
-        n_rows = rows.shape[0]
-        return kernel(rows, cols, pairing.positives(n_rows, rows.device),
-                      pairing.excluded(n_rows, rows.device), scale, with_cols)
+    def _columns(rows, pairing):
+        """Each row's positive and excluded column (-1: none), as the kernels take them."""
+        return (pairing.positives(rows.shape[0], rows.device),
+                pairing.excluded(rows.shape[0], rows.device))
 
-    @staticmethod
-    def lse_backward_into(rows, _row_inv, cols, _col_inv, pairing, scale, row_lse, row_w,
+    @classmethod
+    def lse_forward(cls, rows, _row_inv, cols, _col_inv, pairing, scale, with_cols):
+        kernel = torch.ops.directclr_cpu.lse_forward if native.available() else _dense_lse_forward
+        return kernel(rows, cols, *cls._columns(rows, pairing), scale, with_cols)
+
+    @classmethod
+    def lse_backward_into(cls, rows, _row_inv, cols, _col_inv, pairing, scale, row_lse, row_w,
                           col_lse, col_w, grad_row_blocks, grad_cols):
         """Writes the rows' gradient into ``grad_row_blocks`` (outputs for consecutive blocks of
         rows: one per view, which may be the first columns of z's gradients) and, if grad_cols
@@ -182,8 +186,7 @@ class _CpuPrimitive:
         weight are given), so a block at a time costs no extra products."""
         kernel = (torch.ops.directclr_cpu.lse_backward if native.available()
                   else _dense_lse_backward)
-        pos = pairing.positives(rows.shape[0], rows.device)
-        excl = pairing.excluded(rows.shape[0], rows.device)
+        pos, excl = cls._columns(rows, pairing)
         first = 0
         for index, block in enumerate(grad_row_blocks):
             mine = slice(first, first + block.shape[0])
@@ -410,7 +413,9 @@ def _backward(grad, z1, z2, row_lse, col_lse, dim, temperature, variant, backend
     # ntxent: G + G^T on local rows is complete (S symmetric), no column gradient needed.
     n = z1.shape[0]
     cross = variant == "cross"
-    grad_z = [torch.zeros(z.shape, dtype=z.dtype, device=z.device) for z in (z1, z2)]
+    grad_z = [torch.empty(z.shape, dtype=z.dtype, device=z.device) for z in (z1, z2)]
+    for z_grad in grad_z:  # the first dim columns are all written below
+        z_grad[:, dim:].zero_()
     if unit:
         # The kernels write each view's (N, dim) gradient into the first columns of z's own
         # gradient where z is in the working dtype: no N x dim buffers beside them.
