@@ -184,9 +184,15 @@ class _CpuPrimitive:
         rows: one per view, which may be the first columns of z's gradients) and, if grad_cols
         has rows, the columns' gradient into it. Row blocks are independent (each row's LSE and
         weight are given), so a block at a time costs no extra products."""
+        pos, excl = cls._columns(rows, pairing)
+        symmetric = (cols is rows and col_lse is row_lse and col_w is row_w
+                     and pairing.offset == pairing.excl_offset == 0 and not grad_cols.shape[0])
+        if symmetric and native.available():  # ntxent on one process: G is symmetric
+            torch.ops.directclr_cpu.lse_backward_symmetric(rows, pos, scale, row_lse, row_w,
+                                                           grad_row_blocks)
+            return
         kernel = (torch.ops.directclr_cpu.lse_backward if native.available()
                   else _dense_lse_backward)
-        pos, excl = cls._columns(rows, pairing)
         first = 0
         for index, block in enumerate(grad_row_blocks):
             mine = slice(first, first + block.shape[0])

@@ -314,3 +314,36 @@ def test_ntxent_mirror_tiles_give_every_row_its_loss(threads):
         torch.set_num_threads(before)
     reference = directclr.infonce_reference(z1.double(), z2.double(), 40, 0.1, "ntxent")
     assert_rel_close(loss, reference, 1e-5, "per-row loss")
+
+
+@pytest.mark.parametrize("threads", [1, 3, 16])
+@pytest.mark.parametrize("dtype,temperature,rtol", [(torch.float32, 0.1, 1e-5),
+                                                    (torch.float64, 0.02, 1e-12)])
+def test_ntxent_symmetric_backward(threads, dtype, temperature, rtol, monkeypatch):
+    """ntxent's backward on one process computes only the tiles that start before each column
+    block ends; a tile wholly before the block also gives the block's rows their G^T Y. 2 x 700
+    rows span two blocks and the views' boundary falls inside a row tile; fp32 at tau 0.1 takes
+    the fixed shift, fp64 at tau 0.02 the running max. Per-row weights: G's row and column terms
+    differ."""
+    from directclr import native
+    calls = []
+    native.load()
+    op = torch.ops.directclr_cpu.lse_backward_symmetric
+    monkeypatch.setattr(torch.ops.directclr_cpu, "lse_backward_symmetric",
+                        lambda *args: calls.append(1) or op(*args))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        z1, z2 = make_views(700, 48, dtype=dtype, seed=threads)
+        weights = torch.rand(700, generator=torch.Generator().manual_seed(threads))
+        loss, g1, g2 = loss_and_grads(z1, z2, reduction="none", weights=weights, dim=40,
+                                      temperature=temperature, variant="ntxent")
+    finally:
+        torch.set_num_threads(before)
+    assert calls == [1]
+    ref_loss, ref_g1, ref_g2 = reference_loss_and_grads(
+        z1, z2, reduction="none", weights=weights, dim=40, temperature=temperature,
+        variant="ntxent")
+    assert_rel_close(loss, ref_loss, rtol, "per-row loss")
+    assert_rel_close(g1, ref_g1, rtol, "grad z1")
+    assert_rel_close(g2, ref_g2, rtol, "grad z2")

@@ -308,12 +308,72 @@ void check_output(const at::Tensor& out, const at::Tensor& like, int64_t n_rows,
               " must have unit column stride and non-overlapping rows");
 }
 
-// dL/dS_ij = row_w_i (P^row_ij - [j = pos_i]) + col_w_j (P^col_ij - [j = pos_i]); the column term
-// is present only when col_lse is non-empty. Writes dQ = scale G K into grad_rows and, if
-// grad_cols has rows, dK = scale G^T Q into grad_cols (both overwritten, so they can be the
-// caller's gradients themselves: no M x d copies). (ntxent passes its own row LSEs/weights as
-// the column term and no grad_cols: S is symmetric and pos an involution, so G + G^T is exactly
-// this G and dY = scale (G + G^T) Y is one product.)
+// The per-row (or per-column) factors of dL/dS in the working dtype: LSE, weight and, under the
+// fixed shift, coef = w exp(scale - lse), so that P_ij w_i = exp(S_ij - scale) coef_i.
+struct SoftmaxTerms {
+  at::Tensor lse, weight, coef;
+};
+
+SoftmaxTerms softmax_terms(const at::Tensor& lse, const at::Tensor& w, const at::Tensor& like,
+                           bool shifted, double scale) {
+  SoftmaxTerms terms{lse.to(like.options()).contiguous(), w.to(like.options()).contiguous(), {}};
+  if (shifted) terms.coef = (terms.weight * (scale - terms.lse).exp()).contiguous();
+  return terms;
+}
+
+// One tile of G = dL/dS (rows row0.., columns col0..) from its unit dot products `dots`
+// (overwritten): G_ij = row_w_i (P^row_ij - [j = pos_i]) + col_w_j (P^col_ij - [j = pos_i]), the
+// column term only where `col` is given.
+void grad_tile(at::Tensor& dots, at::Tensor& grad, int64_t row0, int64_t col0, double scale,
+               bool shifted, const SoftmaxTerms& row, const SoftmaxTerms* col,
+               const int64_t* pos_ptr, const int64_t* excl_ptr) {
+  const int64_t rows_here = dots.size(0), col_tile = dots.size(1);
+  if (shifted) {
+    mask_excluded<float>(dots, excl_ptr, row0, col0);
+    shifted_grad_tile(dots.data_ptr<float>(), grad.data_ptr<float>(), rows_here, col_tile,
+                      static_cast<float>(scale), row.coef.data_ptr<float>() + row0,
+                      col ? col->coef.data_ptr<float>() + col0 : nullptr);
+  } else {
+    dots.mul_(scale);
+    AT_DISPATCH_FLOATING_TYPES(dots.scalar_type(), "lse_backward_mask", [&] {
+      mask_excluded<scalar_t>(dots, excl_ptr, row0, col0);
+    });
+    at::sub_out(grad, dots, row.lse.narrow(0, row0, rows_here).unsqueeze(1))
+        .exp_()
+        .mul_(row.weight.narrow(0, row0, rows_here).unsqueeze(1));
+    if (col) {
+      dots.sub_(col->lse.narrow(0, col0, col_tile).unsqueeze(0))
+          .exp_()
+          .mul_(col->weight.narrow(0, col0, col_tile).unsqueeze(0));
+      grad.add_(dots);
+    }
+  }
+  AT_DISPATCH_FLOATING_TYPES(dots.scalar_type(), "lse_backward_positives", [&] {
+    auto* data = grad.data_ptr<scalar_t>();
+    const auto* rw = row.weight.data_ptr<scalar_t>();
+    const auto* cw = col ? col->weight.data_ptr<scalar_t>() : nullptr;
+    for (int64_t i = 0; i < rows_here; ++i) {
+      const int64_t p = pos_ptr[row0 + i];
+      const int64_t j = p - col0;
+      if (j >= 0 && j < col_tile) data[i * col_tile + j] -= rw[row0 + i] + (cw ? cw[p] : scalar_t(0));
+    }
+  });
+}
+
+// Row tiles on different threads all add into a column tile's gradient: one partial per thread.
+// Narrower column tiles on many-core machines keep those partials under kMaxThreadPartials.
+int64_t grad_col_tile_size(int64_t width) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  return std::clamp<int64_t>(kMaxThreadPartials / std::max<int64_t>(1, threads * width),
+                             kMinColTile, kColTile);
+}
+
+// dL/dS as in grad_tile; the column term is present only when col_lse is non-empty. Writes dQ =
+// scale G K into grad_rows and, if grad_cols has rows, dK = scale G^T Q into grad_cols (both
+// overwritten, so they can be the caller's gradients themselves: no M x d copies). (ntxent over
+// several processes passes its own row LSEs/weights as the column term and no grad_cols: S is
+// symmetric and pos an involution, so G + G^T is exactly this G and dY = scale (G + G^T) Y is one
+// product; on one process lse_backward_symmetric below also skips the mirror tiles.)
 void lse_backward(const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& pos,
                   const at::Tensor& excl, double scale, const at::Tensor& row_lse,
                   const at::Tensor& row_w, const at::Tensor& col_lse, const at::Tensor& col_w,
@@ -329,29 +389,17 @@ void lse_backward(const at::Tensor& rows, const at::Tensor& cols, const at::Tens
   if (with_grad_cols) check_output(grad_cols, rows, n_cols, "grad_cols");
   const auto opts = rows.options();
   grad_rows.zero_();  // accumulated over the column tiles; grad_cols is written once per tile
-  const auto row_lse_w = row_lse.to(opts).contiguous();
-  const auto row_weight = row_w.to(opts).contiguous();
-  const auto col_lse_w = with_cols ? col_lse.to(opts).contiguous() : at::Tensor();
-  const auto col_weight = with_cols ? col_w.to(opts).contiguous() : at::Tensor();
-  // Fixed shift: dL/dS_ij = exp(S_ij - scale) (row_coef_i + col_coef_j) off the positives, with
-  // row_coef_i = row_w_i exp(scale - row_lse_i) and col_coef_j = col_w_j exp(scale - col_lse_j).
   const bool shifted = fixed_shift(rows, scale);
-  const auto row_coef = shifted ? (row_weight * (scale - row_lse_w).exp()).contiguous()
-                                : at::Tensor();
-  const auto col_coef = shifted && with_cols
-                            ? (col_weight * (scale - col_lse_w).exp()).contiguous()
-                            : at::Tensor();
-
+  const auto row_terms = softmax_terms(row_lse, row_w, rows, shifted, scale);
+  const auto col_terms = with_cols ? softmax_terms(col_lse, col_w, rows, shifted, scale)
+                                   : SoftmaxTerms{};
   const int64_t row_tile = row_tile_size(n_rows);
   const int64_t n_row_tiles = (n_rows + row_tile - 1) / row_tile;
   const int64_t n_threads = at::get_num_threads();
   const int64_t* pos_ptr = pos.data_ptr<int64_t>();
   const int64_t* excl_ptr = excl.data_ptr<int64_t>();
 
-  // Row tiles on different threads all add into a column tile: one partial per thread. Narrower
-  // column tiles on many-core machines keep those partials under kMaxThreadPartials elements.
-  const int64_t grad_col_tile = std::clamp<int64_t>(
-      kMaxThreadPartials / std::max<int64_t>(1, n_threads * width), kMinColTile, kColTile);
+  const int64_t grad_col_tile = grad_col_tile_size(width);
   for (int64_t col0 = 0; col0 < n_cols; col0 += grad_col_tile) {
     const int64_t col_tile = std::min(grad_col_tile, n_cols - col0);
     const auto col_block = cols.narrow(0, col0, col_tile);
@@ -370,39 +418,8 @@ void lse_backward(const at::Tensor& rows, const at::Tensor& cols, const at::Tens
         auto logits = logits_buf.narrow(0, 0, rows_here);
         auto grad_logits = grad_buf.narrow(0, 0, rows_here);
         at::mm_out(logits, row_block, col_block.t());
-        if (shifted) {
-          mask_excluded<float>(logits, excl_ptr, row0, col0);
-          shifted_grad_tile(logits.data_ptr<float>(), grad_logits.data_ptr<float>(), rows_here,
-                            col_tile, static_cast<float>(scale),
-                            row_coef.data_ptr<float>() + row0,
-                            with_cols ? col_coef.data_ptr<float>() + col0 : nullptr);
-        } else {
-          logits.mul_(scale);
-          AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "lse_backward_mask", [&] {
-            mask_excluded<scalar_t>(logits, excl_ptr, row0, col0);
-          });
-          at::sub_out(grad_logits, logits, row_lse_w.narrow(0, row0, rows_here).unsqueeze(1))
-              .exp_()
-              .mul_(row_weight.narrow(0, row0, rows_here).unsqueeze(1));
-          if (with_cols) {
-            logits.sub_(col_lse_w.narrow(0, col0, col_tile).unsqueeze(0))
-                .exp_()
-                .mul_(col_weight.narrow(0, col0, col_tile).unsqueeze(0));
-            grad_logits.add_(logits);
-          }
-        }
-        AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "lse_backward_positives", [&] {
-          auto* grad = grad_logits.data_ptr<scalar_t>();
-          const auto* rw = row_weight.data_ptr<scalar_t>();
-          const auto* cw = with_cols ? col_weight.data_ptr<scalar_t>() : nullptr;
-          for (int64_t i = 0; i < rows_here; ++i) {
-            const int64_t p = pos_ptr[row0 + i];
-            const int64_t j = p - col0;
-            if (j >= 0 && j < col_tile) {
-              grad[i * col_tile + j] -= rw[row0 + i] + (cw ? cw[p] : scalar_t(0));
-            }
-          }
-        });
+        grad_tile(logits, grad_logits, row0, col0, scale, shifted, row_terms,
+                  with_cols ? &col_terms : nullptr, pos_ptr, excl_ptr);
         auto grad_rows_here = grad_rows.narrow(0, row0, rows_here);
         grad_rows_here.addmm_(grad_logits, col_block, 1.0, scale);
         if (with_grad_cols) grad_cols_acc.addmm_(grad_logits.t(), row_block, 1.0, scale);
@@ -412,6 +429,87 @@ void lse_backward(const at::Tensor& rows, const at::Tensor& cols, const at::Tens
       auto grad_cols_here = grad_cols.narrow(0, col0, col_tile);
       at::sum_out(grad_cols_here, thread_grad_cols, 0);
     }
+  }
+}
+
+// Rows [row0, row0 + count) of the outputs taken as one tall matrix (consecutive row blocks, e.g.
+// the two views' gradients): calls fn(piece of an output, offset of the piece within the range).
+template <typename Fn>
+void for_each_piece(at::TensorList blocks, int64_t row0, int64_t count, Fn&& fn) {
+  int64_t block_start = 0;
+  for (const auto& block : blocks) {
+    const int64_t begin = std::max(row0, block_start);
+    const int64_t end = std::min(row0 + count, block_start + block.size(0));
+    if (begin < end) fn(block.narrow(0, begin - block_start, end - begin), begin - row0);
+    block_start += block.size(0);
+  }
+}
+
+// ntxent on one process: the columns are the rows themselves, the excluded entries the diagonal,
+// the column terms the row terms, and pos an involution, so G is symmetric and dY = scale G Y.
+// Only the row tiles that start before each column block ends are computed (as the forward); one
+// wholly before the block (a mirror tile) adds G Y[block] to its own rows and G^T Y[its rows] to
+// the block's rows (per-thread partials, added after the block in a fixed order). About 3/4 of
+// the full sweep's products and half its exponentials. Writes the gradient into grad_blocks,
+// consecutive row blocks covering the rows (one per view; any row stride).
+void lse_backward_symmetric(const at::Tensor& rows, const at::Tensor& pos, double scale,
+                            const at::Tensor& lse, const at::Tensor& w, at::TensorList grad_blocks) {
+  const int64_t n_rows = rows.size(0), width = rows.size(1);
+  const auto diagonal = at::arange(n_rows, pos.options());
+  check_inputs(rows, rows, pos, diagonal);
+  TORCH_CHECK(lse.numel() == n_rows && w.numel() == n_rows, "lse/w: one per row");
+  int64_t covered = 0;
+  for (const auto& block : grad_blocks) {
+    TORCH_CHECK(block.dim() == 2, "grad_blocks must be 2-D");
+    check_output(block, rows, block.size(0), "each of grad_blocks");
+    covered += block.size(0);
+  }
+  TORCH_CHECK(covered == n_rows, "grad_blocks must cover the ", n_rows, " rows, got ", covered);
+  const auto opts = rows.options();
+  for (const auto& block : grad_blocks) block.zero_();
+  const bool shifted = fixed_shift(rows, scale);
+  const auto terms = softmax_terms(lse, w, rows, shifted, scale);
+  // Power-of-two tiles, the row tile no larger than the column tile: no row tile straddles a
+  // column block's start, so every tile is either a mirror tile or inside the block's span.
+  const auto bit_floor = [](int64_t n) {
+    return static_cast<int64_t>(std::bit_floor(static_cast<uint64_t>(n)));
+  };
+  const int64_t col_tile_max = bit_floor(grad_col_tile_size(width));
+  const int64_t row_tile = std::min(bit_floor(row_tile_size(n_rows)), col_tile_max);
+  const int64_t n_row_tiles = (n_rows + row_tile - 1) / row_tile;
+  const int64_t n_threads = at::get_num_threads();
+  const int64_t* pos_ptr = pos.data_ptr<int64_t>();
+  const int64_t* excl_ptr = diagonal.data_ptr<int64_t>();
+
+  for (int64_t col0 = 0; col0 < n_rows; col0 += col_tile_max) {
+    const int64_t col_tile = std::min(col_tile_max, n_rows - col0);
+    const auto col_block = rows.narrow(0, col0, col_tile);
+    const int64_t tiles_here = std::min(n_row_tiles, (col0 + col_tile + row_tile - 1) / row_tile);
+    auto thread_mirror = at::zeros({n_threads, col_tile, width}, opts);
+    at::parallel_for(0, tiles_here, 1, [&](int64_t first, int64_t last) {
+      const int64_t tid = at::get_thread_num();
+      auto logits_buf = at::empty({row_tile, col_tile}, opts);
+      auto grad_buf = at::empty({row_tile, col_tile}, opts);
+      auto mirror_acc = thread_mirror[tid];
+      for (int64_t t = first; t < last; ++t) {
+        const int64_t row0 = t * row_tile;
+        const int64_t rows_here = std::min(row_tile, n_rows - row0);
+        const auto row_block = rows.narrow(0, row0, rows_here);
+        auto logits = logits_buf.narrow(0, 0, rows_here);
+        auto grad_logits = grad_buf.narrow(0, 0, rows_here);
+        at::mm_out(logits, row_block, col_block.t());
+        grad_tile(logits, grad_logits, row0, col0, scale, shifted, terms, &terms, pos_ptr,
+                  excl_ptr);
+        for_each_piece(grad_blocks, row0, rows_here, [&](at::Tensor out, int64_t offset) {
+          out.addmm_(grad_logits.narrow(0, offset, out.size(0)), col_block, 1.0, scale);
+        });
+        if (row0 + rows_here <= col0) mirror_acc.addmm_(grad_logits.t(), row_block, 1.0, scale);
+      }
+    });
+    const auto mirror = thread_mirror.sum(0);
+    for_each_piece(grad_blocks, col0, col_tile, [&](at::Tensor out, int64_t offset) {
+      out.add_(mirror.narrow(0, offset, out.size(0)));
+    });
   }
 }
 
@@ -425,8 +523,12 @@ TORCH_LIBRARY(directclr_cpu, m) {
       "lse_backward(Tensor rows, Tensor cols, Tensor pos, Tensor excl, float scale, Tensor row_lse,"
       " Tensor row_w, Tensor col_lse, Tensor col_w, Tensor(a!) grad_rows, Tensor(b!) grad_cols)"
       " -> ()");
+  m.def(
+      "lse_backward_symmetric(Tensor rows, Tensor pos, float scale, Tensor lse, Tensor w,"
+      " Tensor(a!)[] grad_blocks) -> ()");
   m.impl("lse_forward", c10::DispatchKey::CPU, TORCH_FN(lse_forward));
   m.impl("lse_backward", c10::DispatchKey::CPU, TORCH_FN(lse_backward));
+  m.impl("lse_backward_symmetric", c10::DispatchKey::CPU, TORCH_FN(lse_backward_symmetric));
 }
 
 }  // namespace directclr
