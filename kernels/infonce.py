@@ -41,8 +41,8 @@ fixed order (cuBLAS products included).
 from __future__ import annotations
 
 import functools
-import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -288,9 +288,9 @@ def _forward_kernel(rows_ptr, row_stride_vec, row_scale_ptr, cols_ptr, col_strid
 
 @triton.jit
 def _g_tile(logits, offs_m, mask_m, offs_n, mask_n, row0, n0, n_rows, n_cols, excl_offset,
-            pos, first_pos, last_pos, row_coef, col_coef, row_lse, col_lse, row_wg, col_wg_ptr,
-            shift, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_EXCL: tl.constexpr,
-            FIXED_SHIFT: tl.constexpr):
+            pos, first_pos, last_pos, row_coef, col_coef, row_lse, col_lse_ptr, row_wg,
+            col_wg_ptr, shift, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            HAS_EXCL: tl.constexpr, FIXED_SHIFT: tl.constexpr):
     """G for one tile: row_w_i P^row_ij + col_w_j P^col_ij - [j = pos_i] (row_w_i + col_w_j),
     with the row and column coefficients prepared by the host (fixed shift: w * exp2(shift -
     lse) folded in, so one exp2 serves both softmaxes). The positive term is subtracted here,
@@ -298,6 +298,7 @@ def _g_tile(logits, offs_m, mask_m, offs_n, mask_n, row0, n0, n_rows, n_cols, ex
     if FIXED_SHIFT:  # logits come relative to the shift
         grad = tl.exp2(logits) * (row_coef[:, None] + col_coef[None, :])
     else:
+        col_lse = tl.load(col_lse_ptr + offs_n, mask=mask_n, other=0.0)
         grad = (row_coef[:, None] * tl.exp2(logits - row_lse[:, None])
                 + col_coef[None, :] * tl.exp2(logits - col_lse[None, :]))
     holds_pos = (n0 <= last_pos) & (first_pos < n0 + BLOCK_N)
@@ -338,15 +339,12 @@ def _backward_kernel(rows_ptr, row_stride_vec, row_scale_ptr, cols_ptr, col_stri
         mask_n = offs_n < n_cols
         col_inv = tl.load(col_inv_ptr + offs_n, mask=mask_n, other=0.0)
         col_coef = tl.load(col_coef_ptr + offs_n, mask=mask_n, other=0.0)
-        col_lse = col_coef  # unused under the fixed shift
-        if not FIXED_SHIFT:
-            col_lse = tl.load(col_lse_ptr + offs_n, mask=mask_n, other=0.0)
         cols = _rows_tile(cols_ptr, offs_n, mask_n, col_stride_vec, 0, VEC, DIM, D_PAD, UPCAST)
         logits = _scale(tl.dot(rows, tl.trans(cols), input_precision=PRECISION), row_scale,
                         col_inv, shift if FIXED_SHIFT else 0.0)
         grad = _g_tile(logits, offs_m, mask_m, offs_n, mask_n, row0, n0, n_rows, n_cols,
                        excl_offset, pos, first_pos, last_pos, row_coef, col_coef, row_lse,
-                       col_lse, row_wg, col_wg_ptr, shift, BLOCK_M, BLOCK_N, HAS_EXCL,
+                       col_lse_ptr, row_wg, col_wg_ptr, shift, BLOCK_M, BLOCK_N, HAS_EXCL,
                        FIXED_SHIFT)
         # d/dC_hat_j of S_ij is scale * C_j * inv_norm_j: fold inv_norm_j into G's columns, and
         # feed the tensor cores G in the operands' dtype, as the forward's products.
@@ -385,8 +383,7 @@ def _g_panel_kernel(rows_ptr, row_stride_vec, row_scale_ptr, row_fold_ptr, cols_
                    excl_offset, pos, first_pos, last_pos,
                    tl.load(row_coef_ptr + offs_m, mask=mask_m, other=0.0),
                    tl.load(col_coef_ptr + offs_n, mask=mask_n, other=0.0),
-                   tl.load(row_lse_ptr + offs_m, mask=mask_m, other=0.0),
-                   tl.load(col_lse_ptr + offs_n, mask=mask_n, other=0.0),
+                   tl.load(row_lse_ptr + offs_m, mask=mask_m, other=0.0), col_lse_ptr,
                    tl.load(row_wg_ptr + offs_m, mask=mask_m, other=0.0), col_wg_ptr, shift,
                    BLOCK_M, BLOCK_N, HAS_EXCL, FIXED_SHIFT)
     panel_rows = tl.num_programs(0) * BLOCK_M
@@ -464,16 +461,38 @@ def _check(rows, cols):
                         f"got {rows.dtype} and {cols.dtype}")
 
 
-def _launch_forward(rows, row_inv, cols, col_inv, excl_offset, scale, with_cols):
-    """Row LSE (and column LSE over these rows), natural log, fp32."""
-    config = configs(rows.dtype)["forward"]
-    block_m, block_n = config.blocks["BLOCK_M"], config.blocks["BLOCK_N"]
-    n_rows, dim = rows.shape
-    n_cols = cols.shape[0]
+class _Launch(NamedTuple):
+    """What a kernel's launch on (rows, cols) takes besides its own arguments: the tile sizes, the
+    operands with 16-byte rows (and their row strides in vectors), and the constexprs of the
+    dtype, the pairing and the shift."""
+    block_m: int
+    block_n: int
+    rows: torch.Tensor
+    row_stride_vec: int
+    cols: torch.Tensor
+    col_stride_vec: int
+    constexprs: dict
+
+
+def _launch(kernel: str, rows, cols, excl_offset: int, fixed: bool) -> _Launch:
+    config = configs(rows.dtype)[kernel]
+    dtype, dim = rows.dtype, rows.shape[1]
     rows, row_stride_vec = _operand(rows)
     cols, col_stride_vec = _operand(cols)
+    constexprs = dict(DIM=dim, VEC=_vector_width(dtype), HAS_EXCL=excl_offset >= 0,
+                      FIXED_SHIFT=fixed, PRECISION=_precision(dtype), UPCAST=_upcast(dtype),
+                      **config.launch())
+    return _Launch(config.blocks["BLOCK_M"], config.blocks["BLOCK_N"], rows, row_stride_vec, cols,
+                   col_stride_vec, constexprs)
+
+
+def _launch_forward(rows, row_inv, cols, col_inv, excl_offset, scale, with_cols):
+    """Row LSE (and column LSE over these rows), natural log, fp32."""
+    n_rows, n_cols = rows.shape[0], cols.shape[0]
     shift, fixed = _fixed_shift(scale)
-    row_blocks, col_tiles = triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n)
+    launch = _launch("forward", rows, cols, excl_offset, fixed)
+    row_blocks = triton.cdiv(n_rows, launch.block_m)
+    col_tiles = triton.cdiv(n_cols, launch.block_n)
     blocks_per_group, groups = _split(row_blocks, MAX_ROW_GROUPS)
     tiles_per_split, splits = _split(col_tiles, triton.cdiv(_programs_wanted(rows.device), groups))
     f32 = dict(dtype=torch.float32, device=rows.device)
@@ -483,10 +502,10 @@ def _launch_forward(rows, row_inv, cols, col_inv, excl_offset, scale, with_cols)
     col_max = torch.full(col_shape, shift if fixed else -shift, **f32)
     col_sum = torch.zeros(col_shape, **f32)
     _forward_kernel[(groups, splits)](
-        rows, row_stride_vec, (row_inv * shift).float(), cols, col_stride_vec, col_inv.float(),
-        row_max, row_sum, col_max, col_sum, n_rows, n_cols, excl_offset, blocks_per_group,
-        tiles_per_split, shift, DIM=dim, VEC=_vector_width(rows.dtype), WITH_COLS=with_cols, HAS_EXCL=excl_offset >= 0, FIXED_SHIFT=fixed,
-        PRECISION=_precision(rows.dtype), UPCAST=_upcast(rows.dtype), **config.launch())
+        launch.rows, launch.row_stride_vec, (row_inv * shift).float(), launch.cols,
+        launch.col_stride_vec, col_inv.float(), row_max, row_sum, col_max, col_sum, n_rows,
+        n_cols, excl_offset, blocks_per_group, tiles_per_split, shift, WITH_COLS=with_cols,
+        **launch.constexprs)
     row_lse = _merge(row_max, row_sum)
     return row_lse, _merge(col_max, col_sum) if with_cols else None
 
@@ -516,17 +535,14 @@ def _grad_scale(row_w, col_w, row_fold, col_fold) -> torch.Tensor:
 
 
 def _launch_backward(rows, row_inv, cols, col_inv, col_fold, pairing, scale, row_terms,
-                     col_terms, out_scale, fixed):
+                     col_terms, out_scale):
     """scale * sum_j G_ij C_j fold_j for every row, fp32, (n_rows, dim). *_terms: the
     (coefficient, base-2 LSE, scaled weight) vectors of rows and columns."""
-    config = configs(rows.dtype)["backward"]
-    block_m, block_n = config.blocks["BLOCK_M"], config.blocks["BLOCK_N"]
-    n_rows, dim = rows.shape
-    n_cols = cols.shape[0]
-    rows, row_stride_vec = _operand(rows)
-    cols, col_stride_vec = _operand(cols)
-    shift = LOG2E * scale
-    row_blocks, col_tiles = triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n)
+    (n_rows, dim), n_cols = rows.shape, cols.shape[0]
+    shift, fixed = _fixed_shift(scale)
+    launch = _launch("backward", rows, cols, pairing.excl_offset, fixed)
+    row_blocks = triton.cdiv(n_rows, launch.block_m)
+    col_tiles = triton.cdiv(n_cols, launch.block_n)
     # Few row blocks leave SMs idle: split the columns, partial rows summed below.
     most_splits = max(1, MAX_SPLIT_BYTES // (4 * n_rows * dim))
     tiles_per_split, splits = _split(col_tiles, min(most_splits, triton.cdiv(
@@ -534,12 +550,10 @@ def _launch_backward(rows, row_inv, cols, col_inv, col_fold, pairing, scale, row
     out = torch.empty((splits, n_rows, dim), dtype=torch.float32, device=rows.device)
     (row_coef, row_lse2, row_wg), (col_coef, col_lse2, col_wg) = row_terms, col_terms
     _backward_kernel[(row_blocks, splits)](
-        rows, row_stride_vec, row_inv * shift, cols, col_stride_vec, col_inv, col_fold,
-        row_coef, col_coef, row_lse2, col_lse2, row_wg, col_wg, out, out_scale, n_rows, n_cols,
-        pairing.offset, pairing.half, pairing.excl_offset, tiles_per_split, shift, DIM=dim,
-        VEC=_vector_width(rows.dtype), D_PAD=max(16, triton.next_power_of_2(dim)),
-        HAS_EXCL=pairing.excl_offset >= 0, FIXED_SHIFT=fixed, PRECISION=_precision(rows.dtype),
-        UPCAST=_upcast(rows.dtype), **config.launch())
+        launch.rows, launch.row_stride_vec, row_inv * shift, launch.cols, launch.col_stride_vec,
+        col_inv, col_fold, row_coef, col_coef, row_lse2, col_lse2, row_wg, col_wg, out,
+        out_scale, n_rows, n_cols, pairing.offset, pairing.half, pairing.excl_offset,
+        tiles_per_split, shift, D_PAD=max(16, triton.next_power_of_2(dim)), **launch.constexprs)
     return out[0] if splits == 1 else out.sum(0)
 
 
@@ -554,15 +568,13 @@ def _mm(a, b):
 
 
 def _panel_backward(rows, row_inv, row_fold, cols, col_inv, col_fold, pairing, scale,
-                    row_terms, col_terms, out_scale, fixed, with_grad_cols):
+                    row_terms, col_terms, out_scale, with_grad_cols):
     """Wide subvectors: G written once per panel of rows, products by cuBLAS in panel order."""
-    config = configs(rows.dtype)["panel"]
-    block_m, block_n = config.blocks["BLOCK_M"], config.blocks["BLOCK_N"]
-    n_rows, dim = rows.shape
-    n_cols = cols.shape[0]
-    rows, row_stride_vec = _operand(rows)
-    cols, col_stride_vec = _operand(cols)
-    shift = LOG2E * scale
+    (n_rows, dim), n_cols = rows.shape, cols.shape[0]
+    shift, fixed = _fixed_shift(scale)
+    launch = _launch("panel", rows, cols, pairing.excl_offset, fixed)
+    block_m, block_n = launch.block_m, launch.block_n
+    rows, cols = launch.rows, launch.cols
     buffers = 2 if with_grad_cols else 1
     panel_rows = max(block_m, PANEL_BYTES // (buffers * n_cols * rows.element_size())
                      // block_m * block_m)
@@ -575,12 +587,10 @@ def _panel_backward(rows, row_inv, row_fold, cols, col_inv, col_fold, pairing, s
     for begin in range(0, n_rows, panel_rows):
         count = min(panel_rows, n_rows - begin)
         _g_panel_kernel[(triton.cdiv(count, block_m), triton.cdiv(n_cols, block_n))](
-            rows, row_stride_vec, row_inv * shift, row_fold, cols, col_stride_vec, col_inv,
-            col_fold, row_coef, col_coef, row_lse2, col_lse2, row_wg, col_wg, g_rows, g_cols,
-            n_rows, n_cols, begin, pairing.offset, pairing.half, pairing.excl_offset, shift,
-            DIM=dim, VEC=_vector_width(rows.dtype), WITH_COLS=with_grad_cols,
-            HAS_EXCL=pairing.excl_offset >= 0, FIXED_SHIFT=fixed,
-            PRECISION=_precision(rows.dtype), UPCAST=_upcast(rows.dtype), **config.launch())
+            rows, launch.row_stride_vec, row_inv * shift, row_fold, cols, launch.col_stride_vec,
+            col_inv, col_fold, row_coef, col_coef, row_lse2, col_lse2, row_wg, col_wg, g_rows,
+            g_cols, n_rows, n_cols, begin, pairing.offset, pairing.half, pairing.excl_offset,
+            shift, WITH_COLS=with_grad_cols, **launch.constexprs)
         grad_rows[begin:begin + count] = _mm(g_rows[:count], cols)
         if with_grad_cols:
             grad_cols += _mm(g_cols[:count].T, rows[begin:begin + count])
@@ -626,14 +636,14 @@ def lse_backward(rows, row_inv, cols, col_inv, pairing, scale: float, row_lse, r
     if not fused_backward(rows.shape[1], rows.dtype):
         grad_rows, grad_cols = _panel_backward(
             rows, row_inv, row_fold, cols, col_inv, col_fold, pairing, scale, row_terms,
-            col_terms, out_scale, fixed, with_grad_cols)
+            col_terms, out_scale, with_grad_cols)
     else:
         grad_rows = _launch_backward(rows, row_inv, cols, col_inv, col_fold, pairing, scale,
-                                     row_terms, col_terms, out_scale, fixed)
+                                     row_terms, col_terms, out_scale)
         if with_grad_cols:  # columns see the transposed problem (cross: one shifted diagonal)
             transposed = type(pairing)(-pairing.offset, 0, -1)
             grad_cols = _launch_backward(cols, col_inv, rows, row_inv, row_fold, transposed,
-                                         scale, col_terms, row_terms, out_scale, fixed)
+                                         scale, col_terms, row_terms, out_scale)
     if not with_grad_cols:
         return grad_rows, grad_rows.new_empty((0, rows.shape[1]))
     return grad_rows, grad_cols

@@ -87,17 +87,20 @@ def test_triton_reduction_none_weights_and_zero_rows(variant):
 @interpreted
 @pytest.mark.parametrize("variant", ["cross", "ntxent"])
 @pytest.mark.parametrize("temperature", [0.01, 0.5])
-def test_triton_running_max_and_fixed_shift_match_float64(variant, temperature):
+@pytest.mark.parametrize("dim", [80, 300])
+def test_triton_running_max_and_fixed_shift_match_float64(variant, temperature, dim):
     """tau = 0.01 is past the fixed shift's range (2 / tau logits of spread underflow exp2):
-    the kernels keep running maxima there; tau = 0.5 takes the fixed shift."""
+    the kernels keep running maxima there; tau = 0.5 takes the fixed shift. fp32 at dim 80
+    takes the fused backward, at dim 300 the G panels."""
     from directclr.kernels import infonce as kernels
     assert kernels._fixed_shift(1 / temperature)[1] == (temperature > 0.05)
-    z1, z2 = make_views(70, 96)
+    assert kernels.fused_backward(dim, torch.float32) == (dim == 80)
+    z1, z2 = make_views(70, 320)
     with torch.no_grad():  # correlated views: peaked softmaxes, as in training
         z2.mul_(0.3).add_(z1)
-    ours = loss_and_grads(z1, z2, dim=80, variant=variant, temperature=temperature,
+    ours = loss_and_grads(z1, z2, dim=dim, variant=variant, temperature=temperature,
                           backend="triton")
-    exact = reference_loss_and_grads(z1, z2, dim=80, variant=variant, temperature=temperature)
+    exact = reference_loss_and_grads(z1, z2, dim=dim, variant=variant, temperature=temperature)
     for name, got, ref in zip(("loss", "grad z1", "grad z2"), ours, exact):
         assert_rel_close(got, ref, 1e-5 if name == "loss" else 1e-4, name, ROUNDING_FLOOR)
 
