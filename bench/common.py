@@ -23,10 +23,22 @@ def machine(device: str) -> str:
     return cpu_model()
 
 
+def versions() -> dict:
+    """The torch and Triton that produced a row (the GPU report's SASS depends on Triton's)."""
+    import torch
+    found = {"torch": torch.__version__}
+    try:
+        import triton
+        found["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return found
+
+
 def stamp(rows: list[dict], device: str) -> list[dict]:
-    """Adds commit, date and machine to every row."""
+    """Adds commit, date, machine and the torch/Triton versions to every row."""
     meta = {"commit": commit(), "date": datetime.date.today().isoformat(),
-            "machine": machine(device)}
+            "machine": machine(device), **versions()}
     return [{**row, **meta} for row in rows]
 
 

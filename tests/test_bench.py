@@ -25,7 +25,7 @@ def test_bench_loss_writes_rows(tmp_path):
     assert all(c["vs_reference"] > 0 for c in written[-1]["cases"] if c["provider"] == "fused")
     for row in written[:-1]:
         assert {"op", "backend", "variant", "N", "dim", "dtype", "device", "fwd_bwd_ms",
-                "peak_mem_mb", "commit", "date"} <= row.keys()
+                "peak_mem_mb", "commit", "date", "torch"} <= row.keys()
         assert row["fwd_bwd_ms"] > 0 and row["peak_mem_mb"] >= 0
     fused = [r for r in rows if r["provider"] == "fused"]
     assert all(r["vs_reference"] > 0 for r in fused)
@@ -77,7 +77,7 @@ def test_bench_train_times_the_model_and_the_whole_loop(tmp_path):
     assert micro["memory_vs_plain"] > 0 and rows[0]["step_peak_mb"] > 0
     loop = rows[2]
     assert 0 <= loop["data_wait"] < 1 and loop["vs_model"] > 0
-    assert {"commit", "date", "machine"} <= loop.keys()
+    assert {"commit", "date", "machine", "torch"} <= loop.keys()
 
 
 def test_bench_data_rates_both_backends_with_a_simulated_step(tmp_path):
