@@ -148,6 +148,21 @@ bool symmetric_logits(const at::Tensor& rows, const at::Tensor& cols, const int6
   return true;
 }
 
+// Symmetric S is swept in column blocks of width col_tile_max (a power of two), each against the
+// row tiles that start before the block ends. Row tiles are a power of two no wider than the
+// block, so none straddles a block's start: each is wholly before the block (a mirror tile) or
+// inside it.
+int64_t symmetric_row_tile(int64_t rows, int64_t col_tile_max) {
+  const auto bit_floor = [](int64_t n) {
+    return static_cast<int64_t>(std::bit_floor(static_cast<uint64_t>(n)));
+  };
+  return std::min(bit_floor(row_tile_size(rows)), col_tile_max);
+}
+
+int64_t row_tiles_before_end(int64_t n_row_tiles, int64_t row_tile, int64_t col_end) {
+  return std::min(n_row_tiles, (col_end + row_tile - 1) / row_tile);
+}
+
 // lse_forward for fp32 with the fixed shift: column partials are (scale, sum exp(S - scale)).
 // Symmetric S (and no column statistics asked for): only row tiles that start before the column
 // block's end are computed; one wholly before it (a mirror tile) gives its rows their row sums and
@@ -162,9 +177,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lse_forward_fixed_shi
   auto row_sum = at::zeros({n_rows}, opts);
   auto pos_logit = at::zeros({n_rows}, opts);
   auto col_sum = with_cols ? at::zeros({n_cols}, opts) : at::empty({0}, opts);
-  int64_t row_tile = row_tile_size(n_rows);
-  // A power of two divides kColTile: no row tile straddles a column block's start.
-  if (symmetric) row_tile = static_cast<int64_t>(std::bit_floor(static_cast<uint64_t>(row_tile)));
+  const int64_t row_tile =
+      symmetric ? symmetric_row_tile(n_rows, kColTile) : row_tile_size(n_rows);
   const int64_t n_row_tiles = (n_rows + row_tile - 1) / row_tile;
   const int64_t n_threads = at::get_num_threads();
   float* row_sum_ptr = row_sum.data_ptr<float>();
@@ -174,8 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lse_forward_fixed_shi
     const int64_t col_tile = std::min(kColTile, n_cols - col0);
     const auto col_block = cols.narrow(0, col0, col_tile);
     const int64_t tiles_here =
-        symmetric ? std::min(n_row_tiles, (col0 + col_tile + row_tile - 1) / row_tile)
-                  : n_row_tiles;
+        symmetric ? row_tiles_before_end(n_row_tiles, row_tile, col0 + col_tile) : n_row_tiles;
     auto thread_col_sum =
         with_cols || symmetric ? at::zeros({n_threads, col_tile}, opts) : at::Tensor();
     at::parallel_for(0, tiles_here, 1, [&](int64_t first, int64_t last) {
@@ -469,13 +482,9 @@ void lse_backward_symmetric(const at::Tensor& rows, const at::Tensor& pos, doubl
   for (const auto& block : grad_blocks) block.zero_();
   const bool shifted = fixed_shift(rows, scale);
   const auto terms = softmax_terms(lse, w, rows, shifted, scale);
-  // Power-of-two tiles, the row tile no larger than the column tile: no row tile straddles a
-  // column block's start, so every tile is either a mirror tile or inside the block's span.
-  const auto bit_floor = [](int64_t n) {
-    return static_cast<int64_t>(std::bit_floor(static_cast<uint64_t>(n)));
-  };
-  const int64_t col_tile_max = bit_floor(grad_col_tile_size(width));
-  const int64_t row_tile = std::min(bit_floor(row_tile_size(n_rows)), col_tile_max);
+  const int64_t col_tile_max = static_cast<int64_t>(
+      std::bit_floor(static_cast<uint64_t>(grad_col_tile_size(width))));
+  const int64_t row_tile = symmetric_row_tile(n_rows, col_tile_max);
   const int64_t n_row_tiles = (n_rows + row_tile - 1) / row_tile;
   const int64_t n_threads = at::get_num_threads();
   const int64_t* pos_ptr = pos.data_ptr<int64_t>();
@@ -484,7 +493,7 @@ void lse_backward_symmetric(const at::Tensor& rows, const at::Tensor& pos, doubl
   for (int64_t col0 = 0; col0 < n_rows; col0 += col_tile_max) {
     const int64_t col_tile = std::min(col_tile_max, n_rows - col0);
     const auto col_block = rows.narrow(0, col0, col_tile);
-    const int64_t tiles_here = std::min(n_row_tiles, (col0 + col_tile + row_tile - 1) / row_tile);
+    const int64_t tiles_here = row_tiles_before_end(n_row_tiles, row_tile, col0 + col_tile);
     auto thread_mirror = at::zeros({n_threads, col_tile, width}, opts);
     at::parallel_for(0, tiles_here, 1, [&](int64_t first, int64_t last) {
       const int64_t tid = at::get_thread_num();
