@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -75,12 +76,14 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def run_child(script: str, case: dict, timeout: float) -> dict:
-    """Runs `script --child <case as JSON>` in a fresh interpreter; its last stdout line is the
-    result row. Failures and timeouts come back as rows with a status instead of raising."""
+def run_child(script: str, case: dict, timeout: float, env: dict | None = None) -> dict:
+    """Runs `script --child <case as JSON>` in a fresh interpreter (with `env` added to this
+    one's environment); its last stdout line is the result row. Failures and timeouts come back
+    as rows with a status instead of raising."""
     cmd = [sys.executable, script, "--child", json.dumps(case)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **env} if env else None)
     except subprocess.TimeoutExpired:
         return {**case, "status": f"timeout after {timeout:.0f} s"}
     if proc.returncode != 0:
