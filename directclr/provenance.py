@@ -9,13 +9,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+# Where results are written: appending to them does not make the code that wrote them dirty.
+RESULT_DIRS = ("bench/results", "docs/results")
+
+
 def git_commit(repo: Path = REPO) -> str:
-    """Short commit hash, with "+dirty" when tracked files differ from it; "unknown" outside a
-    git checkout."""
+    """Short commit hash, with "+dirty" when tracked files other than results differ from it;
+    "unknown" outside a git checkout."""
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, check=True, cwd=repo).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", *(f":(exclude){d}" for d in RESULT_DIRS)],
                                capture_output=True, text=True, cwd=repo).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):

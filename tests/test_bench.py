@@ -1,5 +1,6 @@
 """The benchmarks run end to end and write well-formed rows (smoke tests, not timings)."""
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -104,3 +105,24 @@ def test_bench_spectrum_writes_rows(tmp_path):
     assert by["update"]["vs_cov"] > 0 and by["spectrum"]["vs_cov"] > 0
     written = (tmp_path / "bench_spectrum.jsonl").read_text().splitlines()
     assert len(written) == 4
+
+
+def test_commit_is_dirty_for_code_changes_not_for_appended_results(tmp_path):
+    """A benchmark appends to its tracked results file as each case ends: the rows after the
+    first must still carry the commit of the code, not "+dirty"."""
+    from directclr.provenance import git_commit
+    assert git_commit(tmp_path) == "unknown"
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "results" / "rows.jsonl").write_text("{}\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "c"], check=True)
+    clean = git_commit(tmp_path)
+    assert clean and "+dirty" not in clean and clean != "unknown"
+    with open(tmp_path / "bench" / "results" / "rows.jsonl", "a") as f:
+        f.write("{}\n")
+    assert git_commit(tmp_path) == clean
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit(tmp_path) == clean + "+dirty"
