@@ -183,7 +183,9 @@ class _CpuPrimitive:
         """Writes the rows' gradient into ``grad_row_blocks`` (outputs for consecutive blocks of
         rows: one per view, which may be the first columns of z's gradients) and, if grad_cols
         has rows, the columns' gradient into it. Row blocks are independent (each row's LSE and
-        weight are given), so a block at a time costs no extra products."""
+        weight are given), so a block at a time costs no extra products; but ntxent on one
+        process (the columns are the rows, the column terms the row terms) goes in one call
+        over all blocks, which skips the mirror tiles of its symmetric G."""
         pos, excl = cls._columns(rows, pairing)
         symmetric = (cols is rows and col_lse is row_lse and col_w is row_w
                      and pairing.offset == pairing.excl_offset == 0 and not grad_cols.shape[0])
