@@ -131,21 +131,24 @@ def build_projector(mode: str, width: int, dim: int,
     return Diagonal(width), None
 
 
-class _SumOverRanks(torch.autograd.Function):
-    """All-reduce (sum) whose backward is again a sum over ranks: every rank's loss depends on
-    every rank's contribution to the sum."""
+@torch.library.custom_op("directclr::sum_over_ranks", mutates_args=())
+def _sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """All-reduce (sum) over the default process group whose backward is again a sum over ranks
+    (every rank's loss depends on every rank's contribution). An op that torch.compile keeps
+    opaque: as an autograd.Function with an in-place all_reduce, torch 2.11's compile lost the
+    backward's sum, and compiled DDP training on gloo drifted from eager from its second step
+    (torch 2.14 traced it right)."""
+    total = tensor.clone()
+    dist.all_reduce(total)
+    return total
 
-    @staticmethod
-    def forward(ctx, tensor):
-        total = tensor.clone()
-        dist.all_reduce(total)
-        return total
 
-    @staticmethod
-    def backward(ctx, grad):
-        total = grad.clone()
-        dist.all_reduce(total)
-        return total
+@_sum_over_ranks.register_fake
+def _(tensor):
+    return torch.empty_like(tensor)
+
+
+_sum_over_ranks.register_autograd(lambda ctx, grad: _sum_over_ranks(grad))
 
 
 class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -165,7 +168,7 @@ class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         self._check_input_dim(x)
         reduce_dims = [0] + list(range(2, x.dim()))
         count = x.new_tensor([x.numel() // x.shape[1]])
-        sums = _SumOverRanks.apply(torch.cat([x.sum(reduce_dims), count]))
+        sums = _sum_over_ranks(torch.cat([x.sum(reduce_dims), count]))
         total = sums[-1].detach()
         if total <= 1:  # the same global count on every rank, so every rank raises
             raise ValueError("CpuSyncBatchNorm: expected more than 1 value per channel over all "
@@ -173,7 +176,7 @@ class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         mean = sums[:-1] / total
         shape = [1, -1] + [1] * (x.dim() - 2)
         centered = x - mean.view(shape)
-        var = _SumOverRanks.apply(centered.square().sum(reduce_dims)) / total
+        var = _sum_over_ranks(centered.square().sum(reduce_dims)) / total
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
