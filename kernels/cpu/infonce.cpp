@@ -152,11 +152,12 @@ bool symmetric_logits(const at::Tensor& rows, const at::Tensor& cols, const int6
 // row tiles that start before the block ends. Row tiles are a power of two no wider than the
 // block, so none straddles a block's start: each is wholly before the block (a mirror tile) or
 // inside it.
+int64_t power_of_two_floor(int64_t n) {
+  return static_cast<int64_t>(std::bit_floor(static_cast<uint64_t>(n)));
+}
+
 int64_t symmetric_row_tile(int64_t rows, int64_t col_tile_max) {
-  const auto bit_floor = [](int64_t n) {
-    return static_cast<int64_t>(std::bit_floor(static_cast<uint64_t>(n)));
-  };
-  return std::min(bit_floor(row_tile_size(rows)), col_tile_max);
+  return std::min(power_of_two_floor(row_tile_size(rows)), col_tile_max);
 }
 
 int64_t row_tiles_before_end(int64_t n_row_tiles, int64_t row_tile, int64_t col_end) {
@@ -482,8 +483,7 @@ void lse_backward_symmetric(const at::Tensor& rows, const at::Tensor& pos, doubl
   for (const auto& block : grad_blocks) block.zero_();
   const bool shifted = fixed_shift(rows, scale);
   const auto terms = softmax_terms(lse, w, rows, shifted, scale);
-  const int64_t col_tile_max = static_cast<int64_t>(
-      std::bit_floor(static_cast<uint64_t>(grad_col_tile_size(width))));
+  const int64_t col_tile_max = power_of_two_floor(grad_col_tile_size(width));
   const int64_t row_tile = symmetric_row_tile(n_rows, col_tile_max);
   const int64_t n_row_tiles = (n_rows + row_tile - 1) / row_tile;
   const int64_t n_threads = at::get_num_threads();
