@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: test build bench gpu-report pretrain theory reproduce clean
+.PHONY: test build bench bench-plot gpu-report pretrain theory reproduce clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,13 +35,13 @@ test: build
 PRETRAIN_ARGS ?= --max-steps 30
 PROBE_ARGS ?=
 pretrain: build
-	$(BIN)/python -m directclr pretrain --data fashion-mnist --arch resnet18 --dim 90 \
+	$(BIN)/python -m directclr pretrain --data fashion-mnist --arch resnet18 \
 	  --batch-size 128 --epochs 10 --lr 4.8 --warmup-epochs 1 --ckpt-every 10 \
 	  --out runs/fashion-mnist $(PRETRAIN_ARGS)
 	$(BIN)/python -m directclr probe --checkpoint runs/fashion-mnist/backbone.pt \
 	  --data fashion-mnist --epochs 2 --limit 2000 $(PROBE_ARGS)
 	@echo "metrics (one JSON row per step, epoch rows with spectra): runs/fashion-mnist/metrics.jsonl"
-	@echo "probe result: runs/fashion-mnist/probe.json"
+	@echo "probe result: runs/fashion-mnist/probe-backbone.json"
 
 # The paper's linear-network theory (Sections 3-4): three simulations, JSON + PNG in docs/theory.
 theory: build
@@ -68,6 +68,12 @@ bench: build
 	$(BIN)/python bench/bench_spectrum.py
 	$(BIN)/python bench/bench_data.py
 	$(BIN)/python bench/bench_train.py
+	$(BIN)/python bench/plot_bench.py
+
+# docs/benchmarks.png: time and memory against N, fused vs eager vs torch.compile, from the
+# newest complete sweep of bench/results/bench_loss.jsonl per machine.
+bench-plot: build
+	$(BIN)/python bench/plot_bench.py
 
 clean:
 	rm -rf build directclr/_C*.so *.egg-info "$${XDG_CACHE_HOME:-$$HOME/.cache}/directclr/native"

@@ -1,39 +1,136 @@
-"""The `directclr` command (also `python -m directclr`)."""
+"""The `directclr` command (also `python -m directclr`).
+
+Only the standard library and directclr.config are imported at start-up: each command imports
+what it needs when it runs, so `--help`, a bad flag and `directclr info` work even where
+torchvision does not match torch.
+"""
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+from pathlib import Path
 
-from .data.loader import BACKENDS as LOADERS
-from .infonce import VARIANTS
-from .models import ARCHS
+from .config import (ARCHS, LOADERS, MODES, add_config_flags, bounded, config_from_args,
+                     path_type)
+
+POSITIVE = bounded(int, low=1)
+NON_NEGATIVE = bounded(int, low=0)
+SEED = bounded(int, low=0, below=2 ** 32)
+IMAGE_SIZE = bounded(int, low=8)
+RATE = bounded(float, above=0)
+existing_file, existing_dir = path_type("file"), path_type("dir")
+dataset, output_dir, output_file = (path_type(kind) for kind in ("dataset", "output_dir",
+                                                                 "output_file"))
+# Commands that import torchvision and the rest of the [train] extra: checked first, so that a
+# mismatched or missing package is one line, not a traceback from inside its import.
+NEEDS_TRAINING_STACK = ("pretrain", "probe", "spectrum", "reproduce")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each default, unless the help line already says what it is or the flag is
+    required (argparse would print "(default: None)")."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default" in text or "(required)" in text or action.required:
+            return text
+        if action.default is None or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line naming the flag (no usage block), exit status 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        # "argument --lr: must be > 0" reads better as "--lr must be > 0"
+        message = re.sub(r"^argument (\S+): ", r"\1 ", message)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# --------------------------------------------------------------------------- argument types
+def device(text: str) -> str:
+    """cpu, cuda or cuda:N, checked against this machine."""
+    import torch
+    try:
+        chosen = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:N)") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: no CUDA device here")
+    if chosen.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text}: only cpu and cuda are supported")
+    return text
+
+
+
+def _device(args) -> str:
+    import torch
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+# --------------------------------------------------------------------------- commands
 def _prepare(args) -> None:
-    from .data import prepare_fashion_mnist, prepare_synthetic
+    from .data import prepare_fashion_mnist, prepare_synthetic_splits
     if args.dataset == "fashion-mnist":
         out = prepare_fashion_mnist(args.out, limit=args.limit)
     else:
-        out = prepare_synthetic(args.out, args.n, classes=args.classes, seed=args.seed)
-    print(f"wrote {out}")
+        if args.n < args.classes:
+            raise ValueError(f"--n {args.n} must be at least --classes ({args.classes})")
+        if args.min_side > args.max_side:
+            raise ValueError(f"--min-side {args.min_side} must be <= --max-side "
+                             f"({args.max_side})")
+        out = prepare_synthetic_splits(args.out, args.n, args.val, classes=args.classes,
+                                       seed=args.seed, min_side=args.min_side,
+                                       max_side=args.max_side)
+    print(f"wrote {out}/train and {out}/val")
 
 
-def _pretrain(args) -> None:
+def _add_prepare(commands) -> None:
+    p = commands.add_parser("prepare", help="write a dataset as ImageFolder trees train/ and val/")
+    p.add_argument("dataset", choices=["fashion-mnist", "synthetic"],
+                   help="fashion-mnist: from Debian's dataset-fashion-mnist package; synthetic: "
+                   "JPEGs of one pattern family per class (stripes, checks, rings, ...)")
+    p.add_argument("--out", required=True, type=output_dir, help="output directory (required)")
+    p.add_argument("--n", type=POSITIVE, default=800, help="synthetic: training images")
+    p.add_argument("--val", type=POSITIVE, default=300,
+                   help="synthetic: validation images (more than the representation's width, "
+                   "for a spectrum that is not bounded by the sample size)")
+    p.add_argument("--min-side", type=IMAGE_SIZE, default=64,
+                   help="synthetic: the shortest image side drawn, pixels")
+    p.add_argument("--max-side", type=IMAGE_SIZE, default=160,
+                   help="synthetic: the longest image side drawn, pixels")
+    p.add_argument("--classes", type=bounded(int, low=2), default=4,
+                   help="synthetic: class folders")
+    p.add_argument("--seed", type=SEED, default=0, help="synthetic: the images drawn")
+    p.add_argument("--limit", type=POSITIVE, default=None,
+                   help="fashion-mnist: at most this many images per split (default: all)")
+    p.set_defaults(run=_prepare)
+
+
+def _pretrain(args) -> int:
     import logging
-    from dataclasses import fields
 
-    from .train import Config, RunStopped, pretrain
+    from .train import RunStopped, pretrain
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
     try:
-        backbone = pretrain(cfg)
+        backbone = pretrain(config_from_args(args))
     except RunStopped as stopped:
         print(f"directclr pretrain: {stopped}", file=sys.stderr)
         code = stopped.exit_code
     else:
         code = 0
-        if backbone.exists():
+        if backbone.exists() and _is_rank0():
             print(f"backbone: {backbone}\nmetrics: {backbone.parent / 'metrics.jsonl'}")
     if "RANK" in os.environ:  # under torchrun; everything is written
         exit_without_teardown(code)
@@ -53,113 +150,65 @@ def exit_without_teardown(code: int = 0) -> None:
 
 
 def _add_pretrain(commands) -> None:
-    from .models import MODES
-    from .train import Config
-    d = Config(data="", out="")
     p = commands.add_parser("pretrain", help="DirectCLR / SimCLR-baseline pretraining",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", required=True, help="ImageFolder root, or 'fashion-mnist'")
-    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics)")
-    p.add_argument("--arch", default=d.arch, choices=list(ARCHS), help="backbone")
-    p.add_argument("--mode", default=d.mode, choices=MODES,
-                   help="directclr, or a SimCLR baseline (its projector)")
-    p.add_argument("--dim", type=int, default=d.dim, help="d0, the subvector width")
-    p.add_argument("--simclr-out", type=int, default=d.simclr_out,
-                   help="output width of the simclr-mlp and simclr-linear projectors")
-    p.add_argument("--temperature", type=float, default=d.temperature, help="InfoNCE's tau")
-    p.add_argument("--variant", default=d.variant, choices=VARIANTS,
-                   help="the official loss, or SimCLR's 2N x 2N one")
-    p.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help="global batch of pairs, over all ranks")
-    p.add_argument("--micro-batch", type=int, default=None, metavar="M",
-                   help="pairs per micro-batch per process: the exact gradient of the whole "
-                   "batch with one micro-batch's activations (gradient caching)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over --data")
-    p.add_argument("--max-steps", type=int, default=None,
-                   help="stop after this many steps; warm-up and cosine then span this run")
-    p.add_argument("--lr", type=float, default=d.lr, help="LARS peak learning rate")
-    p.add_argument("--wd", type=float, default=d.wd, help="weight decay")
-    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs,
-                   help="linear warm-up, at most a tenth of the run")
-    p.add_argument("--loader", default=d.loader, choices=LOADERS,
-                   help="auto: DALI where it imports")
-    p.add_argument("--ckpt-every", type=int, default=d.ckpt_every,
-                   help="steps between checkpoints (also at every epoch end)")
-    p.add_argument("--keep-every", type=int, default=None,
-                   help="also checkpoint at multiples of this many steps and keep those "
-                   "(snapshots for training dynamics); others are pruned to the last 2")
-    p.add_argument("--log-every", type=int, default=d.log_every,
-                   help="steps between metrics writes and divergence checks (the only host "
-                   "syncs of a GPU step; every step still gets its row)")
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="resume from the newest checkpoint in --out; --no-resume starts over, "
-                   "moving the old files to previous-<time>/")
-    p.add_argument("--accept-changes", nargs="+", default=(), metavar="FLAG",
-                   type=lambda name: name.lstrip("-").replace("-", "_"),
-                   help="settings a resume may change (e.g. epochs max-steps); the others must "
-                   "match the checkpoint's")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--tensorboard", action="store_true",
-                   help="also write the metrics as TensorBoard scalars into --out/tensorboard")
-    p.add_argument("--seed", type=int, default=d.seed, help="weights, data order, augmentations")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="pixels; None: 32 for fashion-mnist, else 224")
-    p.add_argument("--num-threads", type=int, default=None,
-                   help="loader threads or workers; None: min(8, cores)")
-    p.add_argument("--cache", default=d.cache, help="where prepared datasets go")
+                            description="Every flag is a field of directclr.config.Config.")
+    add_config_flags(p)
     p.set_defaults(run=_pretrain)
 
 
 def _probe(args) -> None:
-    from pathlib import Path
-
-    import torch
-
-    from .data import prepare_fashion_mnist
     from .probe import linear_probe
     data = args.data
     if data == "fashion-mnist":
+        from .data import prepare_fashion_mnist
         data = prepare_fashion_mnist(Path(args.cache).expanduser() / "fashion-mnist")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     result = linear_probe(args.checkpoint, data, arch=args.arch, epochs=args.epochs,
                           batch_size=args.batch_size, lr=args.lr, subvector=args.subvector,
                           image_size=args.image_size, num_workers=args.num_workers,
-                          limit=args.limit, device=device)
+                          limit=args.limit, device=_device(args), out=args.out)
     what = f"r[:, :{args.subvector}]" if args.subvector else "the whole representation"
     print(f"linear probe on {what}: best val top-1 {100 * result['top1_best']:.2f}% "
-          f"({result['epochs']} epochs, {result['train_images']} train images)")
+          f"({result['epochs']} epochs, {result['train_images']} train images)\n"
+          f"wrote {result['path']}")
 
 
 def _add_probe(commands) -> None:
     p = commands.add_parser("probe", help="linear probe of a pretrained backbone")
-    p.add_argument("--checkpoint", required=True, help="backbone.pt or a training checkpoint")
-    p.add_argument("--data", required=True,
-                   help="root with train/ and val/ ImageFolder trees, or 'fashion-mnist'")
+    p.add_argument("--checkpoint", required=True, type=existing_file,
+                   help="backbone.pt or a training checkpoint (required)")
+    p.add_argument("--data", required=True, type=dataset,
+                   help="root with train/ and val/ ImageFolder trees, or 'fashion-mnist' "
+                   "(required)")
+    p.add_argument("--out", type=output_file, default=None,
+                   help="the result's JSON file (default: probe-<checkpoint name>.json beside "
+                   "the checkpoint, -d<D0> added with --subvector)")
     p.add_argument("--arch", default=None, choices=list(ARCHS),
-                   help="only for a backbone.pt that does not record its arch (older files)")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--subvector", type=int, default=None, metavar="D0",
-                   help="probe only r[:, :D0] (DirectCLR's subvector)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="pixels; default: the size the backbone was trained at")
-    p.add_argument("--limit", type=int, default=None, help="at most this many images per split")
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--device", default=None)
-    p.add_argument("--cache", default="~/.cache/directclr")
+                   help="only for a backbone.pt that does not record its arch (default: the "
+                   "one it records)")
+    p.add_argument("--epochs", type=POSITIVE, default=100, help="passes over train/")
+    p.add_argument("--batch-size", type=POSITIVE, default=256, help="images per SGD step")
+    p.add_argument("--lr", type=RATE, default=0.1, help="SGD learning rate (cosine decay)")
+    p.add_argument("--subvector", type=POSITIVE, default=None, metavar="D0",
+                   help="probe only r[:, :D0], DirectCLR's subvector (default: all of r)")
+    p.add_argument("--image-size", type=IMAGE_SIZE, default=None,
+                   help="pixels (default: the size the backbone was trained at)")
+    p.add_argument("--limit", type=POSITIVE, default=None,
+                   help="at most this many images per split (default: all)")
+    p.add_argument("--num-workers", type=NON_NEGATIVE, default=0,
+                   help="loader worker processes; 0: load in this process")
+    p.add_argument("--device", type=device, default=None,
+                   help="cpu, cuda or cuda:N (default: cuda where there is one)")
+    p.add_argument("--cache", type=output_dir, default="~/.cache/directclr",
+                   help="where --data fashion-mnist is prepared")
     p.set_defaults(run=_probe)
 
 
 def _spectrum(args) -> None:
-    import torch
-
     from .report import dataset_spectrum, write_report
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     spectrum = dataset_spectrum(args.checkpoint, args.data, arch=args.arch,
                                 image_size=args.image_size, subvector=args.subvector,
                                 normalize=not args.no_normalize, limit=args.limit,
-                                device=device)
+                                device=_device(args))
     label = f"r[:, :{args.subvector}]" if args.subvector else "representation"
     json_path, png_path = write_report(spectrum, args.out, label)
     print(f"{label}: effective rank {spectrum.effective_rank:.1f}, {spectrum.collapsed()} of "
@@ -169,24 +218,47 @@ def _spectrum(args) -> None:
 
 def _add_spectrum(commands) -> None:
     p = commands.add_parser("spectrum", help="embedding spectrum of a trained backbone")
-    p.add_argument("--checkpoint", required=True, help="backbone.pt or a training checkpoint")
-    p.add_argument("--data", required=True, help="an ImageFolder root (e.g. .../val)")
-    p.add_argument("--out", required=True, help="where spectrum.json and spectrum.png go")
+    p.add_argument("--checkpoint", required=True, type=existing_file,
+                   help="backbone.pt or a training checkpoint (required)")
+    p.add_argument("--data", required=True, type=existing_dir,
+                   help="an ImageFolder root, e.g. .../val (required)")
+    p.add_argument("--out", required=True, type=output_dir,
+                   help="where spectrum.json and spectrum.png go (required)")
     p.add_argument("--arch", default=None, choices=list(ARCHS),
-                   help="only for a backbone.pt that does not record its arch (older files)")
-    p.add_argument("--subvector", type=int, default=None, metavar="D0",
-                   help="the spectrum of r[:, :D0] instead of the whole representation")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="pixels; default: the size the backbone was trained at")
+                   help="only for a backbone.pt that does not record its arch (default: the "
+                   "one it records)")
+    p.add_argument("--subvector", type=POSITIVE, default=None, metavar="D0",
+                   help="the spectrum of r[:, :D0] (default: all of r)")
+    p.add_argument("--image-size", type=IMAGE_SIZE, default=None,
+                   help="pixels (default: the size the backbone was trained at)")
     p.add_argument("--no-normalize", action="store_true",
                    help="skip the L2 normalization of rows (the official script normalizes)")
-    p.add_argument("--limit", type=int, default=None, help="at most this many images")
-    p.add_argument("--device", default=None)
+    p.add_argument("--limit", type=POSITIVE, default=None,
+                   help="at most this many images (default: all)")
+    p.add_argument("--device", type=device, default=None,
+                   help="cpu, cuda or cuda:N (default: cuda where there is one)")
     p.set_defaults(run=_spectrum)
 
 
+def _summary_lines(summary, indent: str = "") -> list[str]:
+    """The scalars of a theory summary, one line per record (its lists of numbers stay in the
+    JSON file)."""
+    records = summary if isinstance(summary, list) else [summary]
+    lines = []
+    for record in records:
+        scalars = [f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                   for key, value in record.items() if isinstance(value, (int, float, str))]
+        if scalars:
+            lines.append(indent + ", ".join(scalars))
+        for key, value in record.items():
+            if isinstance(value, dict) or (isinstance(value, list) and value
+                                           and isinstance(value[0], dict)):
+                lines.append(f"{indent}{key}:")
+                lines += _summary_lines(value, indent + "  ")
+    return lines
+
+
 def _theory(args) -> None:
-    import json
     from dataclasses import fields, replace
 
     from .theory import StrongAug, TwoLayer, run_experiment
@@ -198,23 +270,31 @@ def _theory(args) -> None:
         raise ValueError(f"--{foreign[0]} does not apply to {args.experiment}")
     overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
     summary = run_experiment(args.experiment, args.out, replace(config, **overrides))
-    print(json.dumps(summary, indent=1))
-    print(f"wrote {args.out}/{args.experiment}.json and {args.out}/{args.experiment}.png")
+    print("\n".join(_summary_lines(summary)))
+    print(f"wrote {args.out}/{args.experiment}.json (with the singular values) and "
+          f"{args.out}/{args.experiment}.png")
 
 
 def _add_theory(commands) -> None:
+    from .theory import StrongAug, TwoLayer
+    strong, two = StrongAug(), TwoLayer()
     p = commands.add_parser("theory", help="the paper's linear-network simulations (Sec. 3-4)")
-    p.add_argument("experiment", choices=["strong-aug", "implicit-reg", "projector"])
-    p.add_argument("--out", required=True, help="where <experiment>.json and .png go")
-    p.add_argument("--steps", type=int, help="SGD steps (default 1500)")
-    p.add_argument("--lr", type=float, help="SGD learning rate (default 0.1)")
-    p.add_argument("--batch", type=int, help="samples per step (default 128)")
-    p.add_argument("--seed", type=int, help="default 0")
-    p.add_argument("--amplitudes", type=float, nargs="+",
-                   help="strong-aug: augmentation amplitudes k (default 0.5 1 2 4)")
-    p.add_argument("--amplitude", type=float, help="implicit-reg/projector: k (default 0.5)")
+    p.add_argument("experiment", choices=["strong-aug", "implicit-reg", "projector"],
+                   help="strong-aug: Sec. 3; implicit-reg: Sec. 4; projector: Sec. 5's "
+                   "propositions")
+    p.add_argument("--out", required=True, type=output_dir,
+                   help="where <experiment>.json and .png go (required)")
+    p.add_argument("--steps", type=POSITIVE, help=f"SGD steps (default: {strong.steps})")
+    p.add_argument("--lr", type=RATE, help=f"SGD learning rate (default: {strong.lr})")
+    p.add_argument("--batch", type=POSITIVE, help=f"samples per step (default: {strong.batch})")
+    p.add_argument("--seed", type=SEED, help=f"the draws (default: {strong.seed})")
+    p.add_argument("--amplitudes", type=RATE, nargs="+",
+                   help="strong-aug: augmentation amplitudes k (default: "
+                   f"{' '.join(map(str, strong.amplitudes))})")
+    p.add_argument("--amplitude", type=RATE,
+                   help=f"implicit-reg/projector: k (default: {two.amplitude})")
     p.add_argument("--init", choices=["spectrum", "gaussian"],
-                   help="implicit-reg/projector: initialization (default spectrum)")
+                   help=f"implicit-reg/projector: initialization (default: {two.init})")
     p.set_defaults(run=_theory)
 
 
@@ -234,7 +314,7 @@ def _reproduce(args) -> None:
         rows = reproduce(args.out, modes=args.modes, seeds=args.seeds, budget=budget,
                          command=command)
     if not rows:
-        raise SystemExit(f"--out {args.out}: no finished run with this budget")
+        raise ValueError(f"--out {args.out}: no finished run with this budget")
     for row in rows:
         print(f"{row['mode']:28s} linear {row['probe_top1_mean']:6.2f} ± "
               f"{row['probe_top1_std']:.2f}  k-NN {row['knn_top1_mean']:6.2f} ± "
@@ -244,28 +324,30 @@ def _reproduce(args) -> None:
 
 
 def _add_reproduce(commands) -> None:
-    from .models import MODES
     from .reproduce import LONG_MODES, Budget
     d = Budget()
     long = ", ".join(LONG_MODES)
     p = commands.add_parser("reproduce", help="the paper's Tables 1-2 in miniature "
                             "(Fashion-MNIST, every mode x seed, and the untrained backbone)")
-    p.add_argument("--out", required=True,
-                   help="results.md/json, spectra.png, dynamics.png, runs/, data/")
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--epochs", type=int,
-                   help=f"pretraining epochs of the modes other than {long} (default {d.epochs})")
-    p.add_argument("--long-epochs", type=int,
-                   help=f"pretraining epochs of {long} (default {d.long_epochs})")
-    p.add_argument("--snapshot-every", type=int, help="steps between training-dynamics "
-                   f"snapshots (kept checkpoints; default {d.snapshot_every})")
-    p.add_argument("--dynamics-images", type=int, help="the fixed validation subset the "
-                   f"snapshots are measured on (default {d.dynamics_images})")
-    p.add_argument("--images", type=int, help=f"training images (default {d.images})")
-    p.add_argument("--probe-epochs", type=int, help="default 30")
-    p.add_argument("--arch", choices=list(ARCHS), help="default resnet18-w16")
-    p.add_argument("--loader", default="auto", choices=LOADERS)
+    p.add_argument("--out", required=True, type=output_dir,
+                   help="results.md/json, spectra.png, dynamics.png, runs/, data/ (required)")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
+                   help="the modes to train")
+    p.add_argument("--seeds", nargs="+", type=SEED, default=[0, 1, 2], help="one run per seed")
+    p.add_argument("--epochs", type=POSITIVE,
+                   help=f"pretraining epochs of the modes other than {long} (default: "
+                   f"{d.epochs})")
+    p.add_argument("--long-epochs", type=POSITIVE,
+                   help=f"pretraining epochs of {long} (default: {d.long_epochs})")
+    p.add_argument("--snapshot-every", type=POSITIVE, help="steps between training-dynamics "
+                   f"snapshots, kept checkpoints (default: {d.snapshot_every})")
+    p.add_argument("--dynamics-images", type=POSITIVE, help="the fixed validation subset the "
+                   f"snapshots are measured on (default: {d.dynamics_images})")
+    p.add_argument("--images", type=POSITIVE, help=f"training images (default: {d.images})")
+    p.add_argument("--probe-epochs", type=POSITIVE,
+                   help=f"linear-probe epochs (default: {d.probe_epochs})")
+    p.add_argument("--arch", choices=list(ARCHS), help=f"backbone (default: {d.arch})")
+    p.add_argument("--loader", default="auto", choices=LOADERS, help="augmentation pipeline")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite results.md/json and the figures from the runs already finished "
                         "in --out (e.g. copied from other machines); train nothing")
@@ -286,20 +368,13 @@ def _add_info(commands) -> None:
     p.set_defaults(run=_info)
 
 
-def main(argv=None) -> int:
+def build_parser() -> Parser:
     from . import __version__
-    parser = argparse.ArgumentParser(prog="directclr", description=__doc__)
+    parser = Parser(prog="directclr", description="DirectCLR pretraining, probes, spectra and "
+                    "the paper's theory; `directclr COMMAND --help` for each command.")
     parser.add_argument("--version", action="version", version=f"directclr {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-    prepare = commands.add_parser("prepare", help="write a dataset as an ImageFolder tree")
-    prepare.add_argument("dataset", choices=["fashion-mnist", "synthetic"])
-    prepare.add_argument("--out", required=True, help="output directory")
-    prepare.add_argument("--n", type=int, default=1000, help="synthetic: number of images")
-    prepare.add_argument("--classes", type=int, default=4, help="synthetic: class folders")
-    prepare.add_argument("--seed", type=int, default=0)
-    prepare.add_argument("--limit", type=int, default=None,
-                         help="fashion-mnist: at most this many images per split")
-    prepare.set_defaults(run=_prepare)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    _add_prepare(commands)
     _add_pretrain(commands)
     _add_probe(commands)
     _add_spectrum(commands)
@@ -308,10 +383,23 @@ def main(argv=None) -> int:
     _add_info(commands)
     from .plot import add_plot_parser
     add_plot_parser(commands)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Runs a command; returns its exit status (2 for a bad flag, 0 after --help)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a bad flag (one line printed)
+        return done.code
     if argv is not None and args.command == "reproduce":
         args.argv = list(argv)
     try:
+        if args.command in NEEDS_TRAINING_STACK:
+            from .info import training_stack
+            works, why = training_stack()
+            if not works:
+                raise ImportError(why)
         return args.run(args) or 0
     except (ValueError, OSError, ChildProcessError, ImportError) as err:  # OSError: a full disk
         print(f"directclr {args.command}: error: {err}", file=sys.stderr)

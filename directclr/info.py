@@ -1,11 +1,14 @@
 """`directclr info`: what is installed, which backends work here, and what fixes each missing one."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import sys
 from importlib import metadata
 
+# What pretrain, probe and spectrum import beyond torch and torchvision (the [train] extra)
+TRAINING_MODULES = ("numpy", "PIL", "simplejpeg", "tqdm", "matplotlib")
 PACKAGES = ("torch", "triton", "torchvision", "numpy", "nvidia-dali-cuda130", "simplejpeg",
             "tensorboard")
 
@@ -47,11 +50,37 @@ def _triton_cuda() -> tuple[bool, str]:
     return True, f"{name} (sm_{major}{minor}), {torch.cuda.device_count()} device(s)"
 
 
+def training_stack() -> tuple[bool, str]:
+    """Whether torchvision (pretrain, probe, spectrum) imports beside this torch; a build made
+    for another torch fails inside its own import (e.g. "operator torchvision::nms does not
+    exist"), which is said here in one line instead of a traceback."""
+    import torch
+    installed = _version("torchvision")
+    if installed is None:
+        return False, ("torchvision is not installed: install it with torch, from the same "
+                       "index (e.g. pip install torch torchvision --index-url "
+                       "https://download.pytorch.org/whl/cpu), then pip install "
+                       "'directclr[train]'")
+    try:
+        import torchvision  # noqa: F401
+    except Exception as err:  # a mismatched build raises RuntimeError, not ImportError
+        reason = " ".join(str(err).split())[:120]
+        return False, (f"torchvision {installed} does not work with torch {torch.__version__} "
+                       f"({type(err).__name__}: {reason}): install the two together, from the "
+                       "same index")
+    missing = [module for module in TRAINING_MODULES if importlib.util.find_spec(module) is None]
+    if missing:
+        return False, (f"{', '.join(missing)} not installed: pip install 'directclr[train]' "
+                       "(from a clone: pip install '.[train]')")
+    return True, f"torchvision {installed} (pretrain, probe, spectrum)"
+
+
 def _dali() -> tuple[bool, str]:
     try:
         import nvidia.dali  # noqa: F401
     except ImportError:
-        return False, "not installed: pip install 'directclr[dali]' (NVIDIA DALI, CUDA 13 build)"
+        return False, ("not installed: pip install nvidia-dali-cuda130 (CUDA 13; "
+                       "nvidia-dali-cuda120 for CUDA 12), or from a clone: pip install '.[dali]'")
     except Exception as err:  # a broken install raises more than ImportError
         return False, f"installed but does not import ({type(err).__name__}: {err})"
     return True, f"nvidia-dali {_version('nvidia-dali-cuda130') or '?'} (--loader dali)"
@@ -76,6 +105,7 @@ def report(build: bool = False) -> tuple[list[str], bool]:
                    "on: backend='triton' runs on CPU tensors in the interpreter (tests only)"
                    if interpret else "off (set TRITON_INTERPRET=1 to run the Triton kernels on "
                    "CPU tensors, for tests)"))
+    checks.append(("training stack", *training_stack()))
     checks.append(("DALI loader", *_dali()))
     lines.append("backends:")
     lines += [f"  [{'x' if ok else ' '}] {name:18s} {note}" for name, ok, note in checks]

@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import native
+from .config import VARIANTS
 from .scaling import scaled_rows
 
-VARIANTS = ("cross", "ntxent")
 REDUCTIONS = ("mean", "none")
 BACKENDS = ("auto", "cpu", "triton", "reference")
 NORM_EPS = 1e-12  # same floor as F.normalize

@@ -7,9 +7,8 @@ from torch import nn
 from torchvision import models as tv_models
 from torchvision.models.resnet import BasicBlock
 
-# representation width; resnet18-wN: ResNet-18 with base width N instead of 64, for small runs
-ARCHS = {"resnet18": 512, "resnet50": 2048, "resnet18-w32": 256, "resnet18-w16": 128}
-MODES = ("directclr", "simclr-mlp", "simclr-linear", "simclr-none", "fixed-lowrank", "diagonal")
+from .config import ARCHS, MODES
+
 SIMCLR_OUT = 128  # SimCLR's projector output width
 SMALL_IMAGE_MAX = 64  # pixels; up to this size the backbone gets the CIFAR stem
 # backbone.pt stays a plain state dict (weights_only=True, torchvision's load_state_dict); what

@@ -4,6 +4,9 @@ metrics.jsonl holds one row per training step (step, epoch, lr, loss, probe_loss
 pairs_per_s, data_wait) and one row per finished epoch (epoch_end, step, probe_train_top1 and
 spectrum: {"representation": summary, "subvector": summary}, each a ``Spectrum.summary()``).
 ``plot_run`` draws them; ``TensorBoardWriter`` logs the same rows as TensorBoard scalars.
+
+The probe's chance level (1/classes, ln(classes) nats) is drawn where the class count is known:
+the epoch rows' "classes", or ``--classes`` for runs written before the rows carried it.
 """
 from __future__ import annotations
 
@@ -115,6 +118,15 @@ def _style(ax, xlabel: str, ylabel: str, title: str) -> None:
     ax.grid(alpha=0.3)
 
 
+def _legend_below(ax, ncol: int = 2) -> None:
+    """The axes' legend under its x label, outside the data (constrained layout makes room);
+    none for a single entry, which the axis label already names."""
+    if len(ax.get_legend_handles_labels()[0]) < 2:
+        return
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=ncol,
+              frameon=False)
+
+
 def _step_plot(ax, metrics: Metrics, key: str, color: str, label: str):
     """A step-row series: every point (with markers when few), a moving average over long runs,
     and the epoch ends as faint vertical lines. Returns the line of the raw data."""
@@ -127,7 +139,6 @@ def _step_plot(ax, metrics: Metrics, key: str, color: str, label: str):
         smooth = [sum(ys[max(0, i - window + 1):i + 1]) / len(ys[max(0, i - window + 1):i + 1])
                   for i in range(len(ys))]
         ax.plot(xs, smooth, lw=1.6, color=color, label=f"mean of the last {window} steps")
-        ax.legend(fontsize=7)
     for row in metrics.epochs:
         ax.axvline(row["step"], color="gray", lw=0.6, ls=":", alpha=0.6)
     return raw
@@ -138,58 +149,108 @@ def _no_data(ax, what: str) -> None:
             color="gray")
 
 
-def build_figures(metrics: Metrics, name: str) -> dict:
+def probe_classes(metrics: Metrics) -> int | None:
+    """The online probe's class count, as epoch rows record it ("classes"); None in runs
+    written before they did."""
+    for row in metrics.epochs:
+        classes = row.get("classes")
+        if isinstance(classes, int) and not isinstance(classes, bool) and classes >= 2:
+            return classes
+    return None
+
+
+def _data_limits(values: list[float], floor: float = 0.0) -> tuple[float, float]:
+    """y limits that bracket the values with a margin (at least 5% of the largest, and one
+    unit), never below `floor`."""
+    low, high = min(values), max(values)
+    pad = max(0.1 * (high - low), 0.05 * abs(high), 1.0)
+    return max(floor, low - pad), high + pad
+
+
+def build_figures(metrics: Metrics, name: str, classes: int | None = None) -> dict:
     """{file name: matplotlib Figure}: loss, lr, probe, rank (when an epoch has ended) and
-    spectra (when epoch rows carry eigenvalues). The caller saves and closes them."""
+    spectra (when epoch rows carry eigenvalues). `classes`: the probe's class count, for its
+    chance level (default: what the rows record, see ``probe_classes``; None: not drawn).
+    The caller saves and closes them."""
     plt = _pyplot()
     figures = {}
     ends = " (dotted: epoch ends)" if metrics.epochs else ""
+    classes = classes if classes is not None else probe_classes(metrics)
 
     fig, ax = plt.subplots(figsize=(6, 3.8), dpi=120, layout="constrained")
     _step_plot(ax, metrics, "loss", "tab:blue", "InfoNCE loss")
     _style(ax, "training step", "InfoNCE loss (nats)", f"{name}: training loss{ends}")
+    _legend_below(ax)  # with a moving average over long runs
     figures["loss.png"] = fig
 
     fig, ax = plt.subplots(figsize=(6, 3.8), dpi=120, layout="constrained")
     _step_plot(ax, metrics, "lr", "tab:green", "learning rate")
     _style(ax, "training step", "learning rate (LARS, base lr)",
            f"{name}: learning rate (warm-up, then cosine)")
+    _legend_below(ax)
     figures["lr.png"] = fig
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120, layout="constrained")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2), dpi=120, layout="constrained")
     _step_plot(left, metrics, "probe_loss", "tab:orange", "probe loss")
+    unknown = "chance level not drawn: no class count in the rows; see --classes"
+    if classes:
+        left.axhline(math.log(classes), color="black", ls="--", lw=1,
+                     label=f"chance: ln {classes} = {math.log(classes):.2f} nats")
     _style(left, "training step", "cross-entropy (nats)", f"{name}: online-probe loss{ends}")
+    _legend_below(left)
     xs, ys = metrics.epoch_series("probe_train_top1")
+    percents = [100 * y for y in ys]
     if xs:
-        right.plot(xs, [100 * y for y in ys], marker="o", ms=4, color="tab:orange")
+        right.plot(xs, percents, marker="o", ms=4, color="tab:orange",
+                   label="top-1 on training views")
     else:
         _no_data(right, "no epoch has ended yet")
+        right.set_xlim(0, 1)
+    shown = percents + ([100 / classes] if classes else [])
+    # A percent axis from 0: to 100 with no accuracy yet, else a little above the highest point.
+    top = 100.0 if not percents else min(100.0, 10 * math.ceil(max(shown) * 1.15 / 10 + 1e-9))
+    right.set_ylim(0, max(top, 10.0))
+    if classes:
+        right.axhline(100 / classes, color="black", ls="--", lw=1,
+                      label=f"chance: 1/{classes} = {100 / classes:.3g}%")
     _style(right, "epochs completed", "top-1 on training views (%)",
-           f"{name}: online-probe accuracy per epoch")
+           f"{name}: online-probe accuracy per epoch"
+           + ("" if classes else f"\n({unknown})"))
+    _legend_below(right)
     figures["probe.png"] = fig
 
     if metrics.epochs:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120, layout="constrained")
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=120, layout="constrained")
+        widths = metrics.epoch_series("spectrum", "representation", "dim")[1]
         for ax, (key, label), color in zip(axes, SPECTRA.items(), ("tab:blue", "tab:red")):
+            ylabel = "centered effective rank (dims)"
             xs, ys = metrics.epoch_series("spectrum", key, "effective_rank")
             if not xs:
                 _no_data(ax, "the epoch rows carry no spectrum")
-                _style(ax, "epochs completed", "effective rank (dims)", f"{name}: {label}")
+                _style(ax, "epochs completed", ylabel, f"{name}: {label}")
                 continue
-            ax.plot(xs, ys, marker="o", ms=4, color=color, label=f"effective rank of {label}")
+            ax.plot(xs, ys, marker="o", ms=4, color=color,
+                    label=f"centered effective rank of {label}")
             dims = metrics.epoch_series("spectrum", key, "dim")[1]
-            width = f" (width {int(dims[-1])})" if dims else ""
-            if dims:
-                ax.axhline(dims[-1], color="black", ls="--", lw=1,
-                           label=f"width: {int(dims[-1])} dims")
+            about = []
+            if dims and key == "subvector":
+                about.append(f"d0 = {int(dims[-1])}"
+                             + (f" of width {int(widths[-1])}" if widths else ""))
+            elif dims:
+                about.append(f"width {int(dims[-1])}")
+            shown = list(ys)
             bound_x, bound = metrics.epoch_series("spectrum", key, "rank_bound")
             if dims and any(b < dims[-1] for b in bound):  # fewer rows than dims in an epoch
-                ax.plot(bound_x, bound, color="gray", ls=":", lw=1,
-                        label="N - 1 rows: the most the sample can span")
-            ax.set_ylim(bottom=0)
-            ax.legend(fontsize=7, loc="lower left")
-            _style(ax, "epochs completed", "effective rank (RankMe, dims)",
-                   f"{name}: effective rank of {label}{width}")
+                about.append(f"rank <= N - 1 = {int(min(bound))}")
+                if min(bound) <= 2 * max(ys):  # near enough to the data to draw
+                    ax.plot(bound_x, bound, color="gray", ls=":", lw=1,
+                            label="N - 1 rows: the most the sample can span")
+                    shown += bound
+            ax.set_ylim(*_data_limits(shown))
+            _style(ax, "epochs completed", ylabel,
+                   f"{name}: effective rank of {label}"
+                   + (f"\n({', '.join(about)})" if about else ""))
+            _legend_below(ax)
         figures["rank.png"] = fig
 
     eigen = [(row["epoch_end"] + 1, key, row["spectrum"][key]["eigenvalues"])
@@ -221,10 +282,11 @@ def build_figures(metrics: Metrics, name: str) -> dict:
     return figures
 
 
-def plot_run(run_dir, out_dir=None) -> list[Path]:
+def plot_run(run_dir, out_dir=None, classes: int | None = None) -> list[Path]:
     """Writes the run's figures (loss.png, lr.png, probe.png, and rank.png / spectra.png when
     an epoch has ended / the epoch rows carry eigenvalues) into out_dir (default run_dir) and
-    returns their paths."""
+    returns their paths. `classes`: the probe's class count for its chance level, where the
+    rows do not record it."""
     run_dir = Path(run_dir)
     metrics = load_metrics(run_dir)
     name = metrics.path.resolve().parent.name
@@ -232,7 +294,7 @@ def plot_run(run_dir, out_dir=None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     plt = _pyplot()
     written = []
-    for filename, fig in build_figures(metrics, name).items():
+    for filename, fig in build_figures(metrics, name, classes).items():
         fig.savefig(out / filename)
         plt.close(fig)
         written.append(out / filename)
@@ -243,6 +305,12 @@ def plot_run(run_dir, out_dir=None) -> list[Path]:
 
 
 # --------------------------------------------------------------------------- TensorBoard
+# Row keys that index or describe a run rather than measure it (the step, the class count, a
+# spectrum's rows, width, threshold and rank bound): no TensorBoard series of constants.
+CONSTANT_KEYS = ("step", "epoch", "epoch_end", "classes", "n", "dim", "collapsed_rel",
+                 "rank_bound")
+
+
 class TensorBoardWriter:
     """The rows MetricsLog writes, as TensorBoard scalars at their step: a step row's numbers
     as train/<key> (train/loss, train/lr, ...), an epoch row's as epoch/<key>, nested keys
@@ -261,19 +329,21 @@ class TensorBoardWriter:
 
     @staticmethod
     def scalars(row: dict) -> tuple[int, dict[str, float]]:
-        """(step, {tag: value}) of one metrics row; lists (eigenvalues) and text are skipped."""
+        """(step, {tag: value}) of one metrics row; lists (eigenvalues), text and CONSTANT_KEYS
+        are skipped."""
         prefix = "epoch" if "epoch_end" in row else "train"
         tags: dict[str, float] = {}
 
         def walk(value, tag):
             if isinstance(value, dict):
                 for key, inner in value.items():
-                    walk(inner, f"{tag}/{key}")
+                    if key not in CONSTANT_KEYS:
+                        walk(inner, f"{tag}/{key}")
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
                 tags[tag] = float(value)
 
         for key, value in row.items():
-            if key not in ("step", "epoch", "epoch_end"):
+            if key not in CONSTANT_KEYS:
                 walk(value, f"{prefix}/{key}")
         return int(row["step"]), tags
 
@@ -304,17 +374,26 @@ def export_tensorboard(run_dir, log_dir) -> Path:
 
 # --------------------------------------------------------------------------- CLI
 def _plot(args) -> None:
-    for path in plot_run(args.run_dir, args.out):
+    for path in plot_run(args.run_dir, args.out, args.classes):
         print(f"wrote {path}")
     if args.tensorboard:
         print(f"wrote TensorBoard events to {export_tensorboard(args.run_dir, args.tensorboard)}")
 
 
 def add_plot_parser(commands) -> None:
-    """`directclr plot RUN [--out DIR] [--tensorboard DIR]`."""
-    p = commands.add_parser("plot", help="figures of a pretraining run's metrics.jsonl")
-    p.add_argument("run_dir", metavar="RUN", help="a `directclr pretrain --out` folder")
-    p.add_argument("--out", default=None, help="where the PNGs go (default: RUN)")
-    p.add_argument("--tensorboard", default=None, metavar="DIR",
-                   help="also replay the metrics as TensorBoard scalars into DIR")
+    """`directclr plot RUN [--out DIR] [--classes C] [--tensorboard DIR]`."""
+    from .config import bounded, path_type
+    p = commands.add_parser(
+        "plot", help="figures of a pretraining run's metrics.jsonl",
+        description="PNG figures of a `directclr pretrain` run's metrics.jsonl: loss.png, "
+                    "lr.png, probe.png, and rank.png / spectra.png once an epoch has ended.")
+    p.add_argument("run_dir", metavar="RUN", type=path_type("existing"),
+                   help="a `directclr pretrain --out` folder, or its metrics.jsonl")
+    p.add_argument("--out", default=None, metavar="DIR", type=path_type("output_dir"),
+                   help="where the PNGs go (default: the folder holding RUN's metrics.jsonl)")
+    p.add_argument("--classes", type=bounded(int, low=2), default=None, metavar="C",
+                   help="the online probe's class count, for its chance level (1/C, ln C) in "
+                        "probe.png (default: what the rows record, else no chance line)")
+    p.add_argument("--tensorboard", default=None, metavar="DIR", type=path_type("output_dir"),
+                   help="also replay the metrics as TensorBoard scalars into DIR (default: not)")
     p.set_defaults(run=_plot)

@@ -18,7 +18,7 @@ from torchvision import transforms as T
 
 from .data.recipe import IMAGENET_MEAN, IMAGENET_STD
 from .data.workers import worker_args
-from .files import load_verified
+from .files import atomic_write, load_verified
 from .models import backbone_description, build_backbone
 
 
@@ -97,8 +97,13 @@ def linear_probe(checkpoint, data, *, arch: str | None = None, epochs: int = 100
                  batch_size: int = 256, lr: float = 0.1, weight_decay: float = 1e-6,
                  subvector: int | None = None, image_size: int | None = None,
                  num_workers: int = 0, limit: int | None = None, seed: int = 0,
-                 device: str = "cpu", progress: bool = True) -> dict:
-    """Trains the probe on data/train, evaluates on data/val each epoch; returns the result."""
+                 device: str = "cpu", progress: bool = True, out=None) -> dict:
+    """Trains the probe on data/train, evaluates on data/val each epoch; writes the result as
+    JSON to `out` (default: probe-<checkpoint name>[-d<subvector>].json beside the checkpoint,
+    so probes of different checkpoints in one folder keep their own) and returns it, with the
+    file's path as "path"."""
+    if epochs < 1:
+        raise ValueError(f"--epochs must be >= 1, got {epochs}")
     data = Path(data)
     for split in ("train", "val"):
         if not (data / split).is_dir():
@@ -148,6 +153,9 @@ def linear_probe(checkpoint, data, *, arch: str | None = None, epochs: int = 100
               "epochs": epochs, "top1_best": max(history), "top1_last": history[-1],
               "top1_per_epoch": history, "train_images": len(train_set),
               "val_images": len(val_set)}
-    out = Path(checkpoint).with_name("probe_subvector.json" if subvector else "probe.json")
-    out.write_text(json.dumps(result, indent=1))
-    return result
+    if out is None:
+        suffix = f"-d{subvector}" if subvector else ""
+        out = Path(checkpoint).with_name(f"probe-{Path(checkpoint).stem}{suffix}.json")
+    out = Path(out)
+    atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+    return {**result, "path": str(out)}

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from .files import atomic_write
 from .probe import _split, _transforms, default_image_size, load_backbone
 from .spectrum import Spectrum, SpectrumAccumulator
 
@@ -39,37 +40,76 @@ def dataset_spectrum(checkpoint, data, *, arch: str | None = None, image_size: i
     return acc.result()
 
 
-def write_report(spectrum: Spectrum, out, label: str) -> tuple[Path, Path]:
-    """spectrum.json (summary + eigenvalues) and spectrum.png (log eigenvalues by rank). With
-    no more rows than dimensions the sample-size bound (rank <= N - 1) is logged as a warning,
-    stored as "sample_size_warning" and marked on the plot."""
+def spectrum_figure(spectrum: Spectrum, label: str, rel: float = 1e-6):
+    """The log-spectrum plot (a matplotlib Figure; the caller saves and closes it): the positive
+    eigenvalues by rank on a log axis, how many are exactly zero (not drawable there) noted, the
+    collapse threshold ``rel`` x the largest that ``Spectrum.collapsed`` counts against as a
+    dashed line, and with no more rows than dimensions the sample-size bound N - 1."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    eig = spectrum.eigenvalues.double().cpu()
+    dim = eig.numel()
+    fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=120, layout="constrained")
+    ranks = torch.arange(1, dim + 1)
+    positive = eig > 0
+    top = eig[0].item() if dim else 0.0
+    if top > 0:
+        ax.plot(ranks[positive].numpy(), eig[positive].numpy(), lw=1.5, color="tab:blue",
+                label="eigenvalues > 0")
+    ax.set_yscale("log")
+    ax.set_xlim(0, dim + 1)
+    ax.set_xlabel("singular value rank")
+    ax.set_ylabel("eigenvalue of covariance (log scale)")
+    collapsed = spectrum.collapsed(rel)
+    if top > 0:
+        ax.axhline(rel * top, color="tab:gray", ls="--", lw=1,
+                   label=f"collapse threshold: {rel:g} x the largest = {rel * top:.2g} "
+                         f"({collapsed} below)")
+    zeros = dim - int(positive.sum().item())
+    if top <= 0:
+        note = f"all {dim} eigenvalues are 0 (constant embeddings): nothing to draw on a log axis"
+        from matplotlib.ticker import NullLocator
+        ax.yaxis.set_major_locator(NullLocator())
+        ax.yaxis.set_minor_locator(NullLocator())
+        ax.text(0.5, 0.5, "no eigenvalue above 0", transform=ax.transAxes, ha="center",
+                va="center", fontsize=9, color="gray")
+    elif zeros:
+        note = (f"{zeros} of {dim} eigenvalues are exactly 0 (round-off below 0 is clamped to "
+                f"0): not drawn on the log axis, counted as collapsed")
+    else:
+        note = f"no eigenvalue is exactly 0: all {dim} drawn"
+    ax.text(0.5, -0.2, note, transform=ax.transAxes, ha="center", va="top", fontsize=7,
+            wrap=True)
+    title = (f"{label}: effective rank {spectrum.effective_rank:.1f}, "
+             f"{collapsed} of {dim} collapsed")
+    if spectrum.sample_size_note:
+        ax.axvline(spectrum.rank_bound + 0.5, color="tab:red", ls=":", lw=1,
+                   label=f"N - 1 = {spectrum.rank_bound}: rank bound of {spectrum.n} rows")
+        title += f"\n({dim - spectrum.rank_bound} of them by the sample size alone)"
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.28), frameon=False)
+    return fig
+
+
+def write_report(spectrum: Spectrum, out, label: str, rel: float = 1e-6) -> tuple[Path, Path]:
+    """spectrum.json (summary + eigenvalues) and spectrum.png (``spectrum_figure``). With no
+    more rows than dimensions the sample-size bound (rank <= N - 1) is logged as a warning,
+    stored as "sample_size_warning" and marked on the plot. `rel`: the collapse threshold,
+    relative to the largest eigenvalue."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out / "spectrum.json", out / "spectrum.png"
     note = spectrum.sample_size_note
     if note:
         log.warning("%s: %s", label, note)
-    payload = {"label": label, **spectrum.summary(), "sample_size_warning": note,
+    payload = {"label": label, **spectrum.summary(rel), "sample_size_warning": note,
                "eigenvalues": spectrum.eigenvalues.tolist()}
-    json_path.write_text(json.dumps(payload))
-    import matplotlib
-    matplotlib.use("Agg")
+    atomic_write(json_path, lambda tmp: Path(tmp).write_text(json.dumps(payload)))
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
-    eig = spectrum.eigenvalues.clamp_min(1e-30)  # log of exact zeros: pinned at the floor
-    ax.plot(range(1, len(eig) + 1), eig.log10().numpy(), lw=1.5)
-    ax.set_xlabel("singular value rank")
-    ax.set_ylabel("log10 eigenvalue of covariance")
-    title = (f"{label}: effective rank {spectrum.effective_rank:.1f}, "
-             f"{spectrum.collapsed()} collapsed")
-    if note:
-        ax.axvline(spectrum.rank_bound + 0.5, color="tab:red", ls="--", lw=1,
-                   label=f"N - 1 = {spectrum.rank_bound}: rank bound of {spectrum.n} rows")
-        ax.legend(fontsize=7, loc="lower left")
-        title += f"\n({len(eig) - spectrum.rank_bound} of them by the sample size alone)"
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png_path)
+    fig = spectrum_figure(spectrum, label, rel)
+    atomic_write(png_path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     return json_path, png_path

@@ -55,7 +55,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .files import CorruptFile, atomic_write
-from .models import ARCHS, MODES
+from .config import (ARCHS, MODES, PAPER_D0, PAPER_SIMCLR_OUT, PAPER_WIDTH, paper_dim,
+                     pretrain_argv)
 from .provenance import cpu_model, git_commit
 from .spectrum import SpectrumAccumulator
 
@@ -64,7 +65,6 @@ log = logging.getLogger("directclr.reproduce")
 # The paper's ImageNet top-1 (ResNet-50, 100 epochs), Tables 1 and 2
 PAPER_TOP1 = {"simclr-mlp": 66.5, "simclr-linear": 61.1, "simclr-none": 51.5, "directclr": 62.7,
               "fixed-lowrank": 62.3, "diagonal": 60.2, "directclr (r[:, :d0] only)": 47.9}
-PAPER_D0, PAPER_WIDTH, PAPER_SIMCLR_OUT = 360, 2048, 128
 LONG_MODES = ("directclr", "simclr-none", "simclr-linear")  # the paper's claims rest on these
 UNTRAINED = "untrained"  # the backbone at its initial weights: the baseline row
 ORDER = (UNTRAINED, *MODES)
@@ -113,8 +113,7 @@ class Budget:
 
     @property
     def dim(self) -> int:
-        """d0 scaled with the representation as the paper's 360 of 2048."""
-        return max(1, round(self.width * PAPER_D0 / PAPER_WIDTH))
+        return paper_dim(self.width)
 
     @property
     def simclr_out(self) -> int:
@@ -159,14 +158,12 @@ def pretrain_run(mode: str, seed: int, budget: Budget, data: Path, run_dir: Path
     """`directclr pretrain` in a subprocess (resumes from run_dir's checkpoints), keeping a
     checkpoint every `snapshot_every` steps for the training dynamics, on compute_threads()."""
     epochs = budget.epochs_for(mode)
-    cmd = [sys.executable, "-m", "directclr", "pretrain", "--data", str(data / "train"),
-           "--out", str(run_dir), "--arch", budget.arch, "--mode", mode,
-           "--dim", str(budget.dim), "--simclr-out", str(budget.simclr_out),
-           "--temperature", str(budget.temperature),
-           "--batch-size", str(budget.batch_size), "--epochs", str(epochs),
-           "--lr", str(budget.lr), "--warmup-epochs", str(epochs / 10),
-           "--loader", budget.loader, "--seed", str(seed), "--image-size", "32",
-           "--ckpt-every", "50", "--keep-every", str(budget.snapshot_every)]
+    cmd = [sys.executable, "-m", "directclr", "pretrain", *pretrain_argv(
+        data=data / "train", out=run_dir, arch=budget.arch, mode=mode, dim=budget.dim,
+        simclr_out=budget.simclr_out, temperature=budget.temperature,
+        batch_size=budget.batch_size, epochs=epochs, lr=budget.lr, warmup_epochs=epochs / 10,
+        loader=budget.loader, seed=seed, image_size=32, ckpt_every=50,
+        keep_every=budget.snapshot_every)]
     env = {**os.environ, "OMP_NUM_THREADS": str(compute_threads())}
     proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                           env=env)

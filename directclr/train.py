@@ -34,7 +34,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -43,13 +43,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import build_pretrain_loader, prepare_fashion_mnist
-from .data.loader import BACKENDS as LOADERS, dali_available
+from .data.loader import dali_available
+from .distributed import setup_distributed
 from .files import (CorruptFile, FolderLock, atomic_write, load_verified,
                     remove_stale_temporaries, save_verified)
+from . import native
+from .config import ARCHS, RESUME_FIELDS, Config, check_fields, flag, paper_dim
 from .gradcache import cached_backward
-from .infonce import VARIANTS, infonce
+from .infonce import infonce
 from .lars import LARS
-from .models import (ARCHS, MODES, build_backbone, build_projector, describe_backbone, stem_for,
+from .models import (build_backbone, build_projector, describe_backbone, stem_for,
                      sync_batchnorm)
 from .spectrum import SpectrumAccumulator
 
@@ -57,18 +60,12 @@ log = logging.getLogger("directclr.train")
 CHECKPOINT_GLOB = "ckpt_*.pt"
 KEEP_CHECKPOINTS = 2
 SMALL_IMAGE_SIZE = 32  # Fashion-MNIST padded to 32 px: CIFAR stem and the "small" recipe
-MIN_IMAGE_SIZE = 8  # pixels: below this the crops of the recipe have nothing left to crop
-MIN_TEMPERATURE = 1e-30  # far below any useful tau; 1/tau stays finite in fp32
 EXIT_DIVERGED = 3
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL of sysexits.h: "try again later"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 # An online probe whose cross-entropy exceeds this many times chance, ln(classes), has logits
 # hundreds of nats apart: its features are blowing up (seen at --lr 1e3: 211 at step 2, from 1.3).
 PROBE_BLOWUP = 100.0
-# Settings that change the math of a run: a resume must keep them (or accept the change).
-RESUME_FIELDS = ("arch", "mode", "dim", "temperature", "variant", "batch_size", "image_size",
-                 "seed", "lr", "wd", "warmup_epochs", "epochs", "max_steps", "loader",
-                 "simclr_out", "micro_batch")
 CHECKPOINT_KEYS = ("model", "optimizer", "loader", "step", "config", "run")
 
 
@@ -85,49 +82,7 @@ class Diverged(RunStopped):
     exit_code = EXIT_DIVERGED
 
 
-@dataclass
-class Config:
-    data: str
-    out: str
-    arch: str = "resnet50"
-    mode: str = "directclr"
-    dim: int = 360
-    temperature: float = 0.1
-    variant: str = "cross"
-    batch_size: int = 4096  # global, over all ranks
-    epochs: int = 100
-    max_steps: int | None = None
-    lr: float = 4.8
-    wd: float = 1e-6
-    warmup_epochs: float = 10.0
-    loader: str = "auto"
-    ckpt_every: int = 500
-    micro_batch: int | None = None  # pairs per micro-batch per process: gradient caching
-    keep_every: int | None = None  # also checkpoint at multiples of this, never pruned (snapshots)
-    simclr_out: int = 128  # the SimCLR projectors' output width (the paper's 128)
-    log_every: int = 10  # steps between metrics writes: the only host syncs of a GPU step
-    resume: bool = True
-    accept_changes: tuple[str, ...] = ()  # RESUME_FIELDS a resume may change
-    compile: bool = False
-    tensorboard: bool = False  # also write the metrics as TensorBoard scalars, in out/tensorboard
-    seed: int = 0
-    image_size: int | None = None  # default: 32 for fashion-mnist, else 224
-    num_threads: int | None = None
-    cache: str = "~/.cache/directclr"
-
-
 # --------------------------------------------------------------------------- setup
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """torchrun's environment, or one plain process."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    return dist.get_rank(), dist.get_world_size(), device
 
 
 def resolve_data(cfg: Config, rank: int) -> tuple[Path, int]:
@@ -141,70 +96,25 @@ def resolve_data(cfg: Config, rank: int) -> tuple[Path, int]:
         if dist.is_initialized():
             dist.barrier()
         return root / "train", cfg.image_size or SMALL_IMAGE_SIZE
-    root = Path(cfg.data)
-    if not root.is_dir():
-        raise ValueError(f"--data {cfg.data}: no such directory (an ImageFolder root, or "
-                         "'fashion-mnist')")
-    return root, cfg.image_size or 224
-
-
-# Lowest allowed value of each integer setting (None, where allowed, means "the default").
-INT_MINIMUMS = {"batch_size": 2, "epochs": 1, "max_steps": 1, "ckpt_every": 1, "log_every": 1,
-                "keep_every": 1, "simclr_out": 1, "micro_batch": 1,
-                "image_size": MIN_IMAGE_SIZE, "num_threads": 0, "seed": 0}
-SEED_LIMIT = 2 ** 32  # numpy's generators take seeds below this
+    return Path(cfg.data), cfg.image_size or 224
 
 
 def check_config(cfg: Config, world: int) -> None:
     """Clear errors, each naming its flag, before any work (nothing is created or read)."""
-    if cfg.arch not in ARCHS:
-        raise ValueError(f"--arch must be one of {sorted(ARCHS)}, got {cfg.arch!r}")
-    if cfg.mode not in MODES:
-        raise ValueError(f"--mode must be one of {MODES}, got {cfg.mode!r}")
-    if cfg.variant not in VARIANTS:
-        raise ValueError(f"--variant must be one of {VARIANTS}, got {cfg.variant!r}")
-    for name, lowest in INT_MINIMUMS.items():
-        value = getattr(cfg, name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                  or value < lowest):
-            raise ValueError(f"{flag(name)} must be an integer >= {lowest}, got {value!r}")
-    if cfg.seed >= SEED_LIMIT:
-        raise ValueError(f"--seed must be below 2**32, got {cfg.seed}")
+    check_fields(cfg)
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the world size "
                          f"{world}")
     if cfg.micro_batch is not None and (cfg.batch_size // world) % cfg.micro_batch:
         raise ValueError(f"--micro-batch {cfg.micro_batch} must divide the batch of each "
                          f"process, {cfg.batch_size // world} (--batch-size / world size)")
-    if not 1 <= cfg.dim <= ARCHS[cfg.arch]:
+    if cfg.dim is not None and cfg.dim > ARCHS[cfg.arch]:
         raise ValueError(f"--dim {cfg.dim} must be in [1, {ARCHS[cfg.arch]}] (the "
                          f"representation width of {cfg.arch})")
-    for name, positive in (("lr", True), ("temperature", True), ("wd", False),
-                           ("warmup_epochs", False)):
-        value = getattr(cfg, name)
-        if not math.isfinite(value) or value < 0 or (positive and value == 0):
-            raise ValueError(f"{flag(name)} must be finite and {'> 0' if positive else '>= 0'}, "
-                             f"got {value}")
-    if cfg.temperature < MIN_TEMPERATURE:
-        raise ValueError(f"--temperature must be >= {MIN_TEMPERATURE} (1/temperature scales "
-                         f"fp32 logits), got {cfg.temperature}")
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; it must name a run directory (new or "
-                         "existing)")
     if cfg.loader == "dali" and not dali_available():
-        raise ValueError("--loader dali: NVIDIA DALI does not import here (pip install "
-                         "'directclr[dali]'); use --loader torchvision or auto")
-    if cfg.loader not in LOADERS:
-        raise ValueError(f"--loader must be one of {LOADERS}, got {cfg.loader!r}")
-    unknown = [name for name in cfg.accept_changes if name not in RESUME_FIELDS]
-    if unknown:
-        raise ValueError(f"--accept-changes: {unknown} are not among "
-                         f"{[flag(f)[2:] for f in RESUME_FIELDS]}")
-
-
-def flag(field: str) -> str:
-    return "--" + field.replace("_", "-")
+        raise ValueError("--loader dali: NVIDIA DALI does not import here (install it: pip "
+                         "install nvidia-dali-cuda130, or the build for your CUDA); use "
+                         "--loader torchvision or auto")
 
 
 def total_steps(cfg: Config, steps_per_epoch: int) -> int:
@@ -612,6 +522,11 @@ def pretrain(cfg: Config) -> Path:
     signal (a checkpoint written) and Diverged on a non-finite or exploding run."""
     rank, world, device = setup_distributed()
     check_config(cfg, world)
+    if cfg.dim is None:
+        cfg = replace(cfg, dim=paper_dim(ARCHS[cfg.arch]))
+        if rank == 0:
+            log.info("--dim not given: d0 = %d, the paper's 360/2048 of %s's %d dimensions",
+                     cfg.dim, cfg.arch, ARCHS[cfg.arch])
     out = Path(cfg.out)
     lock = on_rank0(lambda: claim_out(out, cfg.resume), rank, world)
     try:
@@ -656,12 +571,26 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, out: Path,
                              "); start over with --no-resume") from err
         loader.load_state_dict(state["loader"])
         if master:
-            log.warning("resumed from step %d (epoch %d)", step, loader.epoch)
+            log.info("resumed from step %d (epoch %d)", step, loader.epoch)
+    if master:
+        log.info("%d images in %d classes from %s; %d steps of %d pairs per epoch, %d steps in "
+                 "all; %s loader, %d process(es) on %s; %s on %s, d0 = %d", len(loader.index),
+                 len(loader.classes), root, steps_per_epoch, cfg.batch_size, last_step, backend,
+                 world, device.type, cfg.mode, cfg.arch, cfg.dim)
+    if step >= last_step and (out / "backbone.pt").exists():
+        if master:
+            log.info("already complete: step %d of %d; to train longer, raise --epochs or "
+                     "--max-steps with --accept-changes", step, last_step)
+        return _finish(out)
+    if device.type == "cpu":
+        native.available()  # a first-use build says so here, not inside the progress bar
     raw_model = model
     if world > 1:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     forward = torch.compile(model) if cfg.compile else model
+    if cfg.compile and master:
+        log.info("--compile: the first step waits for torch.compile (minutes on CPU)")
     votes = stop_group(world, device)
     tensorboard = None
     if cfg.tensorboard and master:
@@ -737,6 +666,7 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, out: Path,
                 if world > 1:  # the global batch's online-probe accuracy, not rank 0's share
                     dist.all_reduce(hits)
                 metrics.epoch_row({"epoch_end": epoch, "step": step,
+                                   "classes": len(loader.classes),
                                    "probe_train_top1": (hits[0] / hits[1].clamp_min(1)).item(),
                                    "spectrum": summary})
             checkpoint()
@@ -748,6 +678,10 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, out: Path,
                 width=ARCHS[cfg.arch]), out / "backbone.pt")
     finally:
         metrics.close()
+    return _finish(out)
+
+
+def _finish(out: Path) -> Path:
     if dist.is_initialized():
         dist.barrier()  # every rank done before gloo/NCCL is torn down
         dist.destroy_process_group()

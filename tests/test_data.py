@@ -272,8 +272,10 @@ def test_a_bad_file_fails_its_own_batch_and_the_loader_recovers(backend, tmp_pat
     data = loader(root, backend=backend, batch_size=4)
     victim = Path(data.index.files[data.order(0)[4]])  # epoch 0, batch 1
     original = victim.read_bytes()
-    # Truncated: the header reads, the decode fails. Not an image: reading the header fails.
-    victim.write_bytes(original[:len(original) // 3] if damage == "truncated"
+    # Truncated a third into the entropy-coded data: the header reads, the decode fails. Not an
+    # image: reading the header fails.
+    scan = original.index(b"\xff\xda")
+    victim.write_bytes(original[:scan + (len(original) - scan) // 3] if damage == "truncated"
                        else b"not an image" * 10)
     batches = iter(data)
     next(batches)  # batch 0 is fine

@@ -66,19 +66,29 @@ def installed(tmp_path_factory):
     venv = work / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
-    with_torch = work / "with-torch"
-    with_torch.mkdir()
+    with_torch, torch_alone = work / "with-torch", work / "torch-alone"
+    for view in (with_torch, torch_alone):
+        view.mkdir()
     for entry in SITE.iterdir():  # every package but this one (its editable hook included)
         if "directclr" not in entry.name and not entry.name.endswith(".pth"):
             os.symlink(entry, with_torch / entry.name)
+            if not entry.name.startswith("torchvision"):  # a user with torch alone
+                os.symlink(entry, torch_alone / entry.name)
     venv_site = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()"
                            "['purelib'])"], check=True).stdout.strip())
-    (venv_site / "with-torch.pth").write_text(f"{with_torch}\n")
     # pip's default flags: this machine's index and certificate settings stay, nothing that
     # would change how the package builds
     env = {k: v for k, v in os.environ.items()
            if k not in ("PYTHONPATH", "TRITON_INTERPRET", "PIP_NO_BUILD_ISOLATION", "PIP_NO_DEPS",
                         "PIP_USE_PEP517", "PIP_EDITABLE")}
+    # What pip would install as a user's first command: the package beside torch alone, and
+    # its [train] extra beside the torch + torchvision pair installed first.
+    for extra, view in (("", torch_alone), ("[train]", with_torch)):
+        (venv_site / "with-torch.pth").write_text(f"{view}\n")
+        report = work / f"plan{extra}.json"
+        plan = _run([str(python), "-m", "pip", "install", "-q", "--dry-run", "--report",
+                     str(report), f"{clone}{extra}"], env=env, cwd=work)
+        assert plan.returncode == 0, plan.stdout[-3000:] + plan.stderr[-3000:]
     pip = _run([str(python), "-m", "pip", "install", "-q", str(clone)], env=env, cwd=work)
     assert pip.returncode == 0, pip.stdout[-3000:] + pip.stderr[-3000:]
     shutil.rmtree(clone)  # the installed copy must not lean on the source tree
@@ -149,3 +159,68 @@ def test_pytorch_fallback_equals_the_cpp_kernels(variant):
         torch.testing.assert_close(fallback, cpp, rtol=1e-12, atol=1e-14)
     reference = infonce_reference(z1, z2, dim=16, variant=variant)
     torch.testing.assert_close(results[1][0], reference, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("extra", ["", "[train]"])
+def test_install_never_replaces_torch(installed, extra):
+    """Beside an installed torch (and torchvision, for [train]), pip plans no torch,
+    torchvision, triton or nvidia-* package: a torchvision in the core dependencies, or an
+    unbounded one, would pull the newest torch, a CUDA build of several GB, over the user's."""
+    work, _, _ = installed
+    planned = [item["metadata"]["name"].lower()
+               for item in json.loads((work / f"plan{extra}.json").read_text())["install"]]
+    assert "directclr" in planned
+    replaced = [name for name in planned if name in ("torch", "torchvision", "triton")
+                or name.startswith("nvidia")]
+    assert not replaced, planned
+
+
+def test_info_survives_a_torchvision_built_for_another_torch(installed, tmp_path):
+    """A torchvision that fails inside its own import (as a build for another torch does:
+    "operator torchvision::nms does not exist") is one line in `info`, which goes on, and one
+    line from the commands that need it, before anything is made."""
+    work, venv, env = installed
+    fake = tmp_path / "fake"
+    (fake / "torchvision").mkdir(parents=True)
+    (fake / "torchvision" / "__init__.py").write_text(
+        'raise RuntimeError("operator torchvision::nms does not exist")\n')
+    (fake / "torchvision-0.99.0.dist-info").mkdir()
+    (fake / "torchvision-0.99.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: torchvision\nVersion: 0.99.0\n")
+    broken = {**env, "PYTHONPATH": str(fake)}
+    directclr = str(venv / "bin" / "directclr")
+    info = _run([directclr, "info"], cwd=work, env=broken)
+    assert info.returncode == 0 and "Traceback" not in info.stderr, info.stderr
+    (line,) = [row for row in info.stdout.splitlines() if "training stack" in row]
+    assert "[ ]" in line and "torchvision 0.99.0 does not work with torch" in line
+    assert "C++ CPU kernels" in info.stdout  # and the report went on
+    out = tmp_path / "run"
+    run = _run([directclr, "pretrain", "--data", str(tmp_path), "--out", str(out)], cwd=work,
+               env=broken)
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert "torchvision 0.99.0 does not work" in run.stderr and not out.exists()
+
+
+def quickstart_commands() -> str:
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- quickstart -->", 1)[1].split("<!-- /quickstart -->", 1)[0]
+    return block.split("```bash\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_quick_start_runs_verbatim(installed, tmp_path):
+    """README's quick start, as written, with the installed `directclr` on PATH, in an empty
+    folder; what each command promises is there afterwards."""
+    _, venv, env = installed
+    script = tmp_path / "quickstart.sh"
+    script.write_text("set -euo pipefail\n" + quickstart_commands())
+    path = f"{venv / 'bin'}:{env.get('PATH', '')}"
+    done = _run(["bash", str(script)], cwd=tmp_path, env={**env, "PATH": path})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run = tmp_path / "runs" / "quick"
+    for name in ("backbone.pt", "metrics.jsonl", "probe-backbone.json", "spectrum.json",
+                 "spectrum.png", "loss.png", "lr.png", "probe.png", "rank.png"):
+        assert (run / name).is_file(), name
+    probe = json.loads((run / "probe-backbone.json").read_text())
+    assert probe["top1_best"] > 0.5  # 4 classes: well above chance (25%)
+    assert "d0 = 45" in done.stderr and "wrote " + str(Path("runs/quick/probe-backbone.json")) \
+        in done.stdout

@@ -12,7 +12,8 @@ from PIL import Image
 from directclr import embedding_spectrum
 from directclr.plot import (TensorBoardWriter, add_plot_parser, build_figures, export_tensorboard,
                             load_metrics, plot_run)
-from directclr.report import write_report
+from directclr.report import spectrum_figure, write_report
+from directclr.spectrum import Spectrum
 from directclr.train import Config, MetricsLog
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -91,8 +92,9 @@ def test_plot_run_writes_pngs_of_the_files_data(tmp_path):
     assert line_xy(figs["rank.png"], axis=1) == (epochs, pytest.approx(written["rank_sub"]))
     assert "my-run" in figs["loss.png"].axes[0].get_title()
     assert "step" in figs["loss.png"].axes[0].get_xlabel()
-    # rank.png draws each spectrum's width as its ceiling
-    assert figs["rank.png"].axes[1].lines[1].get_ydata()[0] == D0
+    # rank.png names each spectrum's width in its title instead of drawing it as a ceiling
+    assert f"width {WIDTH}" in figs["rank.png"].axes[0].get_title()
+    assert f"d0 = {D0} of width {WIDTH}" in figs["rank.png"].axes[1].get_title()
 
 
 def test_spectra_figure_when_epoch_rows_carry_eigenvalues(tmp_path):
@@ -200,6 +202,10 @@ def test_tensorboard_round_trip(tmp_path):
     assert [v for _, v in events["epoch/probe_train_top1"]] == pytest.approx(
         [r["probe_train_top1"] for r in metrics.epochs])
     assert "train/step" not in events and "train/epoch" not in events
+    # no series of constants (a spectrum's rows, width, threshold and bound; the class count)
+    assert "epoch/spectrum/subvector/collapsed" in events
+    assert not [tag for tag in events if tag.rsplit("/", 1)[-1] in
+                ("n", "dim", "collapsed_rel", "rank_bound", "classes")], sorted(events)
     # the replay of a finished run writes the same scalars
     export_tensorboard(tmp_path / "run", tmp_path / "tb2")
     assert read_events(tmp_path / "tb2")["train/loss"] == events["train/loss"]
@@ -240,3 +246,181 @@ def test_spectrum_report_warns_when_rows_do_not_exceed_dims(tmp_path, caplog, n,
         assert report["collapsed"] >= 64 - (n - 1)  # the bound shows in the count
     else:
         assert caplog.text == "" and report["sample_size_warning"] is None
+
+
+# --------------------------------------------------------------------------- issue 23 item 7
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    import matplotlib.pyplot as plt
+    plt.close("all")
+
+
+def write_wide_run(run, ranks, width=512, d0=64, bound=None, extra=None, steps_per_epoch=4):
+    """A run whose epoch rows report the given centered effective ranks of a `width`-wide r (and
+    half of each for r[:, :d0]), through MetricsLog as pretrain() writes them; `bound`: the
+    rank_bound (N - 1) of each epoch's spectrum, `extra`: keys added to every epoch row."""
+    run.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(run / "metrics.jsonl", Config(data="", out=str(run), batch_size=8), 1, 10,
+                     _NoBar())
+    step = 0
+    for epoch, rank in enumerate(ranks):
+        for _ in range(steps_per_epoch):
+            step += 1
+            log.add(step, epoch, 0.1, torch.tensor([5.0 - 0.01 * step, 2.3, 1.0]), 0.0)
+        log.flush()
+        summary = {key: {"n": 256, "dim": dim, "effective_rank": value, "rankme_raw": value / 2,
+                         "collapsed": 0, "collapsed_rel": 1e-6, "top_eigenvalue": 1.0,
+                         "rank_bound": min(dim, bound if bound is not None else 10**6)}
+                   for key, dim, value in (("representation", width, rank),
+                                           ("subvector", d0, rank / 2))}
+        log.epoch_row({"epoch_end": epoch, "step": step, "probe_train_top1": 0.2 + 0.01 * epoch,
+                       "spectrum": summary, **(extra or {})})
+    log.close()
+    return load_metrics(run)
+
+
+def test_rank_axis_brackets_the_data_not_the_width(tmp_path):
+    ranks = [23.0, 31.5, 38.0, 45.0]
+    fig = build_figures(write_wide_run(tmp_path, ranks), "wide")["rank.png"]
+    for ax, values, what in zip(fig.axes, (ranks, [r / 2 for r in ranks]),
+                                ("width 512", "d0 = 64 of width 512")):
+        low, high = ax.get_ylim()
+        assert low < min(values) and max(values) < high  # every point inside, with a margin
+        assert low > 0 and high < 64  # scaled to the data: not 0..width (512, or 64 for d0)
+        assert (high - low) < 3 * (max(values) - min(values))
+        assert what in ax.get_title()  # the width is stated, not drawn
+        assert not any(512 in line.get_ydata() or 64 in line.get_ydata() for line in ax.lines)
+        # labelled for what it is: exp(entropy) of the centered spectrum, not RankMe
+        assert ax.get_ylabel() == "centered effective rank (dims)"
+        assert "RankMe" not in ax.get_ylabel() + ax.get_title()
+    assert line_xy(fig, axis=0) == ([1, 2, 3, 4], pytest.approx(ranks))
+
+
+def test_rank_draws_the_sample_bound_when_near_the_data(tmp_path):
+    fig = build_figures(write_wide_run(tmp_path, [20.0, 30.0], bound=39), "b")["rank.png"]
+    ax = fig.axes[0]
+    bound = [line for line in ax.lines if line.get_label().startswith("N - 1")]
+    assert len(bound) == 1 and list(bound[0].get_ydata()) == [39, 39]
+    assert ax.get_ylim()[1] > 39 and ax.get_ylim()[1] < 100
+    assert "rank <= N - 1 = 39" in ax.get_title()
+    # far above the data (255 vs ~30): named in the title, not drawn, the axis stays on the data
+    fig = build_figures(write_wide_run(tmp_path / "far", [20.0, 30.0], bound=255),
+                        "b")["rank.png"]
+    assert "N - 1 = 255" in fig.axes[0].get_title()
+    assert len(fig.axes[0].lines) == 1 and fig.axes[0].get_ylim()[1] < 40
+
+
+def _disjoint(a, b) -> bool:
+    return a.x1 <= b.x0 or b.x1 <= a.x0 or a.y1 <= b.y0 or b.y1 <= a.y0
+
+
+def test_legends_sit_outside_the_data(tmp_path):
+    metrics = write_wide_run(tmp_path, [23.0, 45.0], bound=40, steps_per_epoch=30)
+    figs = build_figures(metrics, "run", classes=10)
+    legends = 0
+    for name in ("loss.png", "probe.png", "rank.png"):
+        fig = figs[name]
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        for ax in fig.axes:
+            legend = ax.get_legend()
+            if legend is None:
+                continue
+            legends += 1
+            box = legend.get_window_extent(renderer)
+            assert _disjoint(box, ax.get_window_extent(renderer)), (name, ax.get_title())
+            for line in ax.lines:  # and so no data point lies under it
+                for x, y in ax.transData.transform(line.get_xydata()):
+                    assert not box.contains(x, y), (name, line.get_label())
+    # loss (moving average), probe loss and accuracy (chance), both ranks (N - 1 = 40 near both)
+    assert legends == 5
+
+
+def chance_lines(ax):
+    return [line for line in ax.lines if line.get_label().startswith("chance")]
+
+
+@pytest.mark.parametrize("extra,classes,expected", [
+    ({"classes": 10}, None, 10),
+    ({}, 10, 10),                 # --classes where the rows do not say
+    ({"classes": 10}, 4, 4),      # --classes wins
+])
+def test_probe_draws_the_chance_level(tmp_path, extra, classes, expected):
+    metrics = write_wide_run(tmp_path, [23.0, 45.0], extra=extra)
+    left, right = build_figures(metrics, "run", classes=classes)["probe.png"].axes
+    (accuracy,) = chance_lines(right)
+    assert accuracy.get_ydata()[0] == pytest.approx(100 / expected)  # in percent, like the data
+    assert accuracy.get_linestyle() == "--" and f"1/{expected}" in accuracy.get_label()
+    (loss,) = chance_lines(left)
+    assert loss.get_ydata()[0] == pytest.approx(math.log(expected))
+    assert f"ln {expected}" in loss.get_label()
+    assert right.get_ylim()[0] == 0 and right.get_ylim()[1] > 100 / expected
+    assert right.get_ylim()[1] > max(line_xy(right.figure, axis=1)[1])
+
+
+def test_probe_without_class_count_says_so(tmp_path):
+    metrics = write_wide_run(tmp_path, [23.0, 45.0])
+    left, right = build_figures(metrics, "run")["probe.png"].axes
+    assert not chance_lines(left) and not chance_lines(right)
+    assert "--classes" in right.get_title()
+
+
+def test_probe_percent_axis_without_epochs(tmp_path):
+    write_run(tmp_path, steps=3)  # no epoch has ended: no accuracy point
+    fig = build_figures(load_metrics(tmp_path), "run")["probe.png"]
+    right = fig.axes[1]
+    assert "(%)" in right.get_ylabel()
+    assert right.get_ylim() == (0, 100)  # percent units, not matplotlib's empty 0..1
+    fig.canvas.draw()
+    assert max(right.get_yticks()) == 100
+    fig = build_figures(load_metrics(tmp_path), "run", classes=10)["probe.png"]
+    assert fig.axes[1].get_ylim() == (0, 100) and chance_lines(fig.axes[1])
+
+
+def spectrum_with_zeros(values, zeros, n=1000):
+    eig = torch.tensor(sorted(values, reverse=True) + [0.0] * zeros, dtype=torch.float64)
+    return Spectrum(eig, n)
+
+
+def texts(fig):
+    return " ".join(t.get_text() for ax in fig.axes for t in ax.texts)
+
+
+def test_spectrum_figure_draws_positive_values_threshold_and_zero_count():
+    values = [2.0, 1.0, 0.5, 1e-3, 1e-9, 1e-12]
+    spec = spectrum_with_zeros(values, zeros=4)
+    fig = spectrum_figure(spec, "representation")
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log"
+    data = [line for line in ax.lines if line.get_label() == "eigenvalues > 0"]
+    assert len(data) == 1
+    assert list(data[0].get_xdata()) == [1, 2, 3, 4, 5, 6]  # the zeros are not drawn at all
+    assert list(data[0].get_ydata()) == pytest.approx(sorted(values, reverse=True))
+    assert min(ax.get_ylim()) > 0
+    (threshold,) = [line for line in ax.lines if "collapse threshold" in line.get_label()]
+    assert threshold.get_ydata()[0] == pytest.approx(1e-6 * 2.0)  # Spectrum.collapsed's default
+    assert threshold.get_linestyle() == "--"
+    assert f"({spec.collapsed()} below)" in threshold.get_label() and spec.collapsed() == 6
+    assert "4 of 10 eigenvalues are exactly 0" in texts(fig)
+    assert ax.get_legend() is not None
+    # another relative threshold moves the line and the count
+    fig = spectrum_figure(spec, "representation", rel=1e-2)
+    (threshold,) = [line for line in fig.axes[0].lines if "collapse" in line.get_label()]
+    assert threshold.get_ydata()[0] == pytest.approx(2e-2) and "(7 below)" in threshold.get_label()
+
+
+def test_spectrum_figure_without_zeros_and_all_zero():
+    fig = spectrum_figure(spectrum_with_zeros([3.0, 2.0, 1.0], zeros=0), "r")
+    assert "no eigenvalue is exactly 0" in texts(fig)
+    fig = spectrum_figure(spectrum_with_zeros([], zeros=8), "r")
+    assert "all 8 eigenvalues are 0" in texts(fig)
+    assert not fig.axes[0].lines  # nothing drawable, and no threshold at 0
+
+
+def test_write_report_png_is_the_figure(tmp_path):
+    spec = spectrum_with_zeros([2.0, 1.0, 1e-8], zeros=2)
+    json_path, png_path = write_report(spec, tmp_path, "representation", rel=1e-3)
+    assert json.loads(json_path.read_text())["collapsed"] == 3
+    with Image.open(png_path) as image:
+        image.verify()

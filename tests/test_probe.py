@@ -25,10 +25,11 @@ def test_probe_runs_and_writes_its_result(splits, tmp_path):
                           batch_size=8, image_size=32, progress=False)
     assert 0.0 <= result["top1_best"] <= 1.0 and len(result["top1_per_epoch"]) == 2
     assert result["top1_best"] == max(result["top1_per_epoch"])
-    assert json.loads((tmp_path / "probe.json").read_text()) == result
+    written = tmp_path / "probe-backbone.json"  # named after its checkpoint: others keep theirs
+    assert result.pop("path") == str(written) and json.loads(written.read_text()) == result
     sub = linear_probe(tmp_path / "backbone.pt", splits, arch="resnet18", epochs=1,
                        batch_size=8, image_size=32, subvector=90, progress=False)
-    assert sub["subvector"] == 90 and (tmp_path / "probe_subvector.json").exists()
+    assert sub["subvector"] == 90 and (tmp_path / "probe-backbone-d90.json").exists()
 
 
 def test_training_checkpoints_load_too(tmp_path):

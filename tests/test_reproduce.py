@@ -152,7 +152,7 @@ def test_report_only_rewrites_the_tables_from_copied_runs(reproduced, tmp_path):
     empty = tmp_path / "empty"
     proc = subprocess.run([sys.executable, "-m", "directclr", "reproduce", "--out", str(empty),
                            "--report-only"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "no finished run" in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 2 and "no finished run" in proc.stderr, proc.stderr[-2000:]
     assert not empty.exists()  # nothing trained, nothing prepared
 
 
@@ -223,10 +223,10 @@ def test_aggregate_means_spreads_and_gains_over_seeds():
 
 
 @pytest.mark.parametrize("args,match", [(["--modes", "byol"], "byol"),
-                                        (["--epochs", "0"], "--epochs must be >= 1"),
-                                        (["--long-epochs", "0"], "--long-epochs must be >= 1"),
+                                        (["--epochs", "0"], "--epochs must be an integer >= 1"),
+                                        (["--long-epochs", "0"], "--long-epochs must be an integer >= 1"),
                                         (["--snapshot-every", "0"],
-                                         "--snapshot-every must be >= 1"),
+                                         "--snapshot-every must be an integer >= 1"),
                                         (["--dynamics-images", "100"], "must exceed the 128"),
                                         (["--images", "100"], "fewer than one batch")])
 def test_cli_rejects_bad_budgets_before_any_work(tmp_path, args, match):

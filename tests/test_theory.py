@@ -92,6 +92,7 @@ def test_bad_inputs_name_the_problem():
 
 
 def test_cli_writes_json_and_png(tmp_path):
+    printed = {}
     for experiment, extra in (("strong-aug", ["--amplitudes", "0.5", "2"]),
                               ("projector", ["--init", "gaussian"])):
         proc = subprocess.run([sys.executable, "-m", "directclr", "theory", experiment,
@@ -100,10 +101,15 @@ def test_cli_writes_json_and_png(tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         payload = json.loads((tmp_path / f"{experiment}.json").read_text())
         assert payload["config"]["steps"] == 20
+        # a summary a reader can take in: a line per record, the long lists left to the JSON
+        printed[experiment] = proc.stdout.strip().splitlines()
+        assert len(printed[experiment]) <= 8 and f"{experiment}.json" in printed[experiment][-1]
         assert (tmp_path / f"{experiment}.png").stat().st_size > 10_000
     proc = subprocess.run([sys.executable, "-m", "directclr", "theory", "strong-aug", "--out",
                            str(tmp_path), "--init", "gaussian"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "--init does not apply to strong-aug" in proc.stderr
-    assert [row["amplitude"] for row in
-            json.loads((tmp_path / "strong-aug.json").read_text())["summary"]] == [0.5, 2.0]
+    rows = json.loads((tmp_path / "strong-aug.json").read_text())["summary"]
+    assert [row["amplitude"] for row in rows] == [0.5, 2.0]
+    assert [line.split(", x_negative")[0] for line in printed["strong-aug"][:-1]] == [
+        f"amplitude {row['amplitude']:.4g}, vanished {row['vanished']}" for row in rows]

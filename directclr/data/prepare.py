@@ -32,7 +32,8 @@ def prepare_fashion_mnist(out, source: Path = FASHION_MNIST_DIR, limit: int | No
         return out
     if not source.is_dir():
         raise FileNotFoundError(f"{source} not found: install Debian's dataset-fashion-mnist "
-                                "(apt-get install dataset-fashion-mnist)")
+                                "(apt-get install dataset-fashion-mnist), or try the package "
+                                "with `directclr prepare synthetic`")
     for split, prefix in FASHION_MNIST_SPLITS.items():
         images = _read_idx(source / f"{prefix}-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
         labels = _read_idx(source / f"{prefix}-labels-idx1-ubyte.gz", 8)
@@ -52,9 +53,30 @@ def prepare_fashion_mnist(out, source: Path = FASHION_MNIST_DIR, limit: int | No
     return out
 
 
+# One pattern family per class, so that a probe has something to find; the orientation of each
+# survives the recipe's crops and flips, and its colours and frequency vary per image.
+PATTERNS = ("vertical stripes", "horizontal stripes", "rings", "checks")
+VAL_SEED_OFFSET = 2 ** 32  # validation images come from another stream than any training seed
+
+
+def _pattern(kind: int, xs: np.ndarray, ys: np.ndarray, freq: float, phase: float) -> np.ndarray:
+    """A field in [-1, 1] of the class's family; classes beyond PATTERNS repeat them at a
+    higher frequency band."""
+    freq *= 1 + kind // len(PATTERNS)
+    if PATTERNS[kind % len(PATTERNS)] == "vertical stripes":
+        return np.sin(2 * np.pi * freq * xs + phase)
+    if PATTERNS[kind % len(PATTERNS)] == "horizontal stripes":
+        return np.sin(2 * np.pi * freq * ys + phase)
+    if PATTERNS[kind % len(PATTERNS)] == "rings":
+        radius = np.hypot(xs - xs.mean(), ys - ys.mean())
+        return np.sin(2 * np.pi * freq * radius + phase)
+    return np.sin(2 * np.pi * freq * xs + phase) * np.sin(2 * np.pi * freq * ys)
+
+
 def prepare_synthetic(out, n: int, classes: int = 4, seed: int = 0, min_side: int = 160,
                       max_side: int = 480, progress: bool = True) -> Path:
-    """n colourful JPEGs of varied sizes in `classes` folders (for tests and benchmarks)."""
+    """n JPEGs of varied sizes in `classes` folders: image i is of class i % classes, a pattern
+    of that class's family (PATTERNS) in random colours, with noise."""
     if n < classes:
         raise ValueError(f"n must be >= classes ({classes}), got {n}")
     out = Path(out)
@@ -63,15 +85,26 @@ def prepare_synthetic(out, n: int, classes: int = 4, seed: int = 0, min_side: in
         (out / f"class_{c:03d}").mkdir(parents=True, exist_ok=True)
     for i in _progress(range(n), "synthetic", progress):
         height, width = rng.integers(min_side, max_side + 1, size=2)
-        # Smooth colour gradients plus noise: real-looking statistics, compressible as JPEG.
-        ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-        phase = rng.uniform(0, 2 * np.pi, size=3)
-        freq = rng.uniform(2, 12, size=3) / max(height, width)
-        channels = [127 + 100 * np.sin(freq[k] * (xs + 0.7 * ys) * 2 * np.pi + phase[k])
-                    for k in range(3)]
-        pixels = np.stack(channels, axis=-1) + rng.normal(0, 12, size=(height, width, 3))
+        ys, xs = np.mgrid[0:height, 0:width].astype(np.float32) / max(height, width)
+        field = _pattern(i % classes, xs, ys, rng.uniform(2, 6), rng.uniform(0, 2 * np.pi))
+        colour = rng.uniform(-100, 100, size=3)  # per channel: the pattern's contrast and sign
+        pixels = 127 + field[..., None] * colour + rng.normal(0, 12, size=(height, width, 3))
         image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
         _atomic_save(image, out / f"class_{i % classes:03d}" / f"{i:06d}.jpg", quality=90)
+    return out
+
+
+def prepare_synthetic_splits(out, train: int, val: int, classes: int = 4, seed: int = 0,
+                             min_side: int = 160, max_side: int = 480,
+                             progress: bool = True) -> Path:
+    """out/train and out/val of prepare_synthetic, from independent draws: a quick start's
+    dataset for pretrain, probe and spectrum."""
+    if val < classes:
+        raise ValueError(f"--val {val} must be at least --classes ({classes})")
+    out = Path(out)
+    sides = {"min_side": min_side, "max_side": max_side, "progress": progress}
+    prepare_synthetic(out / "train", train, classes, seed, **sides)
+    prepare_synthetic(out / "val", val, classes, seed + VAL_SEED_OFFSET, **sides)
     return out
 
 
