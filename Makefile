@@ -27,6 +27,7 @@ build: $(INSTALLED)
 	$(BIN)/python -m directclr info --build
 
 test: build
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 
 # A short DirectCLR run on Fashion-MNIST (resnet18, 32 px, d0 = 90 of 512), a few minutes on 2
@@ -61,7 +62,7 @@ reproduce: build
 # spills, loads, tensor instructions, issue per logit), its work counted under the interpreter,
 # and an estimate against eager PyTorch -> bench/results/gpu_static.jsonl and a table.
 gpu-report: build
-	$(BIN)/python bench/gpu_report.py
+	$(BIN)/python -m directclr.gpu_report
 
 bench: build
 	$(BIN)/python bench/bench_loss.py

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+if __package__:  # imported as bench.bench_data (the tests)
+    from . import common
+else:  # run as a script, python bench/bench_data.py: bench/ is sys.path[0]
+    import common
 
 
 def run_backend(backend, root, device, threads, batch_size, batches, image_size,

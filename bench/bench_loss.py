@@ -23,12 +23,13 @@ import json
 import os
 import resource
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+if __package__:  # imported as bench.bench_loss (the tests)
+    from . import common
+else:  # run as a script, python bench/bench_loss.py: bench/ is sys.path[0]
+    import common
 
 PROVIDERS = ("fused", "reference", "compiled")
 VARIANTS = ("cross", "ntxent")

@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from directclr import SpectrumAccumulator
 
-from directclr import SpectrumAccumulator  # noqa: E402
+if __package__:  # imported as bench.bench_spectrum (the tests)
+    from . import common
+else:  # run as a script, python bench/bench_spectrum.py: bench/ is sys.path[0]
+    import common
 
 
 def providers(z):
@@ -80,7 +81,6 @@ def main(argv=None):
                                      "vs_cov", "status"]))
     print(f"rows appended to {path}")
     return rows
-
 
 try:
     import pytest

@@ -18,21 +18,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from directclr.models import ARCHS
 
-from directclr.models import ARCHS  # noqa: E402
+if __package__:  # imported as bench.bench_train (the tests)
+    from . import common
+else:  # run as a script, python bench/bench_train.py: bench/ is sys.path[0]
+    import common
 
 SYNTHETIC_IMAGES = 2000  # ImageNet-sized JPEGs (300-500 px sides) for the 224 px whole loop
 
 
 def _config(case: dict, data: str, out: str):
-    from directclr.train import Config
+    from directclr.config import Config
     return Config(data=data, out=out, arch=case["arch"], mode=case["mode"], dim=case["dim"],
                   batch_size=case["batch_size"], epochs=1000,
                   max_steps=case["warmup"] + case["steps"], lr=0.1, warmup_epochs=0,
@@ -58,7 +59,7 @@ def model_alone(case: dict) -> dict:
     view1, view2 = (torch.randn(shape, device=device, generator=gen) for _ in range(2))
     labels = torch.randint(0, 10, (cfg.batch_size,), device=device, generator=gen)
     baseline = _memory_now(device)
-    start = None
+    start, values = None, None
     for i in range(case["warmup"] + case["steps"]):
         if i == case["warmup"]:
             if i:

@@ -7,9 +7,9 @@
 # package index), so nothing is installed or built: the CUDA path of directclr needs no native
 # extension. Every step runs under a time budget (seconds below, 345 in all, each cut to what is
 # left of DEADLINE_S) and writes its rows as each case ends, so a timeout loses one case, not the
-# step. The budgets come from the static report's H200 estimates (bench/gpu_report.py, README):
-# fused fwd+bwd at N = 65,536 ~20 ms, the eager reference ~60 ms, so the loss cases cost
-# seconds each beyond Triton's first compile (~10 s a process, cached on disk after).
+# step. The budgets come from the static report's H200 estimates (python -m directclr.gpu_report,
+# docs/kernels.md): fused fwd+bwd at N = 65,536 ~20 ms, the eager reference ~60 ms, so the loss
+# cases cost seconds each beyond Triton's first compile (~10 s a process, cached on disk after).
 #   0. which modules import here (torch, triton, pytest, numpy, torchvision, PIL, nvidia.dali):
 #      a step that needs a missing one is skipped with one line saying so
 #   1. environment facts                                   -> OUT_DIR/gpu_env.json

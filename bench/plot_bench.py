@@ -22,7 +22,7 @@ the panel.
 Not drawn: bench/results/gpu_static.jsonl. Its H200 numbers are static estimates (SASS and a
 roofline, no GPU), at a single N (65,536) in bfloat16, with no compiled provider and no memory:
 one point per variant would not make a line against N, and estimated seconds beside measured
-ones invite a misreading. `python bench/gpu_report.py` prints them as a table.
+ones invite a misreading. `python -m directclr.gpu_report` prints them as a table.
 """
 from __future__ import annotations
 

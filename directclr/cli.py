@@ -12,8 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from .config import (ARCHS, LOADERS, MODES, add_config_flags, bounded, config_from_args,
-                     path_type)
+from .config import ARCHS, LOADERS, MODES, add_config_flags, bounded, config_from_args, path_type
 
 POSITIVE = bounded(int, low=1)
 NON_NEGATIVE = bounded(int, low=0)
@@ -121,7 +120,8 @@ def _add_prepare(commands) -> None:
 def _pretrain(args) -> int:
     import logging
 
-    from .train import RunStopped, pretrain
+    from .preemption import RunStopped
+    from .train import pretrain
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         backbone = pretrain(config_from_args(args))
@@ -172,32 +172,36 @@ def _probe(args) -> None:
           f"wrote {result['path']}")
 
 
-def _add_probe(commands) -> None:
-    p = commands.add_parser("probe", help="linear probe of a pretrained backbone")
+def _add_backbone_flags(p, subvector_help: str, limit_help: str) -> None:
+    """The flags probe and spectrum share: which backbone, which part of r, which images."""
     p.add_argument("--checkpoint", required=True, type=existing_file,
                    help="backbone.pt or a training checkpoint (required)")
+    p.add_argument("--arch", default=None, choices=list(ARCHS),
+                   help="only for a backbone.pt that does not record its arch (default: the "
+                   "one it records)")
+    p.add_argument("--subvector", type=POSITIVE, default=None, metavar="D0", help=subvector_help)
+    p.add_argument("--image-size", type=IMAGE_SIZE, default=None,
+                   help="pixels (default: the size the backbone was trained at)")
+    p.add_argument("--limit", type=POSITIVE, default=None, help=limit_help)
+    p.add_argument("--device", type=device, default=None,
+                   help="cpu, cuda or cuda:N (default: cuda where there is one)")
+
+
+def _add_probe(commands) -> None:
+    p = commands.add_parser("probe", help="linear probe of a pretrained backbone")
+    _add_backbone_flags(p, "probe only r[:, :D0], DirectCLR's subvector (default: all of r)",
+                        "at most this many images per split (default: all)")
     p.add_argument("--data", required=True, type=dataset,
                    help="root with train/ and val/ ImageFolder trees, or 'fashion-mnist' "
                    "(required)")
     p.add_argument("--out", type=output_file, default=None,
                    help="the result's JSON file (default: probe-<checkpoint name>.json beside "
                    "the checkpoint, -d<D0> added with --subvector)")
-    p.add_argument("--arch", default=None, choices=list(ARCHS),
-                   help="only for a backbone.pt that does not record its arch (default: the "
-                   "one it records)")
     p.add_argument("--epochs", type=POSITIVE, default=100, help="passes over train/")
     p.add_argument("--batch-size", type=POSITIVE, default=256, help="images per SGD step")
     p.add_argument("--lr", type=RATE, default=0.1, help="SGD learning rate (cosine decay)")
-    p.add_argument("--subvector", type=POSITIVE, default=None, metavar="D0",
-                   help="probe only r[:, :D0], DirectCLR's subvector (default: all of r)")
-    p.add_argument("--image-size", type=IMAGE_SIZE, default=None,
-                   help="pixels (default: the size the backbone was trained at)")
-    p.add_argument("--limit", type=POSITIVE, default=None,
-                   help="at most this many images per split (default: all)")
     p.add_argument("--num-workers", type=NON_NEGATIVE, default=0,
                    help="loader worker processes; 0: load in this process")
-    p.add_argument("--device", type=device, default=None,
-                   help="cpu, cuda or cuda:N (default: cuda where there is one)")
     p.add_argument("--cache", type=output_dir, default="~/.cache/directclr",
                    help="where --data fashion-mnist is prepared")
     p.set_defaults(run=_probe)
@@ -218,25 +222,14 @@ def _spectrum(args) -> None:
 
 def _add_spectrum(commands) -> None:
     p = commands.add_parser("spectrum", help="embedding spectrum of a trained backbone")
-    p.add_argument("--checkpoint", required=True, type=existing_file,
-                   help="backbone.pt or a training checkpoint (required)")
+    _add_backbone_flags(p, "the spectrum of r[:, :D0] (default: all of r)",
+                        "at most this many images (default: all)")
     p.add_argument("--data", required=True, type=existing_dir,
                    help="an ImageFolder root, e.g. .../val (required)")
     p.add_argument("--out", required=True, type=output_dir,
                    help="where spectrum.json and spectrum.png go (required)")
-    p.add_argument("--arch", default=None, choices=list(ARCHS),
-                   help="only for a backbone.pt that does not record its arch (default: the "
-                   "one it records)")
-    p.add_argument("--subvector", type=POSITIVE, default=None, metavar="D0",
-                   help="the spectrum of r[:, :D0] (default: all of r)")
-    p.add_argument("--image-size", type=IMAGE_SIZE, default=None,
-                   help="pixels (default: the size the backbone was trained at)")
     p.add_argument("--no-normalize", action="store_true",
                    help="skip the L2 normalization of rows (the official script normalizes)")
-    p.add_argument("--limit", type=POSITIVE, default=None,
-                   help="at most this many images (default: all)")
-    p.add_argument("--device", type=device, default=None,
-                   help="cpu, cuda or cuda:N (default: cuda where there is one)")
     p.set_defaults(run=_spectrum)
 
 

@@ -1,4 +1,5 @@
-"""`directclr info`: what is installed, which backends work here, and what fixes each missing one."""
+"""`directclr info`: what is installed, which backends work here, and what fixes each missing
+one."""
 from __future__ import annotations
 
 import importlib.util
@@ -27,7 +28,8 @@ def _cpu_kernels(build: bool) -> tuple[bool, str]:
         missing = native.missing_tools()
         if missing:
             return False, "cannot be built: needs " + " and ".join(missing)
-        return True, f"not built yet: built on first use (or `directclr info --build`) in {path.parent}"
+        return True, ("not built yet: built on first use (or `directclr info --build`) in "
+                      f"{path.parent}")
     try:
         native.load()
     except native.NativeUnavailable as err:
@@ -95,7 +97,8 @@ def report(build: bool = False) -> tuple[list[str], bool]:
     import torch
     versions = {package: _version(package) for package in PACKAGES}
     versions["torch"] = torch.__version__  # with its build tag, e.g. +cu130 or +cpu
-    lines += [f"  {package:22s} {version or 'not installed'}" for package, version in versions.items()]
+    lines += [f"  {package:22s} {version or 'not installed'}"
+              for package, version in versions.items()]
     cpu_ok, cpu_note = _cpu_kernels(build)
     checks = [("C++ CPU kernels", cpu_ok, cpu_note + ("" if cpu_ok else
                "; meanwhile the loss and spectrum use plain PyTorch on CPU"))]

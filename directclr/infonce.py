@@ -7,11 +7,12 @@ Layers, top to bottom:
   and autograd registered): one op for one process (``group_name=""``) and for a process group
   (its name), so ``torch.compile(fullgraph=True)`` sees one opaque op either way; the collectives
   and the equal-N check run inside it, never traced.
-* ``_forward`` / ``_backward``: normalization, the row/column layout of each variant, the
-  collectives (none without a group).
-* the primitive, per backend: rows Q against columns K, one positive column per row, an optional
-  excluded column per row -> row LSE (and column LSE); backward recomputes tiles from the LSEs.
-  ``cpu``: C++ (``kernels/cpu``, built on first use by ``native``); ``triton``: ``kernels/``.
+* ``_forward`` / ``_backward``: normalization, the row/column ``Layout`` of each variant, the
+  collectives (``directclr.distributed``; none without a group).
+* the primitive, one contract (``Layout``) per backend: rows Q against columns K, one positive and
+  an optional excluded column per row -> row LSE (and column LSE); backward recomputes tiles from
+  the LSEs. ``cpu``: ``kernels/cpu/primitive.py`` (C++ built on first use by ``native``, else
+  plain PyTorch); ``triton``: ``kernels/infonce.py``.
 * ``infonce_reference``: the plain PyTorch formula, which builds the N x N matrix; tests and
   benchmarks compare against it.
 
@@ -30,12 +31,20 @@ import os
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import native
 from .config import VARIANTS
+from .distributed import (
+    all_gather_rows,
+    check_equal_batches,
+    loss_group,
+    merge_col_lse,
+    rank_and_world,
+    reduce_scatter_rows,
+    resolve_group,
+)
+from .kernels.cpu import primitive as cpu_primitive
 from .scaling import scaled_rows
 
 REDUCTIONS = ("mean", "none")
@@ -134,14 +143,7 @@ def _working_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# --------------------------------------------------------------------------- primitive per backend
-# Both backends take subvectors (rows rescaled by powers of two, see _subvector; any strides, the
-# input dtype) with fp32/fp64 inverse row norms
-# and return fp32/fp64 gradients w.r.t. the *normalized* rows and columns:
-#   forward(rows, row_inv, cols, col_inv, pairing, scale, with_cols)
-#       -> row_lse, pos_logit, col_max, col_sum   (column partials over these rows)
-#   backward(rows, row_inv, cols, col_inv, pairing, scale, row_lse, row_w, col_lse, col_w,
-#            with_grad_cols) -> grad_rows, grad_cols
+# --------------------------------------------------------------------------- the primitive
 class Pairing(NamedTuple):
     """Which column is each row's positive, and which (if any) it excludes: both are shifted
     diagonals, so kernels can tell from a tile's position whether it holds any."""
@@ -153,186 +155,48 @@ class Pairing(NamedTuple):
         rows = torch.arange(n_rows, device=device)
         return rows + self.offset + torch.where(rows < self.half, self.half, -self.half)
 
-    def excluded(self, n_rows: int, device) -> Tensor:
-        if self.excl_offset < 0:
-            return torch.full((n_rows,), -1, dtype=torch.int64, device=device)
-        return torch.arange(n_rows, device=device) + self.excl_offset
 
+class Layout(NamedTuple):
+    """One rank's operands of the primitive (``_layout``): rows Q against columns K.
 
-class _CpuPrimitive:
-    """C++ kernels (torch.ops.directclr_cpu) on rows and columns that come normalized and
-    contiguous in the working dtype (``_subvectors(unit=True)``; row_inv and col_inv, the inverse
-    norms the Triton kernels apply in their tiles, are not used); where the kernels cannot be
-    built (no compiler: see ``native``), the same contract in plain PyTorch over the whole M x C
-    logits (``_dense_lse_forward``/``_dense_lse_backward``)."""
-
-    @staticmethod
-    def _columns(rows, pairing):
-        """Each row's positive and excluded column (-1: none), as the kernels take them."""
-        return (pairing.positives(rows.shape[0], rows.device),
-                pairing.excluded(rows.shape[0], rows.device))
-
-    @classmethod
-    def lse_forward(cls, rows, _row_inv, cols, _col_inv, pairing, scale, with_cols):
-        kernel = torch.ops.directclr_cpu.lse_forward if native.available() else _dense_lse_forward
-        return kernel(rows, cols, *cls._columns(rows, pairing), scale, with_cols)
-
-    @classmethod
-    def lse_backward_into(cls, rows, _row_inv, cols, _col_inv, pairing, scale, row_lse, row_w,
-                          col_lse, col_w, grad_row_blocks, grad_cols):
-        """Writes the rows' gradient into ``grad_row_blocks`` (outputs for consecutive blocks of
-        rows: one per view, which may be the first columns of z's gradients) and, if grad_cols
-        has rows, the columns' gradient into it. Row blocks are independent (each row's LSE and
-        weight are given), so a block at a time costs no extra products; but ntxent on one
-        process (the columns are the rows, the column terms the row terms) goes in one call
-        over all blocks, which skips the mirror tiles of its symmetric G."""
-        pos, excl = cls._columns(rows, pairing)
-        symmetric = (cols is rows and col_lse is row_lse and col_w is row_w
-                     and pairing.offset == pairing.excl_offset == 0 and not grad_cols.shape[0])
-        if symmetric and native.available():  # ntxent on one process: G is symmetric
-            torch.ops.directclr_cpu.lse_backward_symmetric(rows, pos, scale, row_lse, row_w,
-                                                           grad_row_blocks)
-            return
-        kernel = (torch.ops.directclr_cpu.lse_backward if native.available()
-                  else _dense_lse_backward)
-        first = 0
-        for index, block in enumerate(grad_row_blocks):
-            mine = slice(first, first + block.shape[0])
-            first = mine.stop
-            kernel(rows[mine], cols, pos[mine], excl[mine], scale, row_lse[mine], row_w[mine],
-                   col_lse, col_w, block, grad_cols if index == 0 else grad_cols[:0])
-
-
-def _dense_logits(rows: Tensor, cols: Tensor, excl: Tensor, scale: float) -> Tensor:
-    logits = (rows @ cols.T).mul_(scale)
-    kept = excl >= 0
-    logits[torch.arange(rows.shape[0])[kept], excl[kept]] = float("-inf")
-    return logits
-
-
-def _dense_lse_forward(rows, cols, pos, excl, scale, with_cols):
-    logits = _dense_logits(rows, cols, excl, scale)
-    pos_logit = logits[torch.arange(rows.shape[0]), pos]
-    if not with_cols:
-        empty = logits.new_empty(0)
-        return torch.logsumexp(logits, 1), pos_logit, empty, empty
-    col_max = logits.amax(0)
-    return torch.logsumexp(logits, 1), pos_logit, col_max, (logits - col_max).exp().sum(0)
-
-
-def _dense_lse_backward(rows, cols, pos, excl, scale, row_lse, row_w, col_lse, col_w,
-                        grad_rows, grad_cols):
-    logits = _dense_logits(rows, cols, excl, scale)
-    row_w, col_w = row_w.to(rows.dtype), col_w.to(rows.dtype)
-    grad_logits = (logits - row_lse.to(rows.dtype).unsqueeze(1)).exp() * row_w.unsqueeze(1)
-    positive = row_w
-    if col_lse.numel():
-        grad_logits += (logits - col_lse.to(rows.dtype).unsqueeze(0)).exp() * col_w.unsqueeze(0)
-        positive = row_w + col_w[pos]
-    grad_logits[torch.arange(rows.shape[0]), pos] -= positive
-    torch.mm(grad_logits, cols, out=grad_rows).mul_(scale)
-    if grad_cols.shape[0]:
-        torch.mm(grad_logits.T, rows, out=grad_cols).mul_(scale)
+    rows: (M, dim) Q, ``_subvectors``' v: cross, z1's rows; ntxent, z1's then z2's.
+    row_inv: (M,) 1 / max(|v|, eps) of each row, in the working dtype.
+    cols: (C, dim) K, gathered over the ranks in rank order: each rank's z2 (cross), its rows
+        (ntxent; on one process ``rows`` itself, the CPU backend's cue that G is symmetric).
+    col_inv: (C,) the columns' inverse norms.
+    pairing: each row's positive and excluded column (``Pairing``).
+    """
+    rows: Tensor
+    row_inv: Tensor
+    cols: Tensor
+    col_inv: Tensor
+    pairing: Pairing
 
 
 def _primitive(backend: str):
+    """The module of a backend's primitive (cpu: kernels/cpu/primitive.py, triton:
+    kernels/infonce.py). All keep one contract; S = scale * Q_hat K_hat^T, excluded entries
+    removed; vectors and (rows, dim) buffers in the working dtype:
+
+    UNIT_ROWS: whether the layout's rows and columns come normalized, contiguous, in the working
+        dtype (row_inv, col_inv unused), or as v in z's dtype, any strides.
+    STRIDED_OUT: whether buffers of any row stride (z's gradients' own first columns) cost no
+        copy; else contiguous ones, several row blocks consecutive in one buffer.
+    lse_forward(layout, scale, with_cols) -> (row_lse, pos_logit, col_max, col_sum): each row's
+        LSE and S_i,pos_i; with_cols, each column's (max, sum exp(S - max)) over these rows, which
+        ``merge_col_lse`` merges across ranks (else both empty).
+    lse_backward(layout, scale, row_lse, row_w, col_lse, col_w, out_rows, out_cols) -> None: the
+        gradient w.r.t. Q_hat, K_hat of sum_i row_w_i (row_lse_i - S_i,pos_i) + sum_j col_w_j
+        (col_lse_j - S_pos^-1(j),j) (no column term if col_lse is empty) overwrites out_rows
+        (consecutive row blocks covering the rows, one per view) and, if it has rows, out_cols.
+        Written, not returned: so no backend copies an N x dim gradient (the CPU kernels write
+        into z's gradients, the Triton kernels where they would allocate)."""
     if backend == "cpu":
-        return _CpuPrimitive
-    if backend == "triton":
+        return cpu_primitive
+    if backend == "triton":  # imported here: triton is optional, the CPU path never needs it
         from .kernels import infonce as triton_infonce
         return triton_infonce
     raise ValueError(f"backend {backend!r} has no fused primitive")
-
-
-# --------------------------------------------------------------------------- collectives
-def _resolve_group(group_name: str):
-    """The process group the ops take by name (a str, which custom ops and dynamo pass through
-    as a constant); "" is None: this process's rows alone, no collectives."""
-    if not group_name:
-        return None
-    return dist.distributed_c10d._resolve_process_group(group_name)
-
-
-def _world(group) -> tuple[int, int]:
-    if group is None:
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
-def _nccl(x: Tensor, group) -> bool:
-    """NCCL's tensor collectives apply (the backend may read "cpu:gloo,cuda:nccl")."""
-    return x.is_cuda and "nccl" in str(dist.get_backend(group))
-
-
-def _all_gather_rows(x: Tensor, group) -> Tensor:
-    world = _world(group)[1]
-    if world == 1:
-        return x
-    x = x.contiguous()
-    out = x.new_empty((world * x.shape[0], *x.shape[1:]))
-    if _nccl(x, group):
-        dist.all_gather_into_tensor(out, x, group=group)
-    else:  # gloo has no all_gather_into_tensor; chunks of a contiguous tensor are contiguous
-        dist.all_gather(list(out.chunk(world)), x, group=group)
-    return out
-
-
-def _reduce_scatter_rows(x: Tensor, group) -> Tensor:
-    """Sum over ranks, then keep this rank's block of rows."""
-    rank, world = _world(group)
-    if world == 1:
-        return x
-    x = x.contiguous()
-    block = x.shape[0] // world
-    if _nccl(x, group):
-        out = x.new_empty((block, *x.shape[1:]))
-        dist.reduce_scatter_tensor(out, x, group=group)
-        return out
-    dist.all_reduce(x, group=group)  # gloo has no reduce_scatter
-    return x[rank * block:(rank + 1) * block]
-
-
-def _merge_col_lse(col_max: Tensor, col_sum: Tensor, group) -> Tensor:
-    """Combines per-rank partial column log-sum-exps: exact, O(columns) traffic."""
-    if _world(group)[1] > 1:
-        global_max = col_max.clone()
-        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
-        col_sum = col_sum * (col_max - global_max).exp()
-        dist.all_reduce(col_sum, group=group)
-        col_max = global_max
-    return col_max + col_sum.log()
-
-
-# (local N, process group name) pairs this process has seen to be every rank's N.
-_EQUAL_BATCHES_SEEN: set = set()
-
-
-def _check_equal_batches(n: int, device: torch.device, group_name: str) -> None:
-    """Every rank must pass the same N. The check is an all-gather read on the host (a sync), so
-    it runs once per (N, group) in each process, not on every step. It runs in the op's body
-    (eagerly, also under torch.compile, which sees only the op).
-
-    Caught: unequal N on a call where every rank's (N, group) is new to it, as on the first step,
-    or on a short last batch that every rank reaches at once. Not caught here: ranks that
-    disagree on whether their N is known (one at a new N runs this all-gather while the others
-    start the loss's own collectives), nor ranks at different N all known from earlier steps.
-    Either way the ranks' collectives no longer match: gloo aborts on the mismatched sizes
-    ("Received data size doesn't match expected size"), NCCL may hang until its timeout or compute
-    garbage; TORCH_DISTRIBUTED_DEBUG=DETAIL makes torch compare every collective's shapes across
-    ranks and raise instead. A DistributedSampler pads every rank to the same number of samples,
-    so ranks reach a short last batch together and it is checked like the first.
-    """
-    key = (n, group_name)
-    if key in _EQUAL_BATCHES_SEEN:
-        return
-    group = _resolve_group(group_name)
-    world = _world(group)[1]
-    sizes = torch.tensor([n], device=device)
-    gathered = _all_gather_rows(sizes, group).tolist()
-    if len(set(gathered)) != 1:
-        raise ValueError(f"z1 must have the same number of rows on every rank, got {gathered} "
-                         f"across {world} ranks")
-    _EQUAL_BATCHES_SEEN.add(key)
 
 
 # --------------------------------------------------------------------------- the algorithm
@@ -372,33 +236,28 @@ def _remove_radial(grad_unit: Tensor, sub: Tensor, sub_inv_norm: Tensor | float,
     grad_unit.mul_(inv_norm_grad.unsqueeze(1))
 
 
-def _layout(sub, inv, variant: str, group):
-    """Rows and gathered columns (each with inverse norms) and their Pairing, for one rank, from
-    ``_subvectors``' tensors. ntxent: rank r's block of the gathered columns is [a_r; b_r]."""
-    rank, world = _world(group)
+def _layout(sub, inv, variant: str, group) -> Layout:
+    """One rank's rows and gathered columns, from ``_subvectors``' tensors. ntxent: rank r's block
+    of the gathered columns is [a_r; b_r]."""
+    rank = rank_and_world(group)[0]
     n = sub.shape[0] // 2
     if variant == "cross":
-        rows, row_inv = sub[:n], inv[:n]
-        cols, col_inv = _all_gather_rows(sub[n:], group), _all_gather_rows(inv[n:], group)
-        pairing = Pairing(rank * n, 0, -1)
-    else:
-        rows, row_inv = sub, inv
-        cols, col_inv = _all_gather_rows(rows, group), _all_gather_rows(row_inv, group)
-        pairing = Pairing(rank * 2 * n, n, rank * 2 * n)
-    return rows, row_inv, cols, col_inv, pairing
+        return Layout(sub[:n], inv[:n], all_gather_rows(sub[n:], group),
+                      all_gather_rows(inv[n:], group), Pairing(rank * n, 0, -1))
+    return Layout(sub, inv, all_gather_rows(sub, group), all_gather_rows(inv, group),
+                  Pairing(rank * 2 * n, n, rank * 2 * n))
 
 
 def _forward(z1, z2, dim, temperature, variant, backend, group):
     """Per-pair losses of this rank's rows, and the LSEs that backward needs."""
-    sub, inv, _, _ = _subvectors(z1, z2, dim, unit=backend == "cpu")
-    layout = _layout(sub, inv, variant, group)
-    row_lse, pos_logit, col_max, col_sum = _primitive(backend).lse_forward(
-        *layout, 1.0 / temperature, variant == "cross")
+    primitive = _primitive(backend)
+    sub, inv, _, _ = _subvectors(z1, z2, dim, primitive.UNIT_ROWS)
+    row_lse, pos_logit, col_max, col_sum = primitive.lse_forward(
+        _layout(sub, inv, variant, group), 1.0 / temperature, variant == "cross")
     n = z1.shape[0]
     if variant == "cross":
-        col_lse = _merge_col_lse(col_max, col_sum, group)
-        rank = _world(group)[0]
-        own_col_lse = col_lse[rank * n:(rank + 1) * n]
+        col_lse = merge_col_lse(col_max, col_sum, group)
+        own_col_lse = col_lse.split(n)[rank_and_world(group)[0]]  # this rank's z2 rows
         loss = 0.5 * ((row_lse - pos_logit) + (own_col_lse - pos_logit))
     else:
         col_lse = col_max  # empty: ntxent's column LSEs are the gathered row LSEs (backward)
@@ -409,39 +268,38 @@ def _forward(z1, z2, dim, temperature, variant, backend, group):
 
 def _backward(grad, z1, z2, row_lse, col_lse, dim, temperature, variant, backend, group):
     """Gradients w.r.t. z1, z2 of sum_i grad_i * loss_i, summed over all ranks' losses."""
-    unit = backend == "cpu"
-    sub, inv, inv_grad, scale = _subvectors(z1, z2, dim, unit)
+    primitive = _primitive(backend)
+    sub, inv, inv_grad, scale = _subvectors(z1, z2, dim, primitive.UNIT_ROWS)
     layout = _layout(sub, inv, variant, group)
     half = 0.5 * grad.to(row_lse.dtype).contiguous()  # each pair's loss averages two terms
     row_w = half if variant == "cross" else torch.cat([half, half])
-    col_w = _all_gather_rows(row_w if variant == "ntxent" else half, group)
+    col_w = all_gather_rows(row_w if variant == "ntxent" else half, group)
     if variant == "ntxent":  # S is symmetric: column j's LSE is row j's
-        col_lse = _all_gather_rows(row_lse, group)
-    # cross: local rows only see their part of each column's gradient -> sum over ranks.
-    # ntxent: G + G^T on local rows is complete (S symmetric), no column gradient needed.
-    n = z1.shape[0]
-    cross = variant == "cross"
+        col_lse = all_gather_rows(row_lse, group)
+    n, work = z1.shape[0], _working_dtype(z1.dtype)
+    cross, world = variant == "cross", rank_and_world(group)[1]
     grad_z = [torch.empty(z.shape, dtype=z.dtype, device=z.device) for z in (z1, z2)]
     for z_grad in grad_z:  # the first dim columns are all written below
         z_grad[:, dim:].zero_()
-    if unit:
-        # The kernels write each view's (N, dim) gradient into the first columns of z's own
-        # gradient where z is in the working dtype: no N x dim buffers beside them.
-        grads = [g[:, :dim] if g.dtype == sub.dtype else sub.new_empty(n, dim) for g in grad_z]
-        world = _world(group)[1]
-        grad_cols = (sub[:0] if not cross  # none: see above
-                     else grads[1] if world == 1 else sub.new_empty(world * n, dim))
-        _CpuPrimitive.lse_backward_into(*layout, 1.0 / temperature, row_lse, row_w, col_lse,
-                                        col_w, grads[:1] if cross else grads, grad_cols)
-        if cross and world > 1:
-            grads[1].copy_(_reduce_scatter_rows(grad_cols, group))
+    # The views whose gradient the primitive writes (cross over several ranks: the rows' alone),
+    # into z's gradients where the backend can (no N x dim buffers beside them), else one buffer.
+    views = 1 if cross and world > 1 else 2
+    if primitive.STRIDED_OUT and z1.dtype == work:
+        grads = [z_grad[:, :dim] for z_grad in grad_z[:views]]
     else:
-        grad_rows, grad_cols = _primitive(backend).lse_backward(
-            *layout, 1.0 / temperature, row_lse, row_w, col_lse, col_w, cross)
-        grads = ([grad_rows, _reduce_scatter_rows(grad_cols, group)] if cross
-                 else list(grad_rows.split(n)))
+        grads = list(torch.empty((views * n, dim), dtype=work, device=z1.device).split(n))
+    if cross:  # local rows only see their part of each column's gradient: summed over ranks
+        out_rows = grads[:1]
+        out_cols = grads[1] if world == 1 else sub.new_empty((world * n, dim), dtype=work)
+    else:  # G + G^T on local rows is complete (S symmetric): no column gradient
+        out_rows, out_cols = grads, sub.new_empty((0, dim), dtype=work)
+    primitive.lse_backward(layout, 1.0 / temperature, row_lse, row_w, col_lse, col_w, out_rows,
+                           out_cols)
+    if views == 1:
+        grads.append(reduce_scatter_rows(out_cols, group))
     for grad_sub, z_grad, rows in zip(grads, grad_z, (slice(0, n), slice(n, 2 * n))):
-        _remove_radial(grad_sub, sub[rows], 1.0 if unit else inv[rows], inv_grad[rows])
+        _remove_radial(grad_sub, sub[rows], 1.0 if primitive.UNIT_ROWS else inv[rows],
+                       inv_grad[rows])
         # 1/s last: for a huge row the quotient is the (tiny) gradient itself, with no factor
         # 1/(s |v|) rounded on the way. (grad_sub may be z_grad's own first columns.)
         torch.div(grad_sub, scale[rows].unsqueeze(1), out=z_grad[:, :dim])
@@ -456,7 +314,7 @@ def _fake_outputs(z1: Tensor, variant: str, group_name: str) -> tuple[Tensor, Te
     n = z1.shape[0]
     work = _working_dtype(z1.dtype)
     rows = n if variant == "cross" else 2 * n
-    cols = n * _world(_resolve_group(group_name))[1] if variant == "cross" else 0
+    cols = n * rank_and_world(resolve_group(group_name))[1] if variant == "cross" else 0
     return (z1.new_empty(n, dtype=work), z1.new_empty(rows, dtype=work),
             z1.new_empty(cols, dtype=work))
 
@@ -467,9 +325,9 @@ def _infonce_op(z1: Tensor, z2: Tensor, dim: int, temperature: float, variant: s
     """Fused InfoNCE of this process's rows: (per-pair loss, row LSE, column LSE). With a
     ``group_name``, the rows are this rank's block of the group's global batch (every rank of the
     group calls it with the same N, checked once per (N, group)); with "", the batch is z1, z2."""
-    group = _resolve_group(group_name)
+    group = resolve_group(group_name)
     if group is not None:
-        _check_equal_batches(z1.shape[0], z1.device, group_name)
+        check_equal_batches(z1.shape[0], z1.device, group_name)
     return _forward(z1, z2, dim, temperature, variant, backend, group)
 
 
@@ -484,7 +342,7 @@ def _infonce_backward_op(grad: Tensor, z1: Tensor, z2: Tensor, row_lse: Tensor, 
                          group_name: str = "") -> tuple[Tensor, Tensor]:
     """Gradients w.r.t. z1, z2; with a group, of the sum over all its ranks' losses."""
     return _backward(grad, z1, z2, row_lse, col_lse, dim, temperature, variant, backend,
-                     _resolve_group(group_name))
+                     resolve_group(group_name))
 
 
 @_infonce_backward_op.register_fake
@@ -512,27 +370,6 @@ _infonce_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------- public API
-def _gather_group(gather, group):
-    """The process group the loss covers (None: this process's rows alone, no collectives), from
-    ``gather`` and ``group`` as ``infonce`` documents them; raises on a contradiction."""
-    if gather is not None and not isinstance(gather, bool):
-        raise TypeError(f"gather must be None, True or False, got {gather!r}")
-    if gather is False:
-        if group is not None:
-            raise ValueError("group and gather=False contradict each other: gather=False is the "
-                             "loss over this rank's rows alone, with no process group; pass "
-                             "gather=True (or None) with group, or drop group")
-        return None
-    if group is None and dist.is_available() and dist.is_initialized():
-        group = dist.group.WORLD
-    if group is None:
-        if gather:
-            raise ValueError("gather=True needs a process group: initialize torch.distributed "
-                             "or pass group= (gather=False is the loss over this process's rows)")
-        return None
-    return None if dist.get_world_size(group) == 1 else group
-
-
 def infonce(z1: Tensor, z2: Tensor, dim: int | None = 360, temperature: float = 0.1,
             variant: str = "cross", reduction: str = "mean", backend: str = "auto",
             group=None, gather: bool | None = None) -> Tensor:
@@ -565,8 +402,8 @@ def infonce(z1: Tensor, z2: Tensor, dim: int | None = 360, temperature: float = 
 
             With gather, *every rank of the group must call infonce, with the same N*: it runs
             collectives (a rank that does not call it leaves the others waiting). Equal N is
-            checked the first time a process sees an N (see ``_check_equal_batches`` for what
-            that catches).
+            checked the first time a process sees an N (what that catches:
+            ``directclr.distributed.check_equal_batches``).
 
     Returns:
         Without gather, the loss of the N pairs (``"mean"``) or their N losses (``"none"``).
@@ -578,7 +415,7 @@ def infonce(z1: Tensor, z2: Tensor, dim: int | None = 360, temperature: float = 
         yields exactly the gradient of the global loss.
     """
     dim = _check_args(z1, z2, dim, temperature, variant, reduction, backend)
-    group = _gather_group(gather, group)
+    group = loss_group(gather, group)
     backend = _resolve_backend(backend, z1)
     temperature = float(temperature)
     if backend == "reference":

@@ -8,6 +8,7 @@ from torchvision import models as tv_models
 from torchvision.models.resnet import BasicBlock
 
 from .config import ARCHS, MODES
+from .distributed import sum_over_ranks
 
 SIMCLR_OUT = 128  # SimCLR's projector output width
 SMALL_IMAGE_MAX = 64  # pixels; up to this size the backbone gets the CIFAR stem
@@ -21,17 +22,17 @@ def stem_for(image_size: int) -> str:
     return "cifar" if image_size <= SMALL_IMAGE_MAX else "imagenet"
 
 
-def describe_backbone(state: dict, **description) -> dict:
+def attach_description(state: dict, **description) -> dict:
     """`state` (a state_dict) carrying `description` (arch, stem, image_size, mode, dim...)."""
     metadata = getattr(state, "_metadata", None)
     if metadata is None:
-        raise TypeError("describe_backbone takes a module's state_dict()")
+        raise TypeError("attach_description takes a module's state_dict()")
     metadata[""] = {**metadata.get("", {}), DESCRIPTION_KEY: dict(description)}
     return state
 
 
-def backbone_description(state: dict) -> dict:
-    """What describe_backbone stored in `state`; {} for a state dict without it."""
+def read_description(state: dict) -> dict:
+    """What attach_description stored in `state`; {} for a state dict without it."""
     return dict(getattr(state, "_metadata", {}).get("", {}).get(DESCRIPTION_KEY, {}))
 
 
@@ -130,26 +131,6 @@ def build_projector(mode: str, width: int, dim: int,
     return Diagonal(width), None
 
 
-@torch.library.custom_op("directclr::sum_over_ranks", mutates_args=())
-def _sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
-    """All-reduce (sum) over the default process group whose backward is again a sum over ranks
-    (every rank's loss depends on every rank's contribution). An op that torch.compile keeps
-    opaque: as an autograd.Function with an in-place all_reduce, torch 2.11's compile lost the
-    backward's sum, and compiled DDP training on gloo drifted from eager from its second step
-    (torch 2.14 traced it right)."""
-    total = tensor.clone()
-    dist.all_reduce(total)
-    return total
-
-
-@_sum_over_ranks.register_fake
-def _(tensor):
-    return torch.empty_like(tensor)
-
-
-_sum_over_ranks.register_autograd(lambda ctx, grad: _sum_over_ranks(grad))
-
-
 class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """Batch norm over the global batch of all ranks, for CPU process groups (gloo), where
     torch's SyncBatchNorm does not run. The per-channel sums (with the sample count), then the
@@ -167,7 +148,7 @@ class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         self._check_input_dim(x)
         reduce_dims = [0] + list(range(2, x.dim()))
         count = x.new_tensor([x.numel() // x.shape[1]])
-        sums = _sum_over_ranks(torch.cat([x.sum(reduce_dims), count]))
+        sums = sum_over_ranks(torch.cat([x.sum(reduce_dims), count]))
         total = sums[-1].detach()
         if total <= 1:  # the same global count on every rank, so every rank raises
             raise ValueError("CpuSyncBatchNorm: expected more than 1 value per channel over all "
@@ -175,7 +156,7 @@ class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         mean = sums[:-1] / total
         shape = [1, -1] + [1] * (x.dim() - 2)
         centered = x - mean.view(shape)
-        var = _sum_over_ranks(centered.square().sum(reduce_dims)) / total
+        var = sum_over_ranks(centered.square().sum(reduce_dims)) / total
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)

@@ -1,7 +1,9 @@
 """Linear probe of a pretrained backbone, the recipe's protocol: frozen backbone in eval mode, a
 linear layer initialized N(0, 0.01), SGD (momentum 0.9, lr 0.1, weight decay 1e-6), batch 256,
 cosine schedule; train with RandomResizedCrop + flip, validate on Resize + CenterCrop; the best
-validation top-1 is the result. ``--subvector`` probes only r[:, :d0].
+validation top-1 is the result. ``--subvector`` probes only r[:, :d0]. The head's training
+(``train_linear_head``) is shared with the reproduction's probe on features computed once
+(``directclr.reproduce.evaluation.feature_probe``).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from torchvision import transforms as T
 from .data.recipe import IMAGENET_MEAN, IMAGENET_STD
 from .data.workers import worker_args
 from .files import atomic_write, load_verified
-from .models import backbone_description, build_backbone
+from .models import build_backbone, read_description
 
 
 def load_backbone(checkpoint, arch: str | None = None) -> tuple[nn.Module, dict]:
@@ -40,7 +42,7 @@ def load_backbone(checkpoint, arch: str | None = None) -> tuple[nn.Module, dict]
         state = {k[len("backbone."):]: v for k, v in state["model"].items()
                  if k.startswith("backbone.")}
     else:
-        description = backbone_description(state)
+        description = read_description(state)
     recorded = description.get("arch")
     if arch is not None and recorded not in (None, arch):
         raise ValueError(f"--arch {arch}, but {path} holds a {recorded} backbone (drop --arch)")
@@ -69,7 +71,9 @@ def _stem_of(state: dict) -> str:
     return "cifar" if first_conv is not None and first_conv.shape[-1] == 3 else "imagenet"
 
 
-def _transforms(image_size: int):
+def probe_transforms(image_size: int):
+    """The probe's (train, validation) transforms: RandomResizedCrop + flip, and Resize +
+    CenterCrop, both normalized with ImageNet's mean and std."""
     normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     train = T.Compose([T.RandomResizedCrop(image_size, interpolation=T.InterpolationMode.BICUBIC),
                        T.RandomHorizontalFlip(), *normalize])
@@ -79,7 +83,9 @@ def _transforms(image_size: int):
     return train, val
 
 
-def _split(root: Path, transform, limit: int | None, seed: int):
+def load_split(root: Path, transform, limit: int | None, seed: int):
+    """An ImageFolder split and its number of classes: all of it, or a seeded random subset of
+    `limit` images (folders are sorted by class, so a prefix would be one class)."""
     folder = datasets.ImageFolder(root, transform=transform)
     if limit is not None and limit < len(folder):
         keep = torch.randperm(len(folder), generator=torch.Generator().manual_seed(seed))[:limit]
@@ -91,6 +97,79 @@ def _split(root: Path, transform, limit: int | None, seed: int):
 def _features(backbone, images, dim):
     rep = backbone(images)
     return rep[:, :dim] if dim is not None else rep
+
+
+class FeatureBatches:
+    """Features computed once, served as (features, labels) batches: each pass in a new random
+    order drawn from `generator`; without one, in order."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                 generator: torch.Generator | None = None):
+        self.features, self.labels = features, labels
+        self.batch_size, self.generator = batch_size, generator
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.features) / self.batch_size)
+
+    def __iter__(self):
+        count = len(self.features)
+        order = (torch.arange(count) if self.generator is None
+                 else torch.randperm(count, generator=self.generator))
+        for start in range(0, count, self.batch_size):
+            rows = order[start:start + self.batch_size]
+            yield self.features[rows], self.labels[rows]
+
+
+class EmbeddedBatches:
+    """Images embedded by a frozen backbone batch by batch, r or r[:, :dim]: each pass draws the
+    loader's order and augmentations afresh."""
+
+    def __init__(self, loader: DataLoader, backbone: nn.Module, dim: int | None = None,
+                 device: str = "cpu"):
+        self.loader, self.backbone, self.dim, self.device = loader, backbone, dim, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            yield (_features(self.backbone, images.to(self.device), self.dim),
+                   labels.to(self.device))
+
+
+def train_linear_head(train, val, in_dim: int, classes: int, *, epochs: int, lr: float = 0.1,
+                      weight_decay: float = 1e-6, generator: torch.Generator | None = None,
+                      device: str = "cpu", progress: bool = False) -> list[float]:
+    """The linear probe's head, the recipe's protocol: a linear layer initialized N(0, 0.01)
+    (from `generator`; None: torch's global RNG), SGD (momentum 0.9), a cosine schedule over
+    every step, one pass over `train` an epoch; returns the validation top-1 (correct / total
+    over `val`) after each epoch. `train` and `val` are sized iterables of (features, labels)
+    batches: FeatureBatches (features computed once) or EmbeddedBatches (images embedded each
+    epoch, with the loader's augmentation)."""
+    head = nn.Linear(in_dim, classes).to(device)
+    nn.init.normal_(head.weight, std=0.01, generator=generator)
+    nn.init.zeros_(head.bias)
+    optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9,
+                                weight_decay=weight_decay)
+    steps = epochs * len(train)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / max(1, steps))))
+    from tqdm import tqdm
+    history = []
+    for _ in tqdm(range(epochs), desc="probe", disable=not progress):
+        for features, labels in train:
+            loss = F.cross_entropy(head(features), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        correct = total = 0
+        with torch.no_grad():
+            for features, labels in val:
+                correct += (head(features).argmax(1) == labels).sum().item()
+                total += len(labels)
+        history.append(correct / total)
+    return history
 
 
 def linear_probe(checkpoint, data, *, arch: str | None = None, epochs: int = 100,
@@ -115,39 +194,16 @@ def linear_probe(checkpoint, data, *, arch: str | None = None, epochs: int = 100
     if subvector is not None and not 1 <= subvector <= width:
         raise ValueError(f"--subvector {subvector} must be in [1, {width}]")
     backbone = backbone.to(device)
-    train_tf, val_tf = _transforms(image_size)
-    train_set, classes = _split(data / "train", train_tf, limit, seed)
-    val_set, _ = _split(data / "val", val_tf, limit, seed)
+    train_tf, val_tf = probe_transforms(image_size)
+    train_set, classes = load_split(data / "train", train_tf, limit, seed)
+    val_set, _ = load_split(data / "val", val_tf, limit, seed)
     loader_args = dict(batch_size=batch_size, **worker_args(num_workers))
     train_loader = DataLoader(train_set, shuffle=True, drop_last=False, **loader_args)
     val_loader = DataLoader(val_set, shuffle=False, **loader_args)
-    head = nn.Linear(subvector or width, classes).to(device)
-    nn.init.normal_(head.weight, std=0.01)
-    nn.init.zeros_(head.bias)
-    optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9,
-                                weight_decay=weight_decay)
-    steps = epochs * len(train_loader)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / max(1, steps))))
-    from tqdm import tqdm
-    history = []
-    for epoch in tqdm(range(epochs), desc="probe", disable=not progress):
-        head.train()
-        for images, labels in train_loader:
-            logits = head(_features(backbone, images.to(device), subvector))
-            loss = F.cross_entropy(logits, labels.to(device))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-        head.eval()
-        correct = total = 0
-        with torch.no_grad():
-            for images, labels in val_loader:
-                logits = head(_features(backbone, images.to(device), subvector))
-                correct += (logits.argmax(1).cpu() == labels).sum().item()
-                total += len(labels)
-        history.append(correct / total)
+    history = train_linear_head(  # the global RNG, seeded above: the loader's order, the head
+        EmbeddedBatches(train_loader, backbone, subvector, device),
+        EmbeddedBatches(val_loader, backbone, subvector, device), subvector or width, classes,
+        epochs=epochs, lr=lr, weight_decay=weight_decay, device=device, progress=progress)
     result = {"checkpoint": str(checkpoint), "arch": arch, "image_size": image_size,
               "subvector": subvector,
               "epochs": epochs, "top1_best": max(history), "top1_last": history[-1],

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .files import atomic_write
-from .probe import _split, _transforms, default_image_size, load_backbone
+from .probe import default_image_size, load_backbone, load_split, probe_transforms
 from .spectrum import Spectrum, SpectrumAccumulator
 
 log = logging.getLogger("directclr.report")
@@ -30,7 +30,7 @@ def dataset_spectrum(checkpoint, data, *, arch: str | None = None, image_size: i
     if subvector is not None and not 1 <= subvector <= width:
         raise ValueError(f"--subvector {subvector} must be in [1, {width}]")
     backbone = backbone.to(device)
-    dataset, _ = _split(Path(data), _transforms(image_size)[1], limit, seed=0)
+    dataset, _ = load_split(Path(data), probe_transforms(image_size)[1], limit, seed=0)
     acc = SpectrumAccumulator(subvector or width, normalize=normalize)
     from tqdm import tqdm
     for images, _ in tqdm(DataLoader(dataset, batch_size=batch_size), desc="embed",

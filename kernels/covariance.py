@@ -20,7 +20,7 @@ import triton.language as tl
 from .infonce import Config, _operand, _vector_width
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# Chosen from the static report (bench/gpu_report.py): no spills, 16-byte loads.
+# Chosen from the static report (python -m directclr.gpu_report): no spills, 16-byte loads.
 GRAM = Config(8, 3, BLOCK=128, BLOCK_R=16)
 INTERPRETED = Config(4, 1, BLOCK=32, BLOCK_R=64)  # few big tiles: numpy pays per op
 

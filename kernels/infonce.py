@@ -2,7 +2,7 @@
 
 Rows R (M x dim) against columns C (Nc x dim), the caller's ``z[:, :dim]`` in their own dtype
 (bf16/fp16 go to the tensor cores as they are), each row divided by a power of two that keeps its
-values below 2^16 (``directclr.infonce._subvector``), so that no product tile overflows fp32. The
+values below 2^16 (``directclr.infonce._subvectors``), so that no product tile overflows fp32. The
 L2 normalization is fused as a rescaling of each product tile, in base 2 so that the exponentials
 are bare ``exp2``:
 
@@ -28,7 +28,7 @@ backward, one ``exp2`` per logit and pass. Below it, running maxima (two ``exp2`
   written once in the input dtype; dR = G C and dC = G^T R go to cuBLAS, panels added in a
   fixed order. A fused backward at dim 360 would hold 128 x 384 fp32 accumulators per program:
   too many registers, or (at 64 rows) both warpgroups recomputing the same logits; the static
-  report (bench/gpu_report.py) measured 1.33x the tensor work that way.
+  report (python -m directclr.gpu_report) measured 1.33x the tensor work that way.
 
 The positive logit is an O(N dim) row dot on the host; G's -[j = pos_i] term is subtracted in
 fp32 inside the kernels, on the tiles that hold a positive (shifted diagonals, see Pairing), as
@@ -65,6 +65,12 @@ G_TARGET_LOG2 = 14
 INV_NORM_CAP = 1e12
 # Bytes of G panels (two, input dtype) the wide-dim backward may hold at once.
 PANEL_BYTES = 512 * 2**20
+# The primitive's contract (directclr.infonce._primitive): rows come as v in z's dtype, any
+# strides, normalized inside the tiles by the layout's inverse norms; gradients go to contiguous
+# buffers (the kernels write rows of exactly dim elements), consecutive in one tensor where there
+# are several blocks, which then take no copy.
+UNIT_ROWS = False
+STRIDED_OUT = False
 
 
 class Config:
@@ -81,9 +87,9 @@ class Config:
 
 
 # One configuration per kernel and operand type, chosen from the static report
-# (bench/gpu_report.py: no spills, 16-byte operand loads, warpgroups on distinct rows, issue
-# below the tensor work), so that no call spends seconds autotuning and every launch is one the
-# report judged. fp32 doubles the operand bytes (fewer stages fit A100's 163 KiB), and IEEE fp32
+# (python -m directclr.gpu_report: no spills, 16-byte operand loads, warpgroups on distinct rows,
+# issue below the tensor work), so that no call spends seconds autotuning and every launch is one
+# the report judged. fp32 doubles the operand bytes (fewer stages fit A100's 163 KiB), and IEEE fp32
 # runs on FMA units, whose operands live in registers (smaller tiles).
 _FMA = {"forward": Config(8, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
         "backward": Config(8, 2, BLOCK_M=64, BLOCK_N=32),
@@ -311,9 +317,9 @@ def _g_tile(logits, offs_m, mask_m, offs_n, mask_n, row0, n0, n_rows, n_cols, ex
 
 @triton.jit
 def _backward_kernel(rows_ptr, row_stride_vec, row_scale_ptr, cols_ptr, col_stride_vec,
-                     col_inv_ptr, col_fold_ptr, row_coef_ptr, col_coef_ptr, row_lse_ptr, col_lse_ptr,
-                     row_wg_ptr, col_wg_ptr, out_ptr, out_scale_ptr, n_rows, n_cols, pos_offset,
-                     pos_half, excl_offset, tiles_per_split, shift, DIM: tl.constexpr,
+                     col_inv_ptr, col_fold_ptr, row_coef_ptr, col_coef_ptr, row_lse_ptr,
+                     col_lse_ptr, row_wg_ptr, col_wg_ptr, out_ptr, out_scale_ptr, n_rows, n_cols,
+                     pos_offset, pos_half, excl_offset, tiles_per_split, shift, DIM: tl.constexpr,
                      VEC: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, HAS_EXCL: tl.constexpr, FIXED_SHIFT: tl.constexpr,
                      PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -359,9 +365,10 @@ def _backward_kernel(rows_ptr, row_stride_vec, row_scale_ptr, cols_ptr, col_stri
 
 @triton.jit
 def _g_panel_kernel(rows_ptr, row_stride_vec, row_scale_ptr, row_fold_ptr, cols_ptr,
-                    col_stride_vec, col_inv_ptr, col_fold_ptr, row_coef_ptr, col_coef_ptr, row_lse_ptr,
-                    col_lse_ptr, row_wg_ptr, col_wg_ptr, g_rows_ptr, g_cols_ptr, n_rows, n_cols,
-                    row_begin, pos_offset, pos_half, excl_offset, shift, DIM: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr,
+                    col_stride_vec, col_inv_ptr, col_fold_ptr, row_coef_ptr, col_coef_ptr,
+                    row_lse_ptr, col_lse_ptr, row_wg_ptr, col_wg_ptr, g_rows_ptr, g_cols_ptr,
+                    n_rows, n_cols, row_begin, pos_offset, pos_half, excl_offset, shift,
+                    DIM: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WITH_COLS: tl.constexpr,
                     HAS_EXCL: tl.constexpr, FIXED_SHIFT: tl.constexpr,
                     PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -535,8 +542,8 @@ def _grad_scale(row_w, col_w, row_fold, col_fold) -> torch.Tensor:
 
 
 def _launch_backward(rows, row_inv, cols, col_inv, col_fold, pairing, scale, row_terms,
-                     col_terms, out_scale):
-    """scale * sum_j G_ij C_j fold_j for every row, fp32, (n_rows, dim). *_terms: the
+                     col_terms, out_scale, grad):
+    """grad (n_rows x dim, fp32) <- scale * sum_j G_ij C_j fold_j for every row. *_terms: the
     (coefficient, base-2 LSE, scaled weight) vectors of rows and columns."""
     (n_rows, dim), n_cols = rows.shape, cols.shape[0]
     shift, fixed = _fixed_shift(scale)
@@ -547,14 +554,18 @@ def _launch_backward(rows, row_inv, cols, col_inv, col_fold, pairing, scale, row
     most_splits = max(1, MAX_SPLIT_BYTES // (4 * n_rows * dim))
     tiles_per_split, splits = _split(col_tiles, min(most_splits, triton.cdiv(
         _programs_wanted(rows.device), row_blocks)))
-    out = torch.empty((splits, n_rows, dim), dtype=torch.float32, device=rows.device)
+    # One split writes grad itself where its rows are dim apart, as the kernel writes them.
+    direct = splits == 1 and grad.is_contiguous()
+    out = grad if direct else torch.empty((splits, n_rows, dim), dtype=torch.float32,
+                                          device=rows.device)
     (row_coef, row_lse2, row_wg), (col_coef, col_lse2, col_wg) = row_terms, col_terms
     _backward_kernel[(row_blocks, splits)](
         launch.rows, launch.row_stride_vec, row_inv * shift, launch.cols, launch.col_stride_vec,
         col_inv, col_fold, row_coef, col_coef, row_lse2, col_lse2, row_wg, col_wg, out,
         out_scale, n_rows, n_cols, pairing.offset, pairing.half, pairing.excl_offset,
         tiles_per_split, shift, D_PAD=max(16, triton.next_power_of_2(dim)), **launch.constexprs)
-    return out[0] if splits == 1 else out.sum(0)
+    if not direct:
+        torch.sum(out, 0, out=grad)
 
 
 def _mm(a, b):
@@ -568,21 +579,22 @@ def _mm(a, b):
 
 
 def _panel_backward(rows, row_inv, row_fold, cols, col_inv, col_fold, pairing, scale,
-                    row_terms, col_terms, out_scale, with_grad_cols):
-    """Wide subvectors: G written once per panel of rows, products by cuBLAS in panel order."""
-    (n_rows, dim), n_cols = rows.shape, cols.shape[0]
+                    row_terms, col_terms, out_scale, grad_rows, grad_cols):
+    """Wide subvectors: G written once per panel of rows, products by cuBLAS in panel order, into
+    grad_rows and (if it has rows) grad_cols, fp32, any row stride."""
+    n_rows, n_cols = rows.shape[0], cols.shape[0]
     shift, fixed = _fixed_shift(scale)
     launch = _launch("panel", rows, cols, pairing.excl_offset, fixed)
     block_m, block_n = launch.block_m, launch.block_n
     rows, cols = launch.rows, launch.cols
+    with_grad_cols = grad_cols.shape[0] > 0
     buffers = 2 if with_grad_cols else 1
     panel_rows = max(block_m, PANEL_BYTES // (buffers * n_cols * rows.element_size())
                      // block_m * block_m)
     panel_rows = min(panel_rows, triton.cdiv(n_rows, block_m) * block_m)
     g_rows = rows.new_empty((panel_rows, n_cols))
     g_cols = rows.new_empty((panel_rows, n_cols)) if with_grad_cols else g_rows
-    grad_rows = torch.empty((n_rows, dim), dtype=torch.float32, device=rows.device)
-    grad_cols = torch.zeros((n_cols, dim), dtype=torch.float32, device=rows.device)
+    grad_cols.zero_()  # the panels add to it
     (row_coef, row_lse2, row_wg), (col_coef, col_lse2, col_wg) = row_terms, col_terms
     for begin in range(0, n_rows, panel_rows):
         count = min(panel_rows, n_rows - begin)
@@ -596,7 +608,6 @@ def _panel_backward(rows, row_inv, row_fold, cols, col_inv, col_fold, pairing, s
             grad_cols += _mm(g_cols[:count].T, rows[begin:begin + count])
     grad_rows *= out_scale
     grad_cols *= out_scale
-    return grad_rows, grad_cols
 
 
 def _positive_logits(rows, row_inv, cols, col_inv, pos, scale):
@@ -605,10 +616,10 @@ def _positive_logits(rows, row_inv, cols, col_inv, pos, scale):
     return (rows.float() * paired).sum(1) * row_inv * col_inv.index_select(0, pos) * scale
 
 
-def lse_forward(rows, row_inv, cols, col_inv, pairing, scale: float, with_cols: bool):
-    """Row LSE and positive logit of every row; with_cols: each column's LSE over these rows,
-    returned as (max, sum) = (lse, 1) partials so that ranks merge them like the CPU kernel's.
-    pairing: directclr.infonce.Pairing (positive and excluded columns)."""
+def lse_forward(layout, scale: float, with_cols: bool):
+    """The contract's forward (directclr.infonce._primitive). Column partials come as (max,
+    sum) = (lse, 1), which ranks merge like the CPU kernel's."""
+    rows, row_inv, cols, col_inv, pairing = layout
     _check(rows, cols)
     row_lse, col_lse = _launch_forward(rows, row_inv, cols, col_inv, pairing.excl_offset, scale,
                                        with_cols)
@@ -620,10 +631,27 @@ def lse_forward(rows, row_inv, cols, col_inv, pairing, scale: float, with_cols: 
     return row_lse, pos_logit, col_lse, torch.ones_like(col_lse)
 
 
-def lse_backward(rows, row_inv, cols, col_inv, pairing, scale: float, row_lse, row_w, col_lse,
-                 col_w, with_grad_cols: bool):
-    """Gradients w.r.t. the normalized rows and (if with_grad_cols) columns, fp32, of
-    sum_i row_w_i (row_lse_i - S_i,pos_i) + sum_j col_w_j (col_lse_j - S_pos^-1_j,j)."""
+def _joined(blocks: list[torch.Tensor]) -> torch.Tensor | None:
+    """The blocks of rows as one (rows, dim) tensor: the block itself, or a view where several
+    lie one after another in one contiguous buffer (as directclr.infonce allocates them for this
+    backend); None where they do not."""
+    first = blocks[0]
+    if len(blocks) == 1:
+        return first
+    storage, end = first.untyped_storage().data_ptr(), first.storage_offset()
+    for block in blocks:
+        if (not block.is_contiguous() or block.storage_offset() != end
+                or block.untyped_storage().data_ptr() != storage):
+            return None
+        end += block.numel()
+    return first.as_strided((sum(block.shape[0] for block in blocks), first.shape[1]),
+                            (first.shape[1], 1))
+
+
+def lse_backward(layout, scale: float, row_lse, row_w, col_lse, col_w, out_rows, out_cols):
+    """The contract's backward (directclr.infonce._primitive), into fp32 buffers: no copy where
+    they are contiguous (several row blocks: consecutive in one buffer)."""
+    rows, row_inv, cols, col_inv, pairing = layout
     _check(rows, cols)
     row_w, col_w = row_w.float(), col_w.float()
     row_inv, col_inv = row_inv.float().contiguous(), col_inv.float().contiguous()
@@ -633,17 +661,19 @@ def lse_backward(rows, row_inv, cols, col_inv, pairing, scale: float, row_lse, r
     out_scale = (scale / grad_scale).float()
     row_terms = _coefficients(row_w, row_lse, shift, fixed, grad_scale)
     col_terms = _coefficients(col_w, col_lse, shift, fixed, grad_scale)
+    joined = _joined(out_rows)
+    grad_rows = joined if joined is not None else torch.empty(
+        rows.shape, dtype=torch.float32, device=rows.device)  # scattered: copied to them below
     if not fused_backward(rows.shape[1], rows.dtype):
-        grad_rows, grad_cols = _panel_backward(
-            rows, row_inv, row_fold, cols, col_inv, col_fold, pairing, scale, row_terms,
-            col_terms, out_scale, with_grad_cols)
+        _panel_backward(rows, row_inv, row_fold, cols, col_inv, col_fold, pairing, scale,
+                        row_terms, col_terms, out_scale, grad_rows, out_cols)
     else:
-        grad_rows = _launch_backward(rows, row_inv, cols, col_inv, col_fold, pairing, scale,
-                                     row_terms, col_terms, out_scale)
-        if with_grad_cols:  # columns see the transposed problem (cross: one shifted diagonal)
-            transposed = type(pairing)(-pairing.offset, 0, -1)
-            grad_cols = _launch_backward(cols, col_inv, rows, row_inv, row_fold, transposed,
-                                         scale, col_terms, row_terms, out_scale)
-    if not with_grad_cols:
-        return grad_rows, grad_rows.new_empty((0, rows.shape[1]))
-    return grad_rows, grad_cols
+        _launch_backward(rows, row_inv, cols, col_inv, col_fold, pairing, scale, row_terms,
+                         col_terms, out_scale, grad_rows)
+        if out_cols.shape[0]:  # columns see the transposed problem (cross: one shifted diagonal)
+            transposed = pairing._replace(offset=-pairing.offset, half=0, excl_offset=-1)
+            _launch_backward(cols, col_inv, rows, row_inv, row_fold, transposed, scale,
+                             col_terms, row_terms, out_scale, out_cols)
+    if joined is None:
+        for block, part in zip(out_rows, grad_rows.split([b.shape[0] for b in out_rows])):
+            block.copy_(part)

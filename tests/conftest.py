@@ -1,4 +1,5 @@
 import os
+import sys
 
 # Triton kernels run on CPU tensors through the interpreter here; it must be set before triton
 # is imported anywhere.
@@ -11,3 +12,30 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """40 small JPEGs in 4 classes: the training tests' dataset."""
+    from directclr.data import prepare_synthetic
+    return prepare_synthetic(tmp_path_factory.mktemp("tiny"), n=40, classes=4, min_side=36,
+                             max_side=60, progress=False)
+
+
+@pytest.fixture(scope="session")
+def one_process(tiny, tmp_path_factory):
+    """The reference runs, one process with the whole batch, made once per mode for every test
+    that compares a distributed run with it."""
+    import subprocess
+
+    from helpers import ENV_ONE_THREAD, ddp_args
+    runs = {}
+
+    def run(mode):
+        if mode not in runs:
+            out = tmp_path_factory.mktemp(f"one-{mode}")
+            subprocess.run([sys.executable] + ddp_args(tiny, mode) + ["--out", str(out)],
+                           check=True, capture_output=True, timeout=600, env=ENV_ONE_THREAD)
+            runs[mode] = out
+        return runs[mode]
+    return run

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from helpers import count_host_reads
 
 from directclr import infonce
 from directclr.cli import exit_without_teardown
-from helpers import count_host_reads
 
 
 def host_reads(n, group=None, variant="cross"):

@@ -1,13 +1,16 @@
-"""Shared test helpers: float64 references, error-relative comparisons, host-sync counts and
-2-rank launches."""
+"""Shared test helpers: float64 references, error-relative comparisons, host-sync counts,
+2-rank launches, and the training tests' runs (argv built from the Config's flags)."""
 import collections
 import contextlib
+import json
+import os
 import subprocess
 import sys
 
 import torch
 
 from directclr import infonce, infonce_reference
+from directclr.config import pretrain_argv
 
 
 def make_views(n, width, dtype=torch.float32, layout="contiguous", seed=0):
@@ -137,3 +140,74 @@ def assert_scale_invariant(dtype, variant, backend, rel_loss, rel_grad, device="
         assert torch.equal(got[:, 16:], torch.zeros_like(got[:, 16:]))
         assert_rel_close(got.cpu().double() * scale, ref, rel_grad, f"{dtype} {backend} {name}",
                          ROUNDING_FLOOR)
+
+
+# --------------------------------------------------------------------------- training runs
+# `directclr pretrain` as the training tests launch it: tiny, deterministic, one loader thread.
+RUN = [sys.executable, "-m", "directclr", "pretrain", *pretrain_argv(
+    arch="resnet18", batch_size=8, epochs=2, lr=0.3, warmup_epochs=0.5, dim=90, image_size=32,
+    num_threads=0, ckpt_every=1, loader="torchvision")]
+ENV_ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def ddp_args(tiny, mode):
+    """8 pairs per rank on 2 ranks, or all 16 in one process."""
+    return RUN[1:] + pretrain_argv(data=tiny, max_steps=3, batch_size=16, mode=mode)
+
+
+def assert_same_training(one, two, mode):
+    """`two` (2 ranks) ended where `one` (1 process) did: same steps, weights, logged losses."""
+    from directclr.checkpoint import load_latest_checkpoint
+    from directclr.config import Config
+    from directclr.train import Model
+    a = load_latest_checkpoint(one)
+    b = load_latest_checkpoint(two)
+    assert a["step"] == b["step"] == 3
+    assert a["model"].keys() == b["model"].keys()
+    torch.manual_seed(0)
+    init = Model(Config(data="", out="", arch="resnet18", mode=mode, dim=90), 4, True)
+    trained = [k for k, v in a["model"].items() if v.is_floating_point()]
+    one_w, two_w, init_w = (torch.cat([state[k].flatten() for k in trained])
+                            for state in (a["model"], b["model"], init.state_dict()))
+    # Relative to how far 3 steps moved the weights: float reordering alone (one process with 1
+    # vs 2 threads) gives 7e-7 (directclr) and 2e-4 (simclr-mlp, whose small-batch BN1d
+    # amplifies rounding); BN statistics per rank instead (no CpuSyncBatchNorm) give 4e-2 and 0.11.
+    update = (one_w - init_w).norm()
+    assert update > 0
+    assert (one_w - two_w).norm() / update < 2e-3
+    for key in a["model"]:
+        if not a["model"][key].is_floating_point():
+            assert torch.equal(a["model"][key], b["model"][key]), key
+    # One row per step, written by global rank 0 only (a second writer would double the rows).
+    losses = [[json.loads(line)["loss"] for line in (run / "metrics.jsonl").open()
+               if '"loss"' in line] for run in (one, two)]
+    assert len(losses[1]) == len(losses[0]) == 3
+    assert torch.allclose(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-4)
+
+
+class FixedBatches:
+    """A loader stand-in that hands out the same batches every epoch: the sync count below is
+    the training step's, not the data pipeline's."""
+    classes = ["a", "b", "c", "d"]
+
+    def __init__(self, steps, batch):
+        self.steps, self.epoch, self.batches_done = steps, 0, 0
+        self.index = range(steps * batch)  # the images, as the start-up summary counts them
+        self.views = torch.randn(2, batch, 3, 32, 32)
+        self.labels = torch.arange(batch) % 4
+
+    def __len__(self):
+        return self.steps
+
+    def __iter__(self):
+        while self.batches_done < self.steps:
+            self.batches_done += 1
+            yield self.views[0], self.views[1], self.labels
+        self.epoch, self.batches_done = self.epoch + 1, 0
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "batches_done": self.batches_done}
+
+    def load_state_dict(self, state):
+        self.epoch, self.batches_done = state["epoch"], state["batches_done"]

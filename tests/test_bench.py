@@ -1,16 +1,9 @@
 """The benchmarks run end to end and write well-formed rows (smoke tests, not timings)."""
 import json
 import subprocess
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import bench_data  # noqa: E402
-import bench_loss  # noqa: E402
-import bench_spectrum  # noqa: E402
-import bench_train  # noqa: E402
-
-from directclr.data.loader import dali_available  # noqa: E402
+from bench import bench_data, bench_loss, bench_spectrum, bench_train
+from directclr.data.loader import dali_available
 
 
 def test_bench_loss_writes_rows(tmp_path):
@@ -18,7 +11,8 @@ def test_bench_loss_writes_rows(tmp_path):
                             "--variants", "cross", "ntxent", "--providers", "fused", "reference",
                             "--results-dir", str(tmp_path)])
     assert [r["status"] for r in rows] == ["ok"] * 4, rows
-    written = [json.loads(line) for line in (tmp_path / "bench_loss.jsonl").read_text().splitlines()]
+    written = [json.loads(line)
+               for line in (tmp_path / "bench_loss.jsonl").read_text().splitlines()]
     # One row per case as it ended, then the run's summary (ratios).
     assert [{k: v for k, v in w.items()} for w in written[:-1]] == [
         {k: v for k, v in r.items() if k not in ("vs_reference", "vs_compiled")} for r in rows]

@@ -1,5 +1,4 @@
 """bench/plot_bench.py: the loss benchmark's picture draws the rows it is given (issue 23)."""
-import importlib.util
 import json
 import subprocess
 import sys
@@ -8,20 +7,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from bench import plot_bench
+
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "plot_bench.py"
 CPU = "Intel(R) Xeon(R) Processor, 2 cores"
 GPU = "NVIDIA H100 80GB HBM3"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("plot_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-plot_bench = _load()
 
 
 @pytest.fixture(autouse=True)

@@ -158,16 +158,16 @@ def test_dim_defaults_to_the_papers_fraction_of_the_width(tmp_path, monkeypatch,
     import logging
 
     import torch
+    from helpers import FixedBatches
 
-    from directclr.models import backbone_description
-    from test_train import FixedBatches
+    from directclr.models import read_description
     cfg = Config(data=str(tmp_path), out=str(tmp_path / "out"), arch="resnet18-w16",
                  batch_size=8, epochs=1, lr=0.3, image_size=32, loader="torchvision")
     monkeypatch.setattr(train, "build_pretrain_loader", lambda *a, **k: FixedBatches(2, 8))
     with caplog.at_level(logging.INFO, logger="directclr.train"):
         backbone = train.pretrain(cfg)
     assert "--dim not given: d0 = 22" in caplog.text
-    assert backbone_description(torch.load(backbone, weights_only=True))["dim"] == 22
+    assert read_description(torch.load(backbone, weights_only=True))["dim"] == 22
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="directclr.train"):
         train.pretrain(cfg)  # the finished run, again: says so and trains nothing

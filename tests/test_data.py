@@ -1,9 +1,9 @@
 """The pretraining loader (torchvision backend here) and dataset preparation."""
 import gzip
-from pathlib import Path
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +11,13 @@ import torch
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-from directclr.data import (ImageFolderIndex, build_pretrain_loader, epoch_order,
-                            prepare_fashion_mnist, prepare_synthetic)
+from directclr.data import (
+    ImageFolderIndex,
+    build_pretrain_loader,
+    epoch_order,
+    prepare_fashion_mnist,
+    prepare_synthetic,
+)
 from directclr.data.images import CorruptImageError
 from directclr.data.prepare import FASHION_MNIST_DIR
 from directclr.data.recipe import IMAGENET_MEAN, IMAGENET_STD

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from dist_worker import DIM, IN_FEATURES, WIDTH
-from directclr import infonce
 from helpers import assert_rel_close
+
+from directclr import infonce
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 

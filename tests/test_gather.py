@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from directclr import DirectCLRLoss, infonce
 from gather_worker import DIM, ROWS, global_views, own_rows
 from helpers import assert_rel_close, make_views, reference_loss_and_grads, run_two_ranks
+
+from directclr import DirectCLRLoss, infonce
 
 WORKER = Path(__file__).with_name("gather_worker.py")
 WORLD = 2

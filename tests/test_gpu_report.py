@@ -1,4 +1,4 @@
-"""The GPU kernels' budgets, judged on this CPU by the static report (bench/gpu_report.py).
+"""The GPU kernels' budgets, judged on this CPU by the static report (directclr.gpu_report).
 
 One run of the report compiles every kernel, in the specialization the JIT builds for real
 calls, for sm_90a and sm_80, reads its SASS, and counts its work under the interpreter; these
@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from directclr.gpu_report.census import loops, parse_sass, tile_census
+from directclr.gpu_report.report import CASES
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-import gpu_report  # noqa: E402
 
 # Max dynamic shared memory per block: H100/H200 (sm_90) 227 KiB, A100 (sm_80) 163 KiB.
 SHARED_LIMIT = {"sm_90a": 227 * 1024, "sm_80": 163 * 1024}
@@ -27,9 +28,8 @@ TENSOR_KINDS = ("bf16", "tf32")
 def rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "gpu_static.jsonl"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_report.py"), "--out",
-                           str(out)], capture_output=True, text=True, env=env, timeout=2400,
-                          cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "directclr.gpu_report", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=2400, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads(line) for line in out.read_text().splitlines()]
 
@@ -43,7 +43,7 @@ def _kernels(rows, arch):
 
 
 def test_every_case_and_arch_is_reported(rows):
-    expected = {f"{v}:{d}:{t}" for v, d, t in gpu_report.CASES} | {"covariance:2048:bfloat16"}
+    expected = {f"{v}:{d}:{t}" for v, d, t in CASES} | {"covariance:2048:bfloat16"}
     for arch in SHARED_LIMIT:
         assert {r["case"] for r in rows if r["arch"] == arch} == expected
     kernels = {k["kernel"] for _, k in _kernels(rows, "sm_90a")}
@@ -123,9 +123,9 @@ def test_sass_census_reads_loops_shapes_and_serialization():
         /*00b0*/               @P1 BRA 0x10 ;
         /*00c0*/                   EXIT ;
     """
-    code = gpu_report.parse_sass(listing)
-    assert gpu_report._loops(code) == [(2, 6), (1, 11)]
-    counted = gpu_report.census(code, num_warps=8, k_steps=4)
+    code = parse_sass(listing)
+    assert loops(code) == [(2, 6), (1, 11)]
+    counted = tile_census(code, num_warps=8, k_steps=4)
     assert counted["k_loop_trips"] == 4
     assert counted["tile_macs"] == 4 * 2 * 64 * 128 * 16 * 2  # trips x HGMMAs x shape x groups
     assert counted["serialized_tensor_instructions"] == 1

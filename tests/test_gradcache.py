@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from gradcache_models import N, build_net, make_batch
+from helpers import assert_rel_close, run_two_ranks
 
 from directclr import DirectCLRLoss, cached_step, infonce
 from directclr.gradcache import cached_backward
-from gradcache_models import N, build_net, make_batch
-from helpers import assert_rel_close, run_two_ranks
 
 HERE = Path(__file__).resolve().parent
 

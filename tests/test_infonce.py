@@ -3,11 +3,18 @@ import math
 
 import pytest
 import torch
+from helpers import (
+    ROUNDING_FLOOR,
+    assert_rel_close,
+    assert_scale_invariant,
+    loss_and_grads,
+    make_views,
+    max_err,
+    reference_loss_and_grads,
+)
 
 import directclr
 from directclr import DirectCLRLoss, infonce
-from helpers import (ROUNDING_FLOOR, assert_rel_close, assert_scale_invariant, loss_and_grads,
-                     make_views, max_err, reference_loss_and_grads)
 
 
 def _shapes():

@@ -1,12 +1,20 @@
 """The Triton backend: under TRITON_INTERPRET=1 on CPU tensors here, on CUDA where there is one."""
+import importlib
 import os
 
 import pytest
 import torch
+from helpers import (
+    ROUNDING_FLOOR,
+    assert_rel_close,
+    assert_scale_invariant,
+    loss_and_grads,
+    make_views,
+    max_err,
+    reference_loss_and_grads,
+)
 
 from directclr import infonce
-from helpers import (ROUNDING_FLOOR, assert_rel_close, assert_scale_invariant, loss_and_grads,
-                     make_views, max_err, reference_loss_and_grads)
 
 CUDA = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -66,7 +74,8 @@ def test_triton_fp16_gradients_survive_large_n(upstream):
     exact = reference_loss_and_grads(z1, z2, "none", weights, dim=64)
     pytorch = reference_loss_and_grads(z1, z2, "none", weights, dim=64, dtype=torch.float16)
     for name, got, ref, pt in list(zip(("loss", "grad z1", "grad z2"), ours, exact, pytorch))[1:]:
-        err, pt_err = (got.double() - ref).norm() / ref.norm(), (pt.double() - ref).norm() / ref.norm()
+        err = (got.double() - ref).norm() / ref.norm()
+        pt_err = (pt.double() - ref).norm() / ref.norm()
         assert err <= 2 * pt_err + 1e-3, (name, err.item(), pt_err.item())
 
 
@@ -247,3 +256,40 @@ def test_triton_rejects_a_temperature_whose_inverse_overflows_fp32():
     z1, z2 = make_views(3, 8)
     with pytest.raises(ValueError, match="temperature"):
         infonce(z1, z2, dim=8, temperature=1e-40, backend="triton")
+
+
+@interpreted
+@pytest.mark.parametrize("variant", ["cross", "ntxent"])
+@pytest.mark.parametrize("dim", [40, 600])  # fused backward; G panels
+def test_backends_keep_one_contract(variant, dim):
+    """One Layout through each backend's lse_forward and lse_backward (the contract of
+    directclr.infonce._primitive): the same LSEs and gradients w.r.t. the normalized rows and
+    columns. Triton's row blocks may lie one after another in one buffer (written in place) or
+    anywhere, strided (copied to them): the same values either way."""
+    op = importlib.import_module("directclr.infonce")  # the package's `infonce` is the function
+    n, scale, cross = 20, 10.0, variant == "cross"
+    z1, z2 = make_views(n, dim + 8)
+    weights = torch.rand(2 * n, generator=torch.Generator().manual_seed(1))
+    seen = {}
+    for backend in ("cpu", "triton"):
+        primitive = op._primitive(backend)
+        sub, inv, _, _ = op._subvectors(z1.detach(), z2.detach(), dim, primitive.UNIT_ROWS)
+        layout = op._layout(sub, inv, variant, None)
+        row_lse, pos_logit, col_max, col_sum = primitive.lse_forward(layout, scale, cross)
+        col_lse = col_max + col_sum.log() if cross else row_lse
+        row_w = weights[:layout.rows.shape[0]]
+        col_w = weights[n:] if cross else row_w
+        apart = [torch.empty(n, dim + 3)[:, :dim] for _ in range(1 if cross else 2)]
+        out_cols = torch.empty(n if cross else 0, dim)
+        primitive.lse_backward(layout, scale, row_lse, row_w, col_lse, col_w, apart, out_cols)
+        seen[backend] = (row_lse, pos_logit, col_lse, torch.cat(apart), out_cols)
+        if backend == "triton":
+            joined = torch.empty(len(apart) * n, dim)
+            primitive.lse_backward(layout, scale, row_lse, row_w, col_lse, col_w,
+                                   list(joined.split(n)), out_cols.clone())
+            assert torch.equal(joined, torch.cat(apart))
+    names = ("row LSE", "positive logit", "column LSE", "row gradient", "column gradient")
+    for name, cpu, triton in zip(names, seen["cpu"], seen["triton"]):
+        assert triton.shape == cpu.shape, name
+        if cpu.numel():  # ntxent: no column gradient
+            assert_rel_close(triton, cpu, 1e-5, name, ROUNDING_FLOOR)

@@ -138,7 +138,8 @@ def test_info_lists_the_backends_and_the_fix_for_each_missing_one(installed):
                   env={**env, "CXX": "no-such-compiler",
                        "DIRECTCLR_NATIVE_CACHE": str(work / "info-no-compiler")})
     assert broken.returncode == 1
-    assert "[ ] C++ CPU kernels    directclr's C++ CPU kernels need a C++20 compiler" in broken.stdout
+    assert ("[ ] C++ CPU kernels    directclr's C++ CPU kernels need a C++20 compiler"
+            in broken.stdout)
 
 
 @pytest.mark.parametrize("variant", ["cross", "ntxent"])
@@ -224,3 +225,20 @@ def test_readme_quick_start_runs_verbatim(installed, tmp_path):
     assert probe["top1_best"] > 0.5  # 4 classes: well above chance (25%)
     assert "d0 = 45" in done.stderr and "wrote " + str(Path("runs/quick/probe-backbone.json")) \
         in done.stdout
+
+
+def test_a_checkout_on_pythonpath_imports_the_kernels_under_the_installed_name(installed):
+    """kernels/ is installed as directclr.kernels (package-dir, no link in the tree); a checkout
+    used without installing, as on a GPU host with a fixed image, imports the same names."""
+    work, venv, env = installed
+    probe = ("import directclr.kernels.infonce as k, directclr.kernels.cpu as c, json; "
+             "print(json.dumps([k.__file__, list(c.__path__)]))")
+    seen = _run([str(venv / "bin" / "python"), "-c", probe], cwd=work,
+                env={**env, "PYTHONPATH": str(ROOT)})
+    assert seen.returncode == 0, seen.stderr[-2000:]
+    infonce_file, cpu_path = json.loads(seen.stdout)
+    assert infonce_file == str(ROOT / "kernels" / "infonce.py")
+    assert cpu_path == [str(ROOT / "kernels" / "cpu")]
+    staged = subprocess.run(["git", "ls-files", "-s"], cwd=ROOT, check=True, text=True,
+                            capture_output=True).stdout.splitlines()
+    assert not [line for line in staged if line.startswith("120000")]  # no link in the tree

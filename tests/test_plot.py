@@ -10,11 +10,18 @@ import torch
 from PIL import Image
 
 from directclr import embedding_spectrum
-from directclr.plot import (TensorBoardWriter, add_plot_parser, build_figures, export_tensorboard,
-                            load_metrics, plot_run)
+from directclr.config import Config
+from directclr.metrics import MetricsLog
+from directclr.plot import (
+    TensorBoardWriter,
+    add_plot_parser,
+    build_figures,
+    export_tensorboard,
+    load_metrics,
+    plot_run,
+)
 from directclr.report import spectrum_figure, write_report
 from directclr.spectrum import Spectrum
-from directclr.train import Config, MetricsLog
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STEPS_PER_EPOCH, EPOCHS, WIDTH, D0 = 5, 2, 16, 4
@@ -27,7 +34,7 @@ class _NoBar:
 
 
 def write_run(run, steps=STEPS_PER_EPOCH * EPOCHS, eigenvalues=False):
-    """A metrics.jsonl in the real format: step rows from train.MetricsLog itself, epoch rows
+    """A metrics.jsonl in the real format: step rows from metrics.MetricsLog itself, epoch rows
     shaped as pretrain() writes them, with real spectrum summaries. Returns what was written."""
     run.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(run / "metrics.jsonl", Config(data="", out=str(run), batch_size=8), 1, 4,

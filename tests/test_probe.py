@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from directclr.data import prepare_synthetic
-from directclr.models import backbone_description, build_backbone, describe_backbone, stem_for
+from directclr.models import attach_description, build_backbone, read_description, stem_for
 from directclr.probe import default_image_size, linear_probe, load_backbone
 
 
@@ -51,11 +51,12 @@ def test_training_checkpoints_load_too(tmp_path):
 @pytest.mark.parametrize("arch, small", [("resnet18", False), ("resnet18-w16", True)])
 def test_backbone_pt_describes_itself(tmp_path, arch, small):
     backbone, width = build_backbone(arch, small_images=small)
-    state = describe_backbone(backbone.state_dict(), arch=arch, stem=stem_for(32 if small else 224),
-                              image_size=32 if small else 224, mode="directclr", dim=8)
+    size = 32 if small else 224
+    state = attach_description(backbone.state_dict(), arch=arch, stem=stem_for(size),
+                               image_size=size, mode="directclr", dim=8)
     torch.save(state, tmp_path / "backbone.pt")
     raw = torch.load(tmp_path / "backbone.pt", weights_only=True)
-    assert backbone_description(raw)["arch"] == arch
+    assert read_description(raw)["arch"] == arch
     loaded, described = load_backbone(tmp_path / "backbone.pt")
     assert described["arch"] == arch and described["width"] == width
     assert described["stem"] == ("cifar" if small else "imagenet")

@@ -143,3 +143,25 @@ def test_quickstart_block():
     assert inside and inside[0] == "```bash" and inside[-1] == "```", inside
     assert sum(line.startswith("```") for line in inside) == 2, "one fenced block, no more"
     assert len(inside) > 2, "the block holds commands"
+
+
+def layout_paths(text: str) -> list[str]:
+    """The first word of each line of the fenced block under README's "## Layout" heading: the
+    tree as README draws it."""
+    section = text.split("\n## Layout", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```", 2)[1]
+    return [line.split()[0] for line in block.splitlines()[1:]
+            if line.strip() and not line[0].isspace()]  # indented: a description continued
+
+
+def test_layout_names_what_is_in_the_tree():
+    drawn = layout_paths(README.read_text())
+    assert len(drawn) > 10
+    missing = [path for path in drawn if not (ROOT / path.rstrip("/")).exists()]
+    assert not missing, f"README's Layout names paths that do not exist: {missing}"
+    modules = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "directclr").glob("*.py"))
+    packages = sorted(f"{path.relative_to(ROOT)}/" for path in (ROOT / "directclr").iterdir()
+                      if (path / "__init__.py").exists())
+    unlisted = [name for name in modules + packages if name not in drawn
+                and name != "directclr/__main__.py"]
+    assert not unlisted, f"README's Layout leaves out: {unlisted}"

@@ -2,6 +2,7 @@
 tables, figures, resume, bad input."""
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -9,8 +10,16 @@ import sys
 import pytest
 import torch
 
-from directclr.reproduce import (Budget, aggregate, build_model, feature_probe, knn_probe,
-                                 reproduce, training_dynamics, write_reports)
+from directclr.reproduce import (
+    Budget,
+    aggregate,
+    build_model,
+    feature_probe,
+    knn_probe,
+    reproduce,
+    training_dynamics,
+    write_reports,
+)
 
 TINY = Budget(images=96, epochs=1, long_epochs=2, batch_size=32, probe_epochs=3,
               loader="torchvision", val_images=200, snapshot_every=2, dynamics_images=150)
@@ -111,7 +120,7 @@ def test_untrained_row_is_the_runs_initial_weights(reproduced, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    from directclr.train import load_latest_checkpoint
+    from directclr.checkpoint import load_latest_checkpoint
     trained = load_latest_checkpoint(tmp_path / "run")["model"]
     for seed, same in ((1, True), (0, False)):
         initial = build_model("untrained", seed, TINY, 10).state_dict()
@@ -203,6 +212,54 @@ def test_feature_probe_learns_separable_features_and_not_noise():
     assert good["top1"] > 0.95 and bad["top1"] < 0.5
 
 
+def _feature_probe_before_issue_24(train_x, train_y, val_x, val_y, epochs, seed=0,
+                                   batch_size=256, lr=0.1):
+    """The reproduction's own probe on fixed features before it became probe.py's
+    train_linear_head (directclr/reproduce.py at a704843), frozen: the stored runs' numbers."""
+    from torch import nn
+    F = torch.nn.functional
+    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+    train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
+    gen = torch.Generator().manual_seed(seed)
+    classes = int(train_y.max()) + 1
+    head = nn.Linear(train_x.shape[1], classes)
+    with torch.no_grad():
+        head.weight.normal_(0, 0.01, generator=gen)
+        head.bias.zero_()
+    optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=1e-6)
+    total = epochs * math.ceil(len(train_x) / batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
+    history = []
+    for _ in range(epochs):
+        order = torch.randperm(len(train_x), generator=gen)
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            loss = F.cross_entropy(head(train_x[batch]), train_y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        with torch.no_grad():
+            history.append((head(val_x).argmax(1) == val_y).float().mean().item())
+    return {"top1": history[-1], "top1_best": max(history), "top1_per_epoch": history}
+
+
+@pytest.mark.parametrize("columns", [slice(None), slice(0, 5)])  # r, and r[:, :d0] (a view)
+def test_feature_probe_gives_the_stored_runs_numbers(columns):
+    """feature_probe through probe.py's train_linear_head equals, to the bit, the algorithm that
+    measured the stored runs: 301 training rows (a last batch of 13), 997 validation rows (a
+    top-1 that float32 rounds), features 4 columns too wide."""
+    gen = torch.Generator().manual_seed(3)
+    labels = torch.arange(1298) % 5
+    rep = torch.randn(1298, 12, generator=gen) + torch.nn.functional.one_hot(labels, 12)
+    rep = rep * torch.rand(12, generator=gen) * 3  # channels of unequal scales
+    x, train_y, val_y = rep[:, columns], labels[:301], labels[301:]
+    for seed, epochs, batch_size, lr in ((0, 4, 32, 0.1), (5, 2, 256, 0.5)):
+        args = (x[:301], train_y, x[301:], val_y, epochs, seed, batch_size, lr)
+        assert feature_probe(*args) == _feature_probe_before_issue_24(*args)
+
+
 def test_aggregate_means_spreads_and_gains_over_seeds():
     def run(mode, seed, top1, knn):
         spectrum = {"effective_rank": 10.0 + seed, "rankme_raw": 5.0 + seed, "collapsed": seed,
@@ -224,7 +281,8 @@ def test_aggregate_means_spreads_and_gains_over_seeds():
 
 @pytest.mark.parametrize("args,match", [(["--modes", "byol"], "byol"),
                                         (["--epochs", "0"], "--epochs must be an integer >= 1"),
-                                        (["--long-epochs", "0"], "--long-epochs must be an integer >= 1"),
+                                        (["--long-epochs", "0"],
+                                         "--long-epochs must be an integer >= 1"),
                                         (["--snapshot-every", "0"],
                                          "--snapshot-every must be an integer >= 1"),
                                         (["--dynamics-images", "100"], "must exceed the 128"),

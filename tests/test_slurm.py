@@ -9,11 +9,20 @@ import sys
 import pytest
 import torch
 
+# The 2-rank torchrun tests' argv, environment and check (the tiny and one_process fixtures
+# come from conftest.py).
+from helpers import ENV_ONE_THREAD, assert_same_training, ddp_args
+
 from directclr import distributed
-from directclr.distributed import (DEFAULT_MASTER_PORT, SlurmLaunch, cuda_index, expand_hostlist,
-                                   first_host, setup_distributed, slurm_launch)
-# The 2-rank torchrun tests' tiny dataset, argv, environment and check (fixtures included).
-from test_train import ENV_ONE_THREAD, assert_same_training, ddp_args, one_process, tiny  # noqa: F401
+from directclr.distributed import (
+    DEFAULT_MASTER_PORT,
+    SlurmLaunch,
+    cuda_index,
+    expand_hostlist,
+    first_host,
+    setup_distributed,
+    slurm_launch,
+)
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
                  "ROLE_RANK", "MASTER_ADDR", "MASTER_PORT")

@@ -4,10 +4,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import count_host_reads, run_two_ranks
 
 from directclr import SpectrumAccumulator, embedding_spectrum
 from directclr.spectrum import centered_gram
-from helpers import count_host_reads, run_two_ranks
 
 
 def numpy_eigenvalues(x, normalize=False):

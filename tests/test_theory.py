@@ -6,9 +6,21 @@ import sys
 import pytest
 import torch
 
-from directclr.theory import (AUG_DIMS, INPUT_DIM, StrongAug, TwoLayer, diagonal_mass,
-                              kernel_infonce, sample, softmax_weights, summarize_strong_aug,
-                              summarize_two_layer, train_strong_aug, train_two_layer, x_matrix)
+from directclr.theory import (
+    AUG_DIMS,
+    INPUT_DIM,
+    StrongAug,
+    TwoLayer,
+    diagonal_mass,
+    kernel_infonce,
+    sample,
+    softmax_weights,
+    summarize_strong_aug,
+    summarize_two_layer,
+    train_strong_aug,
+    train_two_layer,
+    x_matrix,
+)
 
 
 @pytest.mark.parametrize("seed,scale,amplitude", [(0, 0.1, 0.5), (1, 0.5, 2.0), (2, 1.0, 1.0)])

@@ -1,35 +1,32 @@
 """The pretraining loop: modes learn, runs resume exactly after kill -9, checkpoints are safe."""
 import json
 import math
-import os
 import re
 import shutil
 import socket
 import subprocess
-import sys
 
 import pytest
 import torch
+from helpers import (
+    ENV_ONE_THREAD,
+    RUN,
+    TORCHRUN,
+    FixedBatches,
+    assert_same_training,
+    count_host_reads,
+    ddp_args,
+)
 
 from directclr import train
-from directclr.data import prepare_synthetic
+from directclr.checkpoint import check_resume_config, load_latest_checkpoint, save_checkpoint
+from directclr.config import RESUME_FIELDS, Config
 from directclr.infonce import infonce
 from directclr.lars import LARS
-from directclr.models import MODES, backbone_description
-from helpers import count_host_reads
-from directclr.train import (Config, Diverged, MetricsLog, Model, check_config, learning_rate,
-                             load_latest_checkpoint, save_checkpoint, warmup_steps)
-
-RUN = [sys.executable, "-m", "directclr", "pretrain", "--arch", "resnet18", "--batch-size", "8",
-       "--epochs", "2", "--lr", "0.3", "--warmup-epochs", "0.5", "--dim", "90",
-       "--image-size", "32", "--num-threads", "0", "--ckpt-every", "1", "--loader",
-       "torchvision"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return prepare_synthetic(tmp_path_factory.mktemp("tiny"), n=40, classes=4, min_side=36,
-                             max_side=60, progress=False)
+from directclr.metrics import MetricsLog
+from directclr.models import MODES, read_description
+from directclr.preemption import Diverged
+from directclr.train import Model, check_config, learning_rate, warmup_steps
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -49,58 +46,6 @@ def test_each_mode_lowers_its_loss_on_a_fixed_batch(mode):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0], losses
-
-
-ENV_ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
-
-
-def ddp_args(tiny, mode):
-    """8 pairs per rank on 2 ranks, or all 16 in one process."""
-    return RUN[1:] + ["--data", str(tiny), "--max-steps", "3", "--batch-size", "16",
-                      "--mode", mode]
-
-
-@pytest.fixture(scope="module")
-def one_process(tiny, tmp_path_factory):
-    """The reference runs, one process with the whole batch, made once per mode."""
-    runs = {}
-
-    def run(mode):
-        if mode not in runs:
-            out = tmp_path_factory.mktemp(f"one-{mode}")
-            subprocess.run([sys.executable] + ddp_args(tiny, mode) + ["--out", str(out)],
-                           check=True, capture_output=True, timeout=600, env=ENV_ONE_THREAD)
-            runs[mode] = out
-        return runs[mode]
-    return run
-
-
-def assert_same_training(one, two, mode):
-    """`two` (2 ranks) ended where `one` (1 process) did: same steps, weights, logged losses."""
-    a = load_latest_checkpoint(one)
-    b = load_latest_checkpoint(two)
-    assert a["step"] == b["step"] == 3
-    assert a["model"].keys() == b["model"].keys()
-    torch.manual_seed(0)
-    init = Model(Config(data="", out="", arch="resnet18", mode=mode, dim=90), 4, True)
-    trained = [k for k, v in a["model"].items() if v.is_floating_point()]
-    one_w, two_w, init_w = (torch.cat([state[k].flatten() for k in trained])
-                            for state in (a["model"], b["model"], init.state_dict()))
-    # Relative to how far 3 steps moved the weights: float reordering alone (one process with 1
-    # vs 2 threads) gives 7e-7 (directclr) and 2e-4 (simclr-mlp, whose small-batch BN1d
-    # amplifies rounding); BN statistics per rank instead (no CpuSyncBatchNorm) give 4e-2 and 0.11.
-    update = (one_w - init_w).norm()
-    assert update > 0
-    assert (one_w - two_w).norm() / update < 2e-3
-    for key in a["model"]:
-        if not a["model"][key].is_floating_point():
-            assert torch.equal(a["model"][key], b["model"][key]), key
-    # One row per step, written by global rank 0 only (a second writer would double the rows).
-    losses = [[json.loads(line)["loss"] for line in (run / "metrics.jsonl").open()
-               if '"loss"' in line] for run in (one, two)]
-    assert len(losses[1]) == len(losses[0]) == 3
-    assert torch.allclose(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-4)
 
 
 def run_two_ranks(tiny, mode, out) -> str:
@@ -209,7 +154,7 @@ def test_a_run_describes_itself_to_probe_spectrum_plot_and_tensorboard(tiny, tmp
                       "--dim", "22", "--out", str(out), "--tensorboard"]
     assert main(["pretrain", *args]) == 0
     raw = torch.load(out / "backbone.pt", weights_only=True)
-    assert backbone_description(raw) == {"arch": "resnet18-w16", "stem": "cifar",
+    assert read_description(raw) == {"arch": "resnet18-w16", "stem": "cifar",
                                          "image_size": 32, "mode": "directclr", "dim": 22,
                                          "width": 128}
     splits = tmp_path / "splits"
@@ -243,11 +188,11 @@ def test_keep_every_keeps_snapshots_that_pruning_would_remove(tiny, tmp_path):
 
 
 def test_a_setting_added_later_resumes_at_its_old_default():
-    current = {name: None for name in train.RESUME_FIELDS} | {"simclr_out": 128}
-    saved = {name: None for name in train.RESUME_FIELDS if name != "simclr_out"}
-    train.check_resume_config(saved, current, (), step=7)  # written before --simclr-out: fine
+    current = {name: None for name in RESUME_FIELDS} | {"simclr_out": 128}
+    saved = {name: None for name in RESUME_FIELDS if name != "simclr_out"}
+    check_resume_config(saved, current, (), step=7)  # written before --simclr-out: fine
     with pytest.raises(ValueError, match="--simclr-out: 128 -> 64"):
-        train.check_resume_config(saved, current | {"simclr_out": 64}, (), step=7)
+        check_resume_config(saved, current | {"simclr_out": 64}, (), step=7)
 
 
 def test_compile_flag_trains_like_eager(tiny, tmp_path):
@@ -385,33 +330,6 @@ def test_each_bad_flag_is_a_one_line_error_before_any_work(tmp_path, capsys, mon
     assert code == 2 and len(errors) == 1, errors
     assert re.search(message, errors[0]), errors[0]
     assert not out.exists()  # nothing created
-
-
-class FixedBatches:
-    """A loader stand-in that hands out the same batches every epoch: the sync count below is
-    the training step's, not the data pipeline's."""
-    classes = ["a", "b", "c", "d"]
-
-    def __init__(self, steps, batch):
-        self.steps, self.epoch, self.batches_done = steps, 0, 0
-        self.index = range(steps * batch)  # the images, as the start-up summary counts them
-        self.views = torch.randn(2, batch, 3, 32, 32)
-        self.labels = torch.arange(batch) % 4
-
-    def __len__(self):
-        return self.steps
-
-    def __iter__(self):
-        while self.batches_done < self.steps:
-            self.batches_done += 1
-            yield self.views[0], self.views[1], self.labels
-        self.epoch, self.batches_done = self.epoch + 1, 0
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "batches_done": self.batches_done}
-
-    def load_state_dict(self, state):
-        self.epoch, self.batches_done = state["epoch"], state["batches_done"]
 
 
 def test_a_training_step_syncs_with_the_host_only_at_log_steps(tmp_path, monkeypatch):

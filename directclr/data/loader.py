@@ -12,10 +12,9 @@ import os
 
 import torch
 
+from ..config import LOADERS
 from .folder import ImageFolderIndex, epoch_order
 from .recipe import get_recipe
-
-BACKENDS = ("auto", "dali", "torchvision")
 
 
 def dali_available() -> bool:
@@ -96,8 +95,8 @@ def build_pretrain_loader(root, batch_size: int, *, backend: str = "auto", devic
     backend: "dali" (GPU decode/augment on CUDA, DALI's CPU operators otherwise),
     "torchvision" (DataLoader workers) or "auto" (DALI when it imports).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in LOADERS:
+        raise ValueError(f"backend must be one of {LOADERS}, got {backend!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if not 0 <= rank < world_size:

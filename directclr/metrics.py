@@ -1,0 +1,132 @@
+"""What a pretraining run reports: metrics.jsonl rows (one per step, one per epoch end), the
+same rows to TensorBoard with --tensorboard, and the progress bar; all on global rank 0."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .config import Config
+from .preemption import Diverged, divergence, probe_limit
+from .spectrum import SpectrumAccumulator
+
+
+class MetricsLog:
+    """One row per step, kept on the device and fetched in one copy per flush (every
+    --log-every steps, and before anything is written): the only host syncs of a GPU step.
+    The flush also guards against divergence, in step order, before the rows are trusted."""
+
+    def __init__(self, path: Path | None, cfg: Config, world: int, num_classes: int, progress,
+                 tensorboard=None):
+        self.file = path.open("a") if path is not None else None
+        self.tensorboard = tensorboard  # a plot.TensorBoardWriter on rank 0 with --tensorboard
+        self.cfg, self.world, self.progress = cfg, world, progress
+        self.probe_limit = probe_limit(num_classes)
+        self.values: list[torch.Tensor] = []
+        self.host: list[dict] = []
+        self.since = time.perf_counter()
+        self.waited = 0.0
+
+    def add(self, step: int, epoch: int, lr: float, values: torch.Tensor, waited: float) -> None:
+        self.values.append(values)
+        self.host.append({"step": step, "epoch": epoch, "lr": lr})
+        self.waited += waited
+        self.progress.update(1)
+
+    def flush(self) -> None:
+        if not self.values:
+            return
+        values = torch.stack(self.values)
+        if self.world > 1:  # the global batch's losses, not this rank's share
+            dist.all_reduce(values)
+            values /= self.world
+        rows = values.tolist()  # the one device-to-host copy
+        elapsed = time.perf_counter() - self.since
+        rate = len(rows) * self.cfg.batch_size / elapsed
+        wait = self.waited / elapsed
+        host, self.values, self.host = self.host, [], []
+        self.since, self.waited = time.perf_counter(), 0.0
+        for info, (loss, probe_loss, grad_norm) in zip(host, rows):
+            row = {**info, "loss": loss, "probe_loss": probe_loss, "grad_norm": grad_norm,
+                   "pairs_per_s": rate, "data_wait": wait}
+            self._write(row)
+            problem = divergence(row, self.probe_limit)
+            if problem:
+                self.close()
+                raise Diverged(f"training diverged at step {row['step']}: {problem}. Nothing was "
+                               f"saved after it; lower --lr (now {self.cfg.lr:g}) and resume "
+                               "with --accept-changes lr, or start over with --no-resume")
+        if self.file is not None:
+            self.file.flush()
+        self.progress.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.3g}")
+
+    def _write(self, row: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(row) + "\n")
+        if self.tensorboard is not None:
+            self.tensorboard.write(row)
+
+    def epoch_row(self, row: dict) -> None:
+        self._write(row)
+        if self.file is not None:
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+        self.progress.close()
+
+
+def open_metrics(out: Path, cfg: Config, master: bool, world: int, num_classes: int,
+                 last_step: int, step: int) -> MetricsLog:
+    """The run's MetricsLog from `step` on: files, TensorBoard and the bar on rank 0 only (every
+    rank still flushes, for the all-reduce of the losses and the divergence guard)."""
+    tensorboard = None
+    if cfg.tensorboard and master:
+        from .plot import TensorBoardWriter
+        tensorboard = TensorBoardWriter(out / "tensorboard", purge_step=step)
+    return MetricsLog(out / "metrics.jsonl" if master else None, cfg, world, num_classes,
+                      progress_bar(master, last_step, step), tensorboard)
+
+
+def progress_bar(enabled: bool, total: int, initial: int):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step",
+                desc="pretrain", mininterval=1.0)
+
+
+class EpochStats:
+    """An epoch's summary row, accumulated on the device over its steps: the spectra of the
+    representation and of its first d0 dimensions, and the online probe's hits."""
+
+    def __init__(self, epoch: int, width: int, dim: int, device: torch.device):
+        self.epoch, self.dim = epoch, dim
+        self.spectra = {"representation": SpectrumAccumulator(width, dtype=torch.float64),
+                        "subvector": SpectrumAccumulator(min(dim, width), dtype=torch.float64)}
+        self.seen, self.correct = 0, torch.zeros((), dtype=torch.int64, device=device)
+
+    def add(self, rep1: torch.Tensor, labels: torch.Tensor, correct: torch.Tensor) -> None:
+        rep = rep1.detach().float()
+        self.spectra["representation"].update(rep)
+        self.spectra["subvector"].update(rep[:, :self.dim])
+        self.seen += len(labels)
+        self.correct += correct
+
+    def row(self, step: int, classes: int, world: int) -> dict:
+        """Collective: every rank calls it at the same epoch end."""
+        summary = {name: acc.all_reduce().result().summary()
+                   for name, acc in self.spectra.items()}
+        hits = torch.stack([self.correct.double(),
+                            torch.tensor(float(self.seen), device=self.correct.device)])
+        if world > 1:  # the global batch's online-probe accuracy, not rank 0's share
+            dist.all_reduce(hits)
+        return {"epoch_end": self.epoch, "step": step, "classes": classes,
+                "probe_train_top1": (hits[0] / hits[1].clamp_min(1)).item(),
+                "spectrum": summary}

@@ -1,0 +1,43 @@
+"""The C++ InfoNCE ops of infonce.cpp in plain PyTorch, with their schemas: the CPU backend's
+fallback where the kernels cannot be built (no compiler, see directclr.native). They form the
+whole M x C logits, so memory is O(M C) instead of O((M + C) dim); equal to the C++ results to
+1e-12 in float64 (tests/test_infonce.py)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _logits(rows: Tensor, cols: Tensor, excl: Tensor, scale: float) -> Tensor:
+    logits = (rows @ cols.T).mul_(scale)
+    kept = excl >= 0
+    logits[torch.arange(rows.shape[0])[kept], excl[kept]] = float("-inf")
+    return logits
+
+
+def lse_forward(rows, cols, pos, excl, scale, with_cols):
+    """torch.ops.directclr_cpu.lse_forward."""
+    logits = _logits(rows, cols, excl, scale)
+    pos_logit = logits[torch.arange(rows.shape[0]), pos]
+    if not with_cols:
+        empty = logits.new_empty(0)
+        return torch.logsumexp(logits, 1), pos_logit, empty, empty
+    col_max = logits.amax(0)
+    return torch.logsumexp(logits, 1), pos_logit, col_max, (logits - col_max).exp().sum(0)
+
+
+def lse_backward(rows, cols, pos, excl, scale, row_lse, row_w, col_lse, col_w, grad_rows,
+                 grad_cols):
+    """torch.ops.directclr_cpu.lse_backward: overwrites grad_rows and, if it has rows,
+    grad_cols."""
+    logits = _logits(rows, cols, excl, scale)
+    row_w, col_w = row_w.to(rows.dtype), col_w.to(rows.dtype)
+    grad_logits = (logits - row_lse.to(rows.dtype).unsqueeze(1)).exp() * row_w.unsqueeze(1)
+    positive = row_w
+    if col_lse.numel():
+        grad_logits += (logits - col_lse.to(rows.dtype).unsqueeze(0)).exp() * col_w.unsqueeze(0)
+        positive = row_w + col_w[pos]
+    grad_logits[torch.arange(rows.shape[0]), pos] -= positive
+    torch.mm(grad_logits, cols, out=grad_rows).mul_(scale)
+    if grad_cols.shape[0]:
+        torch.mm(grad_logits.T, rows, out=grad_cols).mul_(scale)
