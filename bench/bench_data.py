@@ -71,11 +71,8 @@ def main(argv=None):
     parser.add_argument("--backends", nargs="+", default=["dali", "torchvision"])
     parser.add_argument("--step-ms", type=float, default=0.0,
                         help="simulated accelerator step per batch (ms), the CPU left idle")
-    parser.add_argument("--results-dir", type=Path, default=common.RESULTS)
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.child:
-        print(json.dumps(run_backend(**json.loads(args.child))))
+    args = common.parse_or_run_child(parser, argv, lambda case: run_backend(**case))
+    if args is None:
         return []
     common.imagenet_like_jpegs(args.data, args.images)
     rows = []

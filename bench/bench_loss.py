@@ -6,7 +6,7 @@ Standalone (prints a table, appends JSON rows to bench/results/bench_loss.jsonl)
     python bench/bench_loss.py --device cuda --dtype bfloat16 --n 4096 16384 65536
 
 Every case runs in a fresh subprocess, so its peak memory is its own: on CPU the RSS high-water
-mark minus the RSS once the inputs exist; on CUDA torch.cuda.max_memory_allocated minus the
+mark, reset once the inputs exist, minus the RSS then (common.rss_baseline); on CUDA torch.cuda.max_memory_allocated minus the
 inputs. Both count the two input gradients (N x D each), which every provider must return;
 `grad_mb` says how much of the peak that is. On CPU glibc keeps freed buffers of up to 32 MB in
 its heaps, which moves that high-water mark by tens of MB from run to run, so a second process
@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
 import time
 from pathlib import Path
@@ -93,10 +91,6 @@ def matmul_peak_tflops(device: str, dtype: str, size: int = 8192, repeats: int =
     return 2.0 * size**3 / statistics.median(times[1:]) / 1e12
 
 
-def rss_bytes() -> int:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def run_case(provider, variant, n, width, dim, dtype, device, repeats) -> dict:
     """Times fwd+bwd in this process (meant to be a fresh one); returns one result row."""
     import torch
@@ -117,7 +111,7 @@ def run_case(provider, variant, n, width, dim, dtype, device, repeats) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = rss_bytes()
+        base = common.rss_baseline()
 
     def step():
         loss_fn(z1, z2).backward()
@@ -134,7 +128,7 @@ def run_case(provider, variant, n, width, dim, dtype, device, repeats) -> dict:
     if cuda:
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = common.rss_peak() - base
     median = statistics.median(times)
     return {
         "op": "infonce", "provider": provider, "backend": "auto" if provider == "fused" else
@@ -189,11 +183,8 @@ def main(argv=None) -> list[dict]:
                              "covers its timeout's floor (--min-case-s), and its timeout is "
                              "cut to what is left")
     parser.add_argument("--min-case-s", type=float, default=30.0)
-    parser.add_argument("--results-dir", type=Path, default=common.RESULTS)
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.child:
-        print(json.dumps(run_case(**json.loads(args.child))))
+    args = common.parse_or_run_child(parser, argv, lambda case: run_case(**case))
+    if args is None:
         return []
 
     rows = []

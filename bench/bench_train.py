@@ -80,19 +80,15 @@ def _memory_now(device) -> int:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.memory_allocated(device)
-    with open("/proc/self/statm") as statm:
-        import os
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return common.rss_baseline()
 
 
 def _memory_peak(device) -> int:
     """The peak since _memory_now: the allocator's, or the process's peak resident set."""
-    import resource
-
     import torch
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return common.rss_peak()
 
 
 def whole_loop(case: dict) -> dict:
@@ -129,12 +125,9 @@ def main(argv=None):
                         "micro-batch, beside the plain step (time and peak-memory ratios)")
     parser.add_argument("--what", nargs="+", default=["model", "loop"], choices=["model", "loop"])
     parser.add_argument("--timeout", type=float, default=1800)
-    parser.add_argument("--results-dir", type=Path, default=common.RESULTS)
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.child:
-        case = json.loads(args.child)
-        print(json.dumps((whole_loop if case["what"] == "loop" else model_alone)(case)))
+    args = common.parse_or_run_child(
+        parser, argv, lambda case: (whole_loop if case["what"] == "loop" else model_alone)(case))
+    if args is None:
         return []
     data = args.data
     if data == "synthetic" and "loop" in args.what:

@@ -1,6 +1,7 @@
 """Shared by the benchmarks: machine description, result rows, the printed table."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -74,6 +75,37 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def rss_baseline() -> int:
+    """This process's resident set now, its peak reset to it (Linux's clear_refs 5): what
+    rss_peak() then reports came after, neither the imports before nor the parent that spawned
+    this process (ru_maxrss keeps a vfork parent's resident set across exec)."""
+    Path("/proc/self/clear_refs").write_text("5")
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_peak() -> int:
+    """The peak resident set since rss_baseline(), in bytes."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def parse_or_run_child(parser: argparse.ArgumentParser, argv,
+                       run_case) -> argparse.Namespace | None:
+    """Adds --results-dir and run_child's hidden --child to a benchmark's parser and parses
+    `argv`; in a child, prints the row of run_case(case) and returns None."""
+    parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(run_case(json.loads(args.child))))
+        return None
+    return args
 
 
 def run_child(script: str, case: dict, timeout: float, env: dict | None = None) -> dict:

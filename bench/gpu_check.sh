@@ -65,8 +65,8 @@ PYEOF
 
 tests_rc=0
 if needs "GPU tests" torch triton pytest numpy; then
-  timeout "$(left 70)" "$PY" -m pytest -q -p no:cacheprovider tests/test_infonce_triton.py \
-    tests/test_spectrum.py -k "cuda or gpu" --junitxml "$OUT/gpu_tests.xml" 2>&1 | tail -25
+  timeout "$(left 70)" "$PY" -m pytest -q -p no:cacheprovider tests/op/test_infonce_triton.py \
+    tests/spectrum/test_spectrum.py -k "cuda or gpu" --junitxml "$OUT/gpu_tests.xml" 2>&1 | tail -25
   tests_rc=${PIPESTATUS[0]}
 fi
 

@@ -278,6 +278,13 @@ def _pyplot():
     return plt
 
 
+def _save(fig, title: str, path: Path) -> None:
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    _pyplot().close(fig)
+
+
 def _log10(values) -> Tensor:
     return torch.tensor(values, dtype=torch.float64).clamp_min(1e-30).log10()
 
@@ -298,11 +305,7 @@ def plot_strong_aug(runs: list[dict], path: Path) -> None:
         bottom.set_xlabel("eigenvalue index of X")
     axes[0, 0].set_ylabel("log10 singular values of W")
     axes[1, 0].set_ylabel("eigenvalues of X (end)")
-    fig.suptitle("one linear layer: strong augmentation (large k) collapses W where X < 0",
-                 fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, "one linear layer: strong augmentation (large k) collapses W where X < 0", path)
 
 
 def plot_implicit_reg(run: dict, summary: dict, path: Path) -> None:
@@ -318,11 +321,8 @@ def plot_implicit_reg(run: dict, summary: dict, path: Path) -> None:
     axes[3].set_title(f"|V2ᵀ U1| at the end (diagonal mass of the {summary['active_directions']}"
                       f" learned: {summary['alignment_diagonal_mass_active']:.3f})", fontsize=8)
     fig.colorbar(image, ax=axes[3], fraction=0.046)
-    fig.suptitle("two linear layers, weak augmentation: layers align, small singular values grow "
-                 "slower, the embedding collapses", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, "two linear layers, weak augmentation: layers align, small singular values grow "
+          "slower, the embedding collapses", path)
 
 
 def plot_projector(run: dict, summary: dict, path: Path) -> None:
@@ -338,11 +338,7 @@ def plot_projector(run: dict, summary: dict, path: Path) -> None:
     axes[1].set_title(f"projector rank {summary['projector_rank']} of {INPUT_DIM} "
                       f"(singular values >= 0.1 x the largest)", fontsize=9)
     axes[1].legend(fontsize=8)
-    fig.suptitle("a trained linear projector is diagonal (Prop. 1) and low-rank (Prop. 2)",
-                 fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, "a trained linear projector is diagonal (Prop. 1) and low-rank (Prop. 2)", path)
 
 
 def run_experiment(which: str, out, config: StrongAug | TwoLayer | None = None) -> dict:

@@ -28,7 +28,7 @@ def one_process(tiny, tmp_path_factory):
     that compares a distributed run with it."""
     import subprocess
 
-    from helpers import ENV_ONE_THREAD, ddp_args
+    from tests.helpers import ENV_ONE_THREAD, ddp_args
     runs = {}
 
     def run(mode):

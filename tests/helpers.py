@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -72,6 +73,25 @@ def assert_rel_close(x, ref, rel, what="", atol=0.0):
     assert err <= bound, f"{what}: max error {err:.3e} > {bound:.3e} (max |ref| {scale:.3e})"
 
 
+OUTPUTS = ("loss", "grad z1", "grad z2")
+
+
+def assert_fp32_exact(ours, exact, atol=0.0):
+    """(loss, grad z1, grad z2) computed in fp32 against float64's: the loss within 1e-5 and
+    the gradients within 1e-4 of their largest entry, plus atol."""
+    for name, got, ref in zip(OUTPUTS, ours, exact):
+        assert_rel_close(got, ref, 1e-5 if name == "loss" else 1e-4, name, atol)
+
+
+def assert_within_pytorch_error(ours, exact, pytorch, floor=0.0):
+    """Low precision judged by PyTorch's own error, for the loss and both gradients:
+    |x - x64| <= 2 |x_pytorch - x64| + max(1e-3 max |x64|, floor), x_pytorch being the formula
+    run in the inputs' dtype."""
+    for name, got, ref, theirs in zip(OUTPUTS, ours, exact, pytorch):
+        atol = max(1e-3 * ref.abs().max().item(), floor)
+        assert max_err(got, ref) <= 2 * max_err(theirs, ref) + atol, name
+
+
 # The Tensor methods through which Python code reads a tensor's value on the host: on a GPU each
 # waits for the device (a host sync). On CPU tensors they are counted all the same.
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
@@ -101,12 +121,27 @@ def count_host_reads():
                 setattr(torch.Tensor, name, method)
 
 
-def run_two_ranks(worker, *args):
-    """torchrun --standalone with 2 processes (gloo in the workers) of tests/<worker> args."""
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node=2", str(worker), *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+TWO_RANKS = [*TORCHRUN, "--standalone", "--nproc_per_node=2"]
+ENV_ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_two_ranks(*args, env=None, timeout=300):
+    """torchrun --standalone with 2 processes of `args` (a script or `-m MODULE`, and its
+    arguments); asserts that every rank ended well and returns torchrun's stderr."""
+    env = dict(os.environ if env is None else env)
+    # The checkout first, so `-m tests.workers.NAME` and `-m directclr` import these files.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run([*TWO_RANKS, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stderr
+
+
+def run_worker(name, *args):
+    """tests/workers/<name>.py on 2 ranks (gloo in the workers)."""
+    return run_two_ranks("-m", f"tests.workers.{name}", *args)
 
 
 def row_scales(dtype):
@@ -147,8 +182,6 @@ def assert_scale_invariant(dtype, variant, backend, rel_loss, rel_grad, device="
 RUN = [sys.executable, "-m", "directclr", "pretrain", *pretrain_argv(
     arch="resnet18", batch_size=8, epochs=2, lr=0.3, warmup_epochs=0.5, dim=90, image_size=32,
     num_threads=0, ckpt_every=1, loader="torchvision")]
-ENV_ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
 def ddp_args(tiny, mode):

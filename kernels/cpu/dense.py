@@ -1,7 +1,7 @@
 """The C++ InfoNCE ops of infonce.cpp in plain PyTorch, with their schemas: the CPU backend's
 fallback where the kernels cannot be built (no compiler, see directclr.native). They form the
 whole M x C logits, so memory is O(M C) instead of O((M + C) dim); equal to the C++ results to
-1e-12 in float64 (tests/test_infonce.py)."""
+1e-12 in float64 (tests/op/test_infonce.py)."""
 from __future__ import annotations
 
 import torch

@@ -164,6 +164,17 @@ int64_t row_tiles_before_end(int64_t n_row_tiles, int64_t row_tile, int64_t col_
   return std::min(n_row_tiles, (col_end + row_tile - 1) / row_tile);
 }
 
+// Calls body(first, size, block) on consecutive blocks of `block_rows` rows of `t`, the last
+// one shorter: the column tiles that every kernel below walks.
+template <typename Body>
+void for_each_block(const at::Tensor& t, int64_t block_rows, Body&& body) {
+  const int64_t n = t.size(0);
+  for (int64_t first = 0; first < n; first += block_rows) {
+    const int64_t size = std::min(block_rows, n - first);
+    body(first, size, t.narrow(0, first, size));
+  }
+}
+
 // lse_forward for fp32 with the fixed shift: column partials are (scale, sum exp(S - scale)).
 // Symmetric S (and no column statistics asked for): only row tiles that start before the column
 // block's end are computed; one wholly before it (a mirror tile) gives its rows their row sums and
@@ -185,9 +196,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lse_forward_fixed_shi
   float* row_sum_ptr = row_sum.data_ptr<float>();
   float* pos_ptr_out = pos_logit.data_ptr<float>();
 
-  for (int64_t col0 = 0; col0 < n_cols; col0 += kColTile) {
-    const int64_t col_tile = std::min(kColTile, n_cols - col0);
-    const auto col_block = cols.narrow(0, col0, col_tile);
+  for_each_block(cols, kColTile, [&](int64_t col0, int64_t col_tile, const auto& col_block) {
     const int64_t tiles_here =
         symmetric ? row_tiles_before_end(n_row_tiles, row_tile, col0 + col_tile) : n_row_tiles;
     auto thread_col_sum =
@@ -221,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lse_forward_fixed_shi
     });
     if (with_cols) col_sum.narrow(0, col0, col_tile).copy_(thread_col_sum.sum(0));
     if (symmetric) row_sum.narrow(0, col0, col_tile).add_(thread_col_sum.sum(0));
-  }
+  });
   auto col_max = with_cols ? at::full({n_cols}, scale, opts) : at::empty({0}, opts);
   return {row_sum.log_().add_(scale), pos_logit, col_max, col_sum};
 }
@@ -250,9 +259,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lse_forward(
   const int64_t* pos_ptr = pos.data_ptr<int64_t>();
   const int64_t* excl_ptr = excl.data_ptr<int64_t>();
 
-  for (int64_t col0 = 0; col0 < n_cols; col0 += kColTile) {
-    const int64_t col_tile = std::min(kColTile, n_cols - col0);
-    const auto col_block = cols.narrow(0, col0, col_tile);
+  for_each_block(cols, kColTile, [&](int64_t col0, int64_t col_tile, const auto& col_block) {
     // Each thread merges the column statistics of its row tiles here; merged after the loop.
     auto thread_col_max = with_cols ? at::full({n_threads, col_tile}, -scale, opts) : at::Tensor();
     auto thread_col_sum = with_cols ? at::zeros({n_threads, col_tile}, opts) : at::Tensor();
@@ -306,7 +313,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lse_forward(
       col_sum.narrow(0, col0, col_tile)
           .copy_((thread_col_sum * (thread_col_max - merged.unsqueeze(0)).exp_()).sum(0));
     }
-  }
+  });
   auto row_lse = row_max + row_sum.log();
   return {row_lse, pos_logit, col_max, col_sum};
 }
@@ -414,9 +421,7 @@ void lse_backward(const at::Tensor& rows, const at::Tensor& cols, const at::Tens
   const int64_t* excl_ptr = excl.data_ptr<int64_t>();
 
   const int64_t grad_col_tile = grad_col_tile_size(width);
-  for (int64_t col0 = 0; col0 < n_cols; col0 += grad_col_tile) {
-    const int64_t col_tile = std::min(grad_col_tile, n_cols - col0);
-    const auto col_block = cols.narrow(0, col0, col_tile);
+  for_each_block(cols, grad_col_tile, [&](int64_t col0, int64_t col_tile, const auto& col_block) {
     auto thread_grad_cols =
         with_grad_cols ? at::zeros({n_threads, col_tile, width}, opts) : at::Tensor();
 
@@ -443,7 +448,7 @@ void lse_backward(const at::Tensor& rows, const at::Tensor& cols, const at::Tens
       auto grad_cols_here = grad_cols.narrow(0, col0, col_tile);
       at::sum_out(grad_cols_here, thread_grad_cols, 0);
     }
-  }
+  });
 }
 
 // Rows [row0, row0 + count) of the outputs taken as one tall matrix (consecutive row blocks, e.g.
@@ -490,9 +495,7 @@ void lse_backward_symmetric(const at::Tensor& rows, const at::Tensor& pos, doubl
   const int64_t* pos_ptr = pos.data_ptr<int64_t>();
   const int64_t* excl_ptr = diagonal.data_ptr<int64_t>();
 
-  for (int64_t col0 = 0; col0 < n_rows; col0 += col_tile_max) {
-    const int64_t col_tile = std::min(col_tile_max, n_rows - col0);
-    const auto col_block = rows.narrow(0, col0, col_tile);
+  for_each_block(rows, col_tile_max, [&](int64_t col0, int64_t col_tile, const auto& col_block) {
     const int64_t tiles_here = row_tiles_before_end(n_row_tiles, row_tile, col0 + col_tile);
     auto thread_mirror = at::zeros({n_threads, col_tile, width}, opts);
     at::parallel_for(0, tiles_here, 1, [&](int64_t first, int64_t last) {
@@ -519,7 +522,7 @@ void lse_backward_symmetric(const at::Tensor& rows, const at::Tensor& pos, doubl
     for_each_piece(grad_blocks, col0, col_tile, [&](at::Tensor out, int64_t offset) {
       out.add_(mirror.narrow(0, offset, out.size(0)));
     });
-  }
+  });
 }
 
 }  // namespace

@@ -4,17 +4,19 @@ import os
 
 import pytest
 import torch
-from helpers import (
-    ROUNDING_FLOOR,
-    assert_rel_close,
-    assert_scale_invariant,
-    loss_and_grads,
-    make_views,
-    max_err,
-    reference_loss_and_grads,
-)
 
 from directclr import infonce
+from tests.helpers import (
+    OUTPUTS,
+    ROUNDING_FLOOR,
+    assert_fp32_exact,
+    assert_rel_close,
+    assert_scale_invariant,
+    assert_within_pytorch_error,
+    loss_and_grads,
+    make_views,
+    reference_loss_and_grads,
+)
 
 CUDA = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -59,9 +61,7 @@ def test_triton_low_precision_within_pytorch_error(dtype, variant, n, dim):
     exact = reference_loss_and_grads(z1, z2, dim=dim, variant=variant)
     pytorch = reference_loss_and_grads(z1, z2, dim=dim, variant=variant, dtype=dtype)
     assert ours[1].dtype == dtype
-    for name, got, ref, pt in zip(("loss", "grad z1", "grad z2"), ours, exact, pytorch):
-        atol = max(1e-3 * ref.abs().max().item(), ROUNDING_FLOOR)
-        assert max_err(got, ref) <= 2 * max_err(pt, ref) + atol, name
+    assert_within_pytorch_error(ours, exact, pytorch, ROUNDING_FLOOR)
 
 
 @interpreted
@@ -73,7 +73,7 @@ def test_triton_fp16_gradients_survive_large_n(upstream):
     ours = loss_and_grads(z1, z2, "none", weights, dim=64, backend="triton")
     exact = reference_loss_and_grads(z1, z2, "none", weights, dim=64)
     pytorch = reference_loss_and_grads(z1, z2, "none", weights, dim=64, dtype=torch.float16)
-    for name, got, ref, pt in list(zip(("loss", "grad z1", "grad z2"), ours, exact, pytorch))[1:]:
+    for name, got, ref, pt in list(zip(OUTPUTS, ours, exact, pytorch))[1:]:
         err = (got.double() - ref).norm() / ref.norm()
         pt_err = (pt.double() - ref).norm() / ref.norm()
         assert err <= 2 * pt_err + 1e-3, (name, err.item(), pt_err.item())
@@ -88,7 +88,7 @@ def test_triton_reduction_none_weights_and_zero_rows(variant):
     weights = torch.randn(9)
     ours = loss_and_grads(z1, z2, "none", weights, dim=20, variant=variant, backend="triton")
     cpu = loss_and_grads(z1, z2, "none", weights, dim=20, variant=variant, backend="cpu")
-    for name, got, ref in zip(("loss", "grad z1", "grad z2"), ours, cpu):
+    for name, got, ref in zip(OUTPUTS, ours, cpu):
         assert_rel_close(got, ref, 1e-5, name)
     assert torch.equal(ours[1][4], torch.zeros_like(ours[1][4]))
 
@@ -110,8 +110,7 @@ def test_triton_running_max_and_fixed_shift_match_float64(variant, temperature, 
     ours = loss_and_grads(z1, z2, dim=dim, variant=variant, temperature=temperature,
                           backend="triton")
     exact = reference_loss_and_grads(z1, z2, dim=dim, variant=variant, temperature=temperature)
-    for name, got, ref in zip(("loss", "grad z1", "grad z2"), ours, exact):
-        assert_rel_close(got, ref, 1e-5 if name == "loss" else 1e-4, name, ROUNDING_FLOOR)
+    assert_fp32_exact(ours, exact, ROUNDING_FLOOR)
 
 
 @interpreted
@@ -130,13 +129,10 @@ def test_triton_wide_subvector_panels(variant, dtype):
     assert not kernels.fused_backward(600, dtype)
     exact = reference_loss_and_grads(z1, z2, dim=600, variant=variant)
     if dtype == torch.float32:
-        for name, got, ref in zip(("loss", "grad z1", "grad z2"), ours, exact):
-            assert_rel_close(got, ref, 1e-5 if name == "loss" else 1e-4, name, ROUNDING_FLOOR)
-        return
-    pytorch = reference_loss_and_grads(z1, z2, dim=600, variant=variant, dtype=dtype)
-    for name, got, ref, pt in zip(("loss", "grad z1", "grad z2"), ours, exact, pytorch):
-        atol = max(1e-3 * ref.abs().max().item(), ROUNDING_FLOOR)
-        assert max_err(got, ref) <= 2 * max_err(pt, ref) + atol, name
+        assert_fp32_exact(ours, exact, ROUNDING_FLOOR)
+    else:
+        pytorch = reference_loss_and_grads(z1, z2, dim=600, variant=variant, dtype=dtype)
+        assert_within_pytorch_error(ours, exact, pytorch, ROUNDING_FLOOR)
 
 
 @interpreted
@@ -150,8 +146,7 @@ def test_triton_row_groups_and_column_splits(variant, monkeypatch):
     z1, z2 = make_views(150, 64)
     ours = loss_and_grads(z1, z2, dim=40, variant=variant, backend="triton")
     exact = reference_loss_and_grads(z1, z2, dim=40, variant=variant)
-    for name, got, ref in zip(("loss", "grad z1", "grad z2"), ours, exact):
-        assert_rel_close(got, ref, 1e-5 if name == "loss" else 1e-4, name, ROUNDING_FLOOR)
+    assert_fp32_exact(ours, exact, ROUNDING_FLOOR)
 
 
 @interpreted
@@ -189,9 +184,7 @@ def test_cuda_bf16_against_reference(variant, n):
     pytorch = reference_loss_and_grads(z1, z2, dim=360, variant=variant, dtype=torch.bfloat16)
     exact_dtype = torch.float64 if n <= 8192 else torch.float32
     exact = reference_loss_and_grads(z1, z2, dim=360, variant=variant, dtype=exact_dtype)
-    for name, got, ref, pt in zip(("loss", "grad z1", "grad z2"), ours, exact, pytorch):
-        atol = max(1e-3 * ref.abs().max().item(), ROUNDING_FLOOR)
-        assert max_err(got, ref) <= 2 * max_err(pt, ref) + atol, name
+    assert_within_pytorch_error(ours, exact, pytorch, ROUNDING_FLOOR)
 
 
 def _chunked_cross_loss_fp64(z1, z2, dim, temperature=0.1, chunk=4096):

@@ -1,16 +1,10 @@
 """World 2 x N/2 (torchrun, gloo) gives the loss and gradients of 1 x N."""
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from dist_worker import DIM, IN_FEATURES, WIDTH
-from helpers import assert_rel_close
 
 from directclr import infonce
-
-WORKER = Path(__file__).with_name("dist_worker.py")
+from tests.helpers import assert_rel_close, run_worker
+from tests.workers.loss_ddp import DIM, IN_FEATURES, WIDTH
 
 
 # "triton": the GPU kernels under the interpreter (conftest's TRITON_INTERPRET=1 reaches the
@@ -18,10 +12,7 @@ WORKER = Path(__file__).with_name("dist_worker.py")
 @pytest.mark.parametrize("backend", ["auto", "triton"])
 def test_two_process_gloo_matches_single_process(tmp_path, backend):
     out = tmp_path / "dist.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(WORKER), "--out", str(out), "--backend", backend]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_worker("loss_ddp", "--out", out, "--backend", backend)
     saved = torch.load(out, weights_only=True)
     world = saved["world"]
     assert world == 2

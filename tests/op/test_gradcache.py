@@ -1,16 +1,13 @@
 """Gradient caching: the full-batch gradient with one micro-batch's activations at a time."""
 import copy
-from pathlib import Path
 
 import pytest
 import torch
-from gradcache_models import N, build_net, make_batch
-from helpers import assert_rel_close, run_two_ranks
 
 from directclr import DirectCLRLoss, cached_step, infonce
 from directclr.gradcache import cached_backward
-
-HERE = Path(__file__).resolve().parent
+from tests.helpers import assert_rel_close, run_worker
+from tests.workers.gradcache_models import N, build_net, make_batch
 
 
 def _grads(net):
@@ -107,7 +104,7 @@ def test_two_ranks_equal_one_process_and_all_reduce_once(tmp_path):
     """2 gloo ranks x 6 rows, micro-batches of 3: the full 12-row gradient, with one all-reduce
     per gradient bucket per step (not one per micro-batch)."""
     out = tmp_path / "ranks.pt"
-    run_two_ranks(HERE / "gradcache_worker.py", "--out", out)
+    run_worker("gradcache", "--out", out)
     results = torch.load(out, weights_only=True)
     view1, view2 = make_batch()
     for variant in ("cross", "ntxent"):

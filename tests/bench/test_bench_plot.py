@@ -2,14 +2,14 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from bench import plot_bench
+from tests.helpers import ROOT
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "plot_bench.py"
+SCRIPT = ROOT / "bench" / "plot_bench.py"
 CPU = "Intel(R) Xeon(R) Processor, 2 cores"
 GPU = "NVIDIA H100 80GB HBM3"
 

@@ -8,15 +8,6 @@ import subprocess
 
 import pytest
 import torch
-from helpers import (
-    ENV_ONE_THREAD,
-    RUN,
-    TORCHRUN,
-    FixedBatches,
-    assert_same_training,
-    count_host_reads,
-    ddp_args,
-)
 
 from directclr import train
 from directclr.checkpoint import check_resume_config, load_latest_checkpoint, save_checkpoint
@@ -27,6 +18,16 @@ from directclr.metrics import MetricsLog
 from directclr.models import MODES, read_description
 from directclr.preemption import Diverged
 from directclr.train import Model, check_config, learning_rate, warmup_steps
+from tests.helpers import (
+    ENV_ONE_THREAD,
+    RUN,
+    TORCHRUN,
+    FixedBatches,
+    assert_same_training,
+    count_host_reads,
+    ddp_args,
+    run_two_ranks,
+)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -48,13 +49,9 @@ def test_each_mode_lowers_its_loss_on_a_fixed_batch(mode):
     assert losses[-1] < losses[0], losses
 
 
-def run_two_ranks(tiny, mode, out) -> str:
-    """torchrun --standalone with 2 processes on `out`; returns its stderr."""
-    proc = subprocess.run(TORCHRUN + ["--standalone", "--nproc_per_node=2"]
-                          + ddp_args(tiny, mode) + ["--out", str(out)],
-                          capture_output=True, text=True, timeout=600, env=ENV_ONE_THREAD)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stderr
+def train_two_ranks(tiny, mode, out) -> str:
+    """ddp_args' run on 2 ranks writing to `out`; returns torchrun's stderr."""
+    return run_two_ranks(*ddp_args(tiny, mode), "--out", out, env=ENV_ONE_THREAD, timeout=600)
 
 
 @pytest.mark.parametrize("mode", ["directclr", "simclr-mlp"])
@@ -63,7 +60,7 @@ def test_two_process_ddp_ends_with_the_weights_of_one_process(tiny, tmp_path, on
     rank equals one process with all 16: same global batches, BN over the global batch, the
     gradient of the global loss."""
     two = tmp_path / "two"
-    run_two_ranks(tiny, mode, two)
+    train_two_ranks(tiny, mode, two)
     assert_same_training(one_process(mode), two, mode)
 
 
@@ -76,11 +73,8 @@ def test_two_process_ddp_with_micro_batches_and_compile(tiny, tmp_path):
     losses = {}
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
         out = tmp_path / name
-        proc = subprocess.run(TORCHRUN + ["--standalone", "--nproc_per_node=2"]
-                              + ddp_args(tiny, "simclr-mlp")
-                              + ["--out", str(out), "--micro-batch", "4", *extra],
-                              capture_output=True, text=True, timeout=900, env=ENV_ONE_THREAD)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        run_two_ranks(*ddp_args(tiny, "simclr-mlp"), "--out", out, "--micro-batch", "4", *extra,
+                      env=ENV_ONE_THREAD, timeout=900)
         losses[name] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").open()
                         if '"loss"' in line]
         assert len(losses[name]) == 3 and all(math.isfinite(v) for v in losses[name])
@@ -99,7 +93,7 @@ def test_a_one_process_run_resumes_on_two_ranks_and_ends_where_it_would_have(tin
     (elastic / "backbone.pt").unlink()
     rows = (elastic / "metrics.jsonl").read_text().splitlines()
     (elastic / "metrics.jsonl").write_text("\n".join(rows[:2]) + "\n")
-    assert "resumed from step 2" in run_two_ranks(tiny, "directclr", elastic)
+    assert "resumed from step 2" in train_two_ranks(tiny, "directclr", elastic)
     assert_same_training(one, elastic, "directclr")
 
 

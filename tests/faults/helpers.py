@@ -3,45 +3,53 @@ the straight runs they are compared with, and the processes below a run (from /p
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from directclr.checkpoint import pick_checkpoint, resume_settings
-from directclr.config import Config
-from directclr.data import prepare_synthetic
+from directclr.config import Config, pretrain_argv
+from tests.helpers import ENV_ONE_THREAD
 
 STEPS = 6  # of 10 (2 epochs of 5 batches of 8 from 40 images)
 DDP_STEPS = 4  # 2 ranks of 8 pairs: 2 global batches per epoch
-ENV_ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
-TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
 
 
-def tiny_data(work: Path) -> Path:
-    root = work / "tiny"
-    if not (root / ".complete").exists():
-        prepare_synthetic(root, n=40, classes=4, min_side=36, max_side=60, progress=False)
-        (root / ".complete").touch()
-    return root
+@dataclass(frozen=True)
+class Work:
+    """The module's folder, where the straight runs are made once, and the tiny dataset."""
+    root: Path
+    data: Path
+
+    def __truediv__(self, name: str) -> Path:
+        return self.root / name
 
 
-def pretrain_args(work: Path, out: Path, loader="torchvision", steps=STEPS, batch=8) -> list[str]:
-    return ["-m", "directclr", "pretrain", "--data", str(tiny_data(work)), "--out", str(out),
-            "--arch", "resnet18-w16", "--dim", "22", "--batch-size", str(batch), "--epochs", "2",
-            "--lr", "0.3", "--warmup-epochs", "0.5", "--image-size", "32", "--loader", loader,
-            "--num-threads", "1" if loader == "dali" else "0", "--max-steps", str(steps),
-            "--log-every", "1", "--ckpt-every", "100"]
+def tiny_config(loader="torchvision", steps=STEPS, batch=8) -> Config:
+    """The settings of the fault tests' runs, as a resume compares them."""
+    return Config(data="", out="", arch="resnet18-w16", dim=22, batch_size=batch, epochs=2,
+                  lr=0.3, warmup_epochs=0.5, max_steps=steps, loader=loader)
 
 
-def ddp_args(work: Path, out: Path) -> list[str]:
-    """pretrain_args of a 2-rank run under TORCHRUN: 16 pairs a step, 8 per rank."""
+def pretrain_args(work: Work, out: Path, loader="torchvision", steps=STEPS, batch=8) -> list[str]:
+    """`python` arguments of tiny_config's run on the tiny dataset, logging every step."""
+    cfg = tiny_config(loader, steps, batch)
+    return ["-m", "directclr", "pretrain", *pretrain_argv(
+        data=work.data, out=out, arch=cfg.arch, dim=cfg.dim, batch_size=cfg.batch_size,
+        epochs=cfg.epochs, lr=cfg.lr, warmup_epochs=cfg.warmup_epochs, image_size=32,
+        loader=loader, num_threads=1 if loader == "dali" else 0, max_steps=steps, log_every=1,
+        ckpt_every=100)]
+
+
+def ddp_args(work: Work, out: Path) -> list[str]:
+    """pretrain_args of a 2-rank run: 16 pairs a step, 8 per rank."""
     return pretrain_args(work, out, steps=DDP_STEPS, batch=16)
 
 
@@ -49,12 +57,6 @@ def set_arg(args: list[str], name: str, value: str) -> list[str]:
     """`args` with the value after `name` replaced (in place)."""
     args[args.index(name) + 1] = value
     return args
-
-
-def tiny_config() -> Config:
-    """The Config of pretrain_args' run, as a resume compares it."""
-    return Config(data="", out="", arch="resnet18-w16", dim=22, batch_size=8, epochs=2, lr=0.3,
-                  warmup_epochs=0.5, max_steps=STEPS, loader="torchvision")
 
 
 def fresh(out: Path) -> Path:

@@ -20,7 +20,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
+
 README = ROOT / "README.md"
 MAX_README_LINES = 250
 PATH_SUFFIXES = (".py", ".md", ".png", ".sh", ".txt", ".toml", ".jsonl")

@@ -1,9 +1,12 @@
 """The benchmarks run end to end and write well-formed rows (smoke tests, not timings)."""
 import json
+import re
 import subprocess
+import sys
 
 from bench import bench_data, bench_loss, bench_spectrum, bench_train
 from directclr.data.loader import dali_available
+from tests.helpers import ROOT
 
 
 def test_bench_loss_writes_rows(tmp_path):
@@ -120,3 +123,19 @@ def test_commit_is_dirty_for_code_changes_not_for_appended_results(tmp_path):
     assert git_commit(tmp_path) == clean
     (tmp_path / "code.py").write_text("x = 2\n")
     assert git_commit(tmp_path) == clean + "+dirty"
+
+
+def test_the_gpu_check_selects_gpu_tests_that_exist():
+    """bench/gpu_check.sh runs only on a GPU host: a moved or renamed test file, or a -k that
+    matches nothing, would make it pass there having tested nothing."""
+    script = (ROOT / "bench" / "gpu_check.sh").read_text()
+    files = re.findall(r"\btests/\S+\.py\b", script)
+    selection = re.search(r'-k "([^"]+)"', script).group(1)
+    assert files and all((ROOT / f).exists() for f in files), files
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
+                           "-p", "no:cacheprovider", *files, "-k", selection],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    collected = [line for line in proc.stdout.splitlines() if "::" in line]
+    assert any("cuda" in line for line in collected), proc.stdout[-2000:]
+    assert {f.split("::")[0] for f in collected} == set(files)

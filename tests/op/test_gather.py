@@ -1,17 +1,15 @@
 """infonce's `gather`: the local loss (gather=False, no collectives: one rank may call it alone),
 the global loss (gather=True/None) and torch.compile(fullgraph=True) of both, on 2 gloo ranks
-(gather_worker.py), against the float64 reference formula."""
+(tests/workers/gather.py), against the float64 reference formula."""
 import importlib
-from pathlib import Path
 
 import pytest
 import torch
-from gather_worker import DIM, ROWS, global_views, own_rows
-from helpers import assert_rel_close, make_views, reference_loss_and_grads, run_two_ranks
 
 from directclr import DirectCLRLoss, infonce
+from tests.helpers import assert_rel_close, make_views, reference_loss_and_grads, run_worker
+from tests.workers.gather import DIM, ROWS, global_views, own_rows
 
-WORKER = Path(__file__).with_name("gather_worker.py")
 WORLD = 2
 REL = 1e-12  # float64 throughout: the fused op and the formula differ by rounding only
 WEIGHTS = torch.linspace(0.5, 2.0, ROWS, dtype=torch.float64)  # the worker's upstream gradient
@@ -21,7 +19,7 @@ WEIGHTS = torch.linspace(0.5, 2.0, ROWS, dtype=torch.float64)  # the worker's up
 def ranks(tmp_path_factory):
     """Both ranks' results of one 2-rank run of every case (one launch for the module)."""
     out = tmp_path_factory.mktemp("gather")
-    run_two_ranks(WORKER, "cases", out)
+    run_worker("gather", "cases", out)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
@@ -115,7 +113,7 @@ def test_argument_errors_under_two_ranks(ranks):
 def test_local_loss_on_rank_0_alone_does_not_hang(tmp_path):
     """Rank 1 never calls infonce; a collective on rank 0 would leave the ranks' collectives
     mismatched: the worker's barrier would then fail or time out (its process-group timeout)."""
-    run_two_ranks(WORKER, "one-rank", tmp_path)
+    run_worker("gather", "one-rank", tmp_path)
     assert_matches(torch.load(tmp_path / "rank0.pt", weights_only=True), local_reference(0),
                    "rank 0 alone, gather=False")
     for rank in range(WORLD):  # both passed the barrier and the all-reduce after it (0 + 1)

@@ -1,8 +1,8 @@
 """Run under torchrun (2 gloo ranks) by test_gather.py: infonce's `gather` argument.
 
-    gather_worker.py cases OUT     every rank writes OUT/rank<r>.pt: gather=False, gather=True/None
+    gather.py cases OUT     every rank writes OUT/rank<r>.pt: gather=False, gather=True/None
                                    and torch.compile(fullgraph=True) results, float64
-    gather_worker.py one-rank OUT  rank 0 alone calls infonce(gather=False) while rank 1 does other
+    gather.py one-rank OUT  rank 0 alone calls infonce(gather=False) while rank 1 does other
                                    work; then both meet at a barrier (process-group timeout
                                    ONE_RANK_TIMEOUT_S, so a stray collective fails, never hangs)
 

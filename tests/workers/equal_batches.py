@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from helpers import count_host_reads
 
 from directclr import infonce
 from directclr.cli import exit_without_teardown
+from tests.helpers import count_host_reads
 
 
 def host_reads(n, group=None, variant="cross"):
@@ -44,7 +44,7 @@ def main():
     dist.barrier()  # every rank done before any tears gloo down
     dist.destroy_process_group()
     # torch can abort a gloo process in the interpreter's teardown (see exit_without_teardown);
-    # one of ~25 loaded runs of this worker failed, its output not kept. As dist_worker.py does.
+    # one of ~25 loaded runs of this worker failed, its output not kept. As loss_ddp.py does.
     exit_without_teardown()
 
 

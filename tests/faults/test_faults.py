@@ -12,11 +12,22 @@ import sys
 
 import pytest
 import torch
-from fault_helpers import (
+
+from directclr.checkpoint import (
+    checkpoint_step,
+    claim_out,
+    pick_checkpoint,
+    resume_settings,
+    save_checkpoint,
+)
+from directclr.config import RESUME_FIELDS, Config, flag
+from directclr.data.loader import dali_available
+from directclr.files import FolderLock
+from directclr.preemption import EXIT_DIVERGED, EXIT_PREEMPTED
+from tests.faults.helpers import (
     DDP_STEPS,
-    ENV_ONE_THREAD,
     STEPS,
-    TORCHRUN,
+    Work,
     copy_of_straight,
     ddp_args,
     descendants,
@@ -38,24 +49,14 @@ from fault_helpers import (
     tiny_config,
     wait_for_row,
 )
-
-from directclr.checkpoint import (
-    checkpoint_step,
-    claim_out,
-    pick_checkpoint,
-    resume_settings,
-    save_checkpoint,
-)
-from directclr.config import RESUME_FIELDS, Config, flag
-from directclr.data.loader import dali_available
-from directclr.files import FolderLock
-from directclr.preemption import EXIT_DIVERGED, EXIT_PREEMPTED
+from tests.helpers import ENV_ONE_THREAD, TWO_RANKS
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    """One folder for the module: the straight runs the cases compare with are made once."""
-    return tmp_path_factory.mktemp("faults")
+def work(tmp_path_factory, tiny):
+    """One folder for the module (the straight runs the cases compare with are made once) and
+    the session's tiny dataset."""
+    return Work(tmp_path_factory.mktemp("faults"), tiny)
 
 
 def needs(loader: str) -> None:
@@ -151,7 +152,7 @@ def test_workers_ignore_stop_signals(work):
 def test_sigterm_ddp_one_rank(work):
     """SIGTERM to rank 1 of 2 (gloo) only: rank 0 stops with it, the checkpoint at the last
     step done; a resume on 2 ranks ends with the weights of the straight 2-rank run."""
-    reference = finished(work, "ddp-straight", lambda o: ddp_args(work, o), launcher=TORCHRUN)
+    reference = finished(work, "ddp-straight", lambda o: ddp_args(work, o), launcher=TWO_RANKS)
     out = fresh(work / "ddp-stopped")
     args = ddp_args(work, out)
 
@@ -159,11 +160,11 @@ def test_sigterm_ddp_one_rank(work):
         ranks = rank_pid(proc.pid, 1)
         assert len(ranks) == 1, f"rank 1 not found below torchrun: {ranks}"
         os.kill(ranks[0], signal.SIGTERM)
-    _, text = signalled([*TORCHRUN, *args], out, work / "ddp-stopped.log", 1, rank_1)
+    _, text = signalled([*TWO_RANKS, *args], out, work / "ddp-stopped.log", 1, rank_1)
     assert "stopped by a signal to another rank" in text, text[-3000:]
     stopped = checkpoint_step(newest_checkpoint(out))
     assert stopped == max(steps(out)) < DDP_STEPS, (stopped, rows(out))
-    resumed = run(args, launcher=TORCHRUN)
+    resumed = run(args, launcher=TWO_RANKS)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert steps(out) == list(range(1, DDP_STEPS + 1))
     assert same_weights(reference, out), "resumed weights differ from the straight 2-rank run's"

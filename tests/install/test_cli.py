@@ -158,9 +158,9 @@ def test_dim_defaults_to_the_papers_fraction_of_the_width(tmp_path, monkeypatch,
     import logging
 
     import torch
-    from helpers import FixedBatches
 
     from directclr.models import read_description
+    from tests.helpers import FixedBatches
     cfg = Config(data=str(tmp_path), out=str(tmp_path / "out"), arch="resnet18-w16",
                  batch_size=8, epochs=1, lr=0.3, image_size=32, loader="torchvision")
     monkeypatch.setattr(train, "build_pretrain_loader", lambda *a, **k: FixedBatches(2, 8))

@@ -1,13 +1,12 @@
 """infonce's check that every rank passes the same N: an all-gather read on the host, so it runs
 once per (N, process group) in each process, not on every step (2 gloo ranks)."""
 import json
-from pathlib import Path
 
-from helpers import run_two_ranks
+from tests.helpers import run_worker
 
 
 def test_equal_batch_check_runs_once_per_batch_size_and_group(tmp_path):
-    run_two_ranks(Path(__file__).with_name("equal_batches_worker.py"), tmp_path)
+    run_worker("equal_batches", tmp_path)
     for rank in (0, 1):
         record = json.loads((tmp_path / f"rank{rank}.json").read_text())
         # One read (the gathered sizes) the first time, none after: the step is sync-free.

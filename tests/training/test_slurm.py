@@ -9,10 +9,6 @@ import sys
 import pytest
 import torch
 
-# The 2-rank torchrun tests' argv, environment and check (the tiny and one_process fixtures
-# come from conftest.py).
-from helpers import ENV_ONE_THREAD, assert_same_training, ddp_args
-
 from directclr import distributed
 from directclr.distributed import (
     DEFAULT_MASTER_PORT,
@@ -23,6 +19,10 @@ from directclr.distributed import (
     setup_distributed,
     slurm_launch,
 )
+
+# The 2-rank torchrun tests' argv, environment and check (the tiny and one_process fixtures
+# come from conftest.py).
+from tests.helpers import ENV_ONE_THREAD, assert_same_training, ddp_args
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
                  "ROLE_RANK", "MASTER_ADDR", "MASTER_PORT")

@@ -13,8 +13,8 @@ import torch
 
 from directclr import infonce, infonce_reference, native
 from directclr.spectrum import centered_gram
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 SITE = Path(torch.__file__).resolve().parents[1]  # .venv's site-packages: torch and the rest
 
 USE_INSTALLED = """

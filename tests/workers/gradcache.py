@@ -4,10 +4,10 @@ import argparse
 
 import torch
 import torch.distributed as dist
-from gradcache_models import N, build_net, make_batch
 
 from directclr import DirectCLRLoss, cached_step
 from directclr.cli import exit_without_teardown
+from tests.workers.gradcache_models import N, build_net, make_batch
 
 
 def main():

@@ -1,13 +1,12 @@
 """Spectrum accumulation against numpy float64 (np.cov(bias=True) + eigvalsh)."""
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import count_host_reads, run_two_ranks
 
 from directclr import SpectrumAccumulator, embedding_spectrum
 from directclr.spectrum import centered_gram
+from tests.helpers import count_host_reads, run_worker
 
 
 def numpy_eigenvalues(x, normalize=False):
@@ -127,7 +126,7 @@ def test_bad_input(call, error, match):
 def test_all_reduce_two_process_gloo(tmp_path):
     """Ranks at different power-of-two scales (rank 1's rows are 1000x larger)."""
     out = tmp_path / "spec.pt"
-    run_two_ranks(Path(__file__).with_name("spectrum_worker.py"), out)
+    run_worker("spectrum", out)
     saved = torch.load(out, weights_only=True)
     one = SpectrumAccumulator(24).update(saved["x"])  # float64 data: exact up to round-off
     assert saved["n"] == len(saved["x"]) and saved["batches"] == 10

@@ -10,14 +10,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from directclr.gpu_report.census import loops, parse_sass, tile_census
 from directclr.gpu_report.report import CASES
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 
 # Max dynamic shared memory per block: H100/H200 (sm_90) 227 KiB, A100 (sm_80) 163 KiB.
 SHARED_LIMIT = {"sm_90a": 227 * 1024, "sm_80": 163 * 1024}
