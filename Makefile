@@ -77,4 +77,4 @@ bench-plot: build
 	$(BIN)/python bench/plot_bench.py
 
 clean:
-	rm -rf build directclr/_C*.so *.egg-info "$${XDG_CACHE_HOME:-$$HOME/.cache}/directclr/native"
+	rm -rf build *.egg-info "$${XDG_CACHE_HOME:-$$HOME/.cache}/directclr/native"

@@ -6,13 +6,13 @@ Standalone (prints a table, appends JSON rows to bench/results/bench_loss.jsonl)
     python bench/bench_loss.py --device cuda --dtype bfloat16 --n 4096 16384 65536
 
 Every case runs in a fresh subprocess, so its peak memory is its own: on CPU the RSS high-water
-mark, reset once the inputs exist, minus the RSS then (common.rss_baseline); on CUDA torch.cuda.max_memory_allocated minus the
-inputs. Both count the two input gradients (N x D each), which every provider must return;
-`grad_mb` says how much of the peak that is. On CPU glibc keeps freed buffers of up to 32 MB in
-its heaps, which moves that high-water mark by tens of MB from run to run, so a second process
-per case (one step, MALLOC_MMAP_THRESHOLD_=131072: every buffer above 128 KiB its own mapping,
-returned when freed) measures `live_peak_mb`, the peak of what is actually held; the times come
-from the first process, under the default allocator.
+mark, reset once the inputs exist, minus the RSS then (common.rss_baseline); on CUDA
+torch.cuda.max_memory_allocated minus the inputs. Both count the two input gradients (N x D each),
+which every provider must return; `grad_mb` says how much of the peak that is. On CPU glibc keeps
+freed buffers of up to 32 MB in its heaps, which moves that high-water mark by tens of MB from run
+to run, so a second process per case (one step, MALLOC_MMAP_THRESHOLD_=131072: every buffer above
+128 KiB its own mapping, returned when freed) measures `live_peak_mb`, the peak of what is actually
+held; the times come from the first process, under the default allocator.
 
 Under pytest-benchmark (small shapes): pytest bench/bench_loss.py
 """

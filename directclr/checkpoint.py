@@ -97,10 +97,6 @@ def load_latest_checkpoint(out: Path) -> dict | None:
     return latest_checkpoint(out)[1]
 
 
-def atomic_save(obj, path: Path) -> None:
-    save_verified(obj, path)
-
-
 def resume_settings(cfg: Config, image_size: int, backend: str) -> dict:
     """RESUME_FIELDS as this run resolves them (the image size and the loader backend)."""
     return {**{name: getattr(cfg, name) for name in RESUME_FIELDS}, "image_size": image_size,
@@ -205,7 +201,7 @@ def resume_state(out: Path, cfg: Config, run: dict, rank: int, world: int,
     dist.all_reduce(failed)
     if failed.any():
         ranks = failed.nonzero().flatten().tolist()
-        raise RuntimeError(f"rank 0 resumes from {chosen[0]} in --out {out}, which ranks "
+        raise ValueError(f"rank 0 resumes from {chosen[0]} in --out {out}, which ranks "
                            f"{ranks} cannot read: --out must be a folder every node sees, such "
                            "as a shared filesystem")
     return state

@@ -1,8 +1,8 @@
 """The `directclr` command (also `python -m directclr`).
 
-Only the standard library and directclr.config are imported at start-up: each command imports
-what it needs when it runs, so `--help`, a bad flag and `directclr info` work even where
-torchvision does not match torch.
+At start-up only the package (torch and the loss) and directclr.config are imported: each command
+imports the rest (torchvision, the data stack) when it runs, so `--help`, a bad flag and
+`directclr info` work even where torchvision does not match torch.
 """
 from __future__ import annotations
 

@@ -3,13 +3,14 @@ range and choices; from them come `directclr pretrain`'s flags, their checks and
 (`add_config_flags`), the check of a Config built in Python (`check_fields`), and the argv that
 other code builds to launch a run (`pretrain_argv`).
 
-This module imports no torch, torchvision or data stack: `directclr --help` and the checks of a
-bad flag run before any of them is loaded.
+This module imports no torchvision or data stack (directclr's package imports torch and the
+loss): `directclr --help` and the checks of a bad flag work where torchvision does not match.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
@@ -138,8 +139,8 @@ def check_value(name: str, value, kind: type, meta: dict) -> None:
             shown = [flag(c)[2:] for c in choices] if name == "accept_changes" else list(choices)
             raise ValueError(f"{flag(name)} must be one of {shown}, got {wrong[0]!r}")
         return
-    if meta.get("path") and isinstance(value, str):
-        problem = path_problem(meta["path"], value)
+    if meta.get("path") and isinstance(value, (str, os.PathLike)):
+        problem = path_problem(meta["path"], os.fspath(value))
         if problem:
             raise ValueError(f"{flag(name)} {problem}")
         return

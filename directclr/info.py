@@ -8,7 +8,7 @@ import platform
 import sys
 from importlib import metadata
 
-# What pretrain, probe and spectrum import beyond torch and torchvision (the [train] extra)
+# What pretrain, probe, spectrum and reproduce import beyond torch and torchvision ([train])
 TRAINING_MODULES = ("numpy", "PIL", "simplejpeg", "tqdm", "matplotlib")
 PACKAGES = ("torch", "triton", "torchvision", "numpy", "nvidia-dali-cuda130", "simplejpeg",
             "tensorboard")
@@ -53,9 +53,9 @@ def _triton_cuda() -> tuple[bool, str]:
 
 
 def training_stack() -> tuple[bool, str]:
-    """Whether torchvision (pretrain, probe, spectrum) imports beside this torch; a build made
-    for another torch fails inside its own import (e.g. "operator torchvision::nms does not
-    exist"), which is said here in one line instead of a traceback."""
+    """Whether torchvision (pretrain, probe, spectrum, reproduce) imports beside this torch; a
+    build made for another torch fails inside its own import (e.g. "operator torchvision::nms does
+    not exist"), which is said here in one line instead of a traceback."""
     import torch
     installed = _version("torchvision")
     if installed is None:
@@ -74,7 +74,7 @@ def training_stack() -> tuple[bool, str]:
     if missing:
         return False, (f"{', '.join(missing)} not installed: pip install 'directclr[train]' "
                        "(from a clone: pip install '.[train]')")
-    return True, f"torchvision {installed} (pretrain, probe, spectrum)"
+    return True, f"torchvision {installed} (pretrain, probe, spectrum, reproduce)"
 
 
 def _dali() -> tuple[bool, str]:

@@ -14,7 +14,8 @@ picks (a node that cannot read it is a clear error on every rank, not a hang).
 What a cluster does to a run, and what the run does about it:
 - SIGTERM, SIGINT or SIGUSR1 (a scheduler's preemption notice, Ctrl-C): the step in flight ends,
   every rank agrees on the step to stop at, a checkpoint is written and the process exits with
-  EXIT_PREEMPTED (75); the same command resumes from it. A second signal stops at once.
+  EXIT_PREEMPTED (75); the same command resumes from it. Repeated signals are ignored (srun
+  and torchrun deliver two); kill -9 stops at once.
 - A non-finite loss, probe loss or gradient norm, or an online-probe loss beyond PROBE_BLOWUP x
   chance, stops the run with EXIT_DIVERGED (3) and an error naming the step and the value; no
   checkpoint or backbone.pt holding non-finite weights is ever written.
@@ -47,7 +48,6 @@ from torch import nn
 from . import native
 from .checkpoint import (
     Checkpointer,
-    atomic_save,
     claim_out,
     on_rank0,
     restore_checkpoint,
@@ -58,6 +58,7 @@ from .config import ARCHS, Config, check_fields, paper_dim
 from .data import build_pretrain_loader, prepare_fashion_mnist
 from .data.loader import PretrainLoader, dali_available
 from .distributed import setup_distributed
+from .files import save_verified
 from .gradcache import cached_backward
 from .infonce import infonce
 from .lars import LARS
@@ -275,7 +276,7 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, out: Path,
             checkpoints.save(step)
         checkpoints.save(step)
         if master:
-            atomic_save(attach_description(
+            save_verified(attach_description(
                 model.backbone.state_dict(), arch=cfg.arch, stem=stem_for(image_size),
                 image_size=image_size, mode=cfg.mode, dim=cfg.dim,
                 width=ARCHS[cfg.arch]), out / "backbone.pt")

@@ -1,1 +1,2 @@
-"""Triton GPU kernels of directclr, one file per op (C++ CPU kernels live in kernels/cpu/)."""
+"""Triton GPU kernels of directclr, one file per op (the C++ CPU kernels and the CPU
+backend's glue live in kernels/cpu/)."""

@@ -117,13 +117,17 @@ def capture_loss(variant: str, dim: int, dtype: str, precision: str, arch: int, 
     """The launches of one forward + backward of the loss, compiled for `arch`."""
     import torch
     op = importlib.import_module("directclr.infonce")
-    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     z1, z2 = _inputs(n, dim, dtype)
     launches: list[Launch] = []
-    with compile_only(arch, launches):
-        _, row_lse, col_lse = op._forward(z1, z2, dim, 0.1, variant, "triton", None)
-        op._backward(torch.ones(n), z1, z2, row_lse, col_lse, dim, 0.1, variant, "triton", None)
-    torch.backends.cuda.matmul.allow_tf32 = False
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    try:
+        with compile_only(arch, launches):
+            _, row_lse, col_lse = op._forward(z1, z2, dim, 0.1, variant, "triton", None)
+            op._backward(torch.ones(n), z1, z2, row_lse, col_lse, dim, 0.1, variant, "triton",
+                         None)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     return launches
 
 

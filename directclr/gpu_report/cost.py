@@ -29,7 +29,7 @@ TRITON_TENSOR_EFFICIENCY = 0.65  # no warp specialization: below cuBLAS
 LAUNCH_S = 4e-6  # fixed cost of one kernel launch
 
 
-# Rows and columns of the logits each kernel's tile covers, and one tile's contraction depth.
+# Rows and columns of the logits (or of the Gram matrix) one program's tile covers.
 def _tile(launch: Launch) -> tuple[int, int]:
     c = launch.constexprs
     if launch.kernel == "_centered_gram_kernel":

@@ -222,7 +222,7 @@ def evaluate_run(mode: str, seed: int, budget: Budget, data: Path, run_dir: Path
     from ..checkpoint import load_latest_checkpoint
     state = load_latest_checkpoint(run_dir)  # the last one: written at the end of the run
     if state is None:
-        raise RuntimeError(f"{run_dir}: no readable checkpoint to evaluate")
+        raise ValueError(f"{run_dir}: no readable checkpoint to evaluate")
     model = build_model(mode, seed, budget, state["model"]["probe.weight"].shape[0], state)
     result = {**evaluate_model(model, mode, seed, budget, data), "step": state["step"]}
     result["dynamics"] = training_dynamics(mode, seed, budget, data, run_dir, state["step"])

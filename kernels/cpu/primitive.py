@@ -54,6 +54,9 @@ def lse_backward(layout, scale, row_lse, row_w, col_lse, col_w, out_rows, out_co
         torch.ops.directclr_cpu.lse_backward_symmetric(rows, pos, scale, row_lse, row_w,
                                                        out_rows)
         return
+    if len(out_rows) > 1 and out_cols.shape[0]:
+        # each block's kernel call overwrites out_cols with its own rows' share
+        raise ValueError("lse_backward: a column gradient needs the rows' gradient in one block")
     kernel = _ops().lse_backward
     first = 0
     for index, block in enumerate(out_rows):

@@ -44,11 +44,11 @@ def pretrain_args(work: Work, out: Path, loader="torchvision", steps=STEPS, batc
     return ["-m", "directclr", "pretrain", *pretrain_argv(
         data=work.data, out=out, arch=cfg.arch, dim=cfg.dim, batch_size=cfg.batch_size,
         epochs=cfg.epochs, lr=cfg.lr, warmup_epochs=cfg.warmup_epochs, image_size=32,
-        loader=loader, num_threads=1 if loader == "dali" else 0, max_steps=steps, log_every=1,
-        ckpt_every=100)]
+        loader=cfg.loader, num_threads=1 if loader == "dali" else 0, max_steps=cfg.max_steps,
+        log_every=1, ckpt_every=100)]
 
 
-def ddp_args(work: Work, out: Path) -> list[str]:
+def ddp_pretrain_args(work: Work, out: Path) -> list[str]:
     """pretrain_args of a 2-rank run: 16 pairs a step, 8 per rank."""
     return pretrain_args(work, out, steps=DDP_STEPS, batch=16)
 
@@ -69,7 +69,7 @@ def run(args: list[str], *extra: str, launcher=(sys.executable,)) -> subprocess.
                           timeout=900, env=ENV_ONE_THREAD)
 
 
-def finished(work: Path, name: str, make_args: Callable[[Path], list[str]],
+def finished(work: Work, name: str, make_args: Callable[[Path], list[str]],
              launcher=(sys.executable,)) -> Path:
     """A run that went straight to its end, made once per work folder."""
     out = work / name
@@ -79,12 +79,12 @@ def finished(work: Path, name: str, make_args: Callable[[Path], list[str]],
     return out
 
 
-def straight(work: Path, loader: str = "torchvision", extra: tuple[str, ...] = ()) -> Path:
+def straight(work: Work, loader: str = "torchvision", extra: tuple[str, ...] = ()) -> Path:
     return finished(work, "-".join(["straight", loader, *extra]).replace("--", ""),
                     lambda out: pretrain_args(work, out, loader) + list(extra))
 
 
-def copy_of_straight(work: Path, name: str) -> Path:
+def copy_of_straight(work: Work, name: str) -> Path:
     """A folder holding the straight run's files: two real checkpoints (steps 5 and 6)."""
     out = fresh(work / name)
     shutil.copytree(straight(work), out)

@@ -29,7 +29,7 @@ from tests.faults.helpers import (
     STEPS,
     Work,
     copy_of_straight,
-    ddp_args,
+    ddp_pretrain_args,
     descendants,
     finished,
     flip_bytes,
@@ -152,9 +152,10 @@ def test_workers_ignore_stop_signals(work):
 def test_sigterm_ddp_one_rank(work):
     """SIGTERM to rank 1 of 2 (gloo) only: rank 0 stops with it, the checkpoint at the last
     step done; a resume on 2 ranks ends with the weights of the straight 2-rank run."""
-    reference = finished(work, "ddp-straight", lambda o: ddp_args(work, o), launcher=TWO_RANKS)
+    reference = finished(work, "ddp-straight", lambda o: ddp_pretrain_args(work, o),
+                         launcher=TWO_RANKS)
     out = fresh(work / "ddp-stopped")
-    args = ddp_args(work, out)
+    args = ddp_pretrain_args(work, out)
 
     def rank_1(proc):
         ranks = rank_pid(proc.pid, 1)

@@ -2,6 +2,7 @@
 one line naming the flag (exit 2, no traceback, nothing created), and argv built from Config."""
 import argparse
 import math
+from pathlib import Path
 
 import pytest
 
@@ -150,6 +151,18 @@ def test_config_checks_name_the_flag():
                             ({"num_threads": 1.5}, "--num-threads must be an integer >= 0")]:
         with pytest.raises(ValueError, match=message):
             check_fields(Config(data="", out="", **change))
+
+
+@pytest.mark.parametrize("as_path", [str, Path])
+def test_config_path_checks_take_str_and_path(tmp_path, as_path):
+    """A Config built in Python with pathlib paths is checked as one built from flags."""
+    from directclr.config import check_fields
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    with pytest.raises(ValueError, match="--data .*no such"):
+        check_fields(Config(data=as_path(tmp_path / "missing"), out=as_path(tmp_path / "o")))
+    with pytest.raises(ValueError, match="--out"):
+        check_fields(Config(data=as_path(tmp_path), out=as_path(a_file)))
 
 
 def test_dim_defaults_to_the_papers_fraction_of_the_width(tmp_path, monkeypatch, caplog):

@@ -1,10 +1,12 @@
 """Run under torchrun (2 gloo ranks) by test_gather.py: infonce's `gather` argument.
 
-    gather.py cases OUT     every rank writes OUT/rank<r>.pt: gather=False, gather=True/None
-                                   and torch.compile(fullgraph=True) results, float64
-    gather.py one-rank OUT  rank 0 alone calls infonce(gather=False) while rank 1 does other
-                                   work; then both meet at a barrier (process-group timeout
-                                   ONE_RANK_TIMEOUT_S, so a stray collective fails, never hangs)
+    -m tests.workers.gather cases OUT     every rank writes OUT/rank<r>.pt: gather=False,
+                                         gather=True/None and torch.compile(fullgraph=True)
+                                         results, float64
+    -m tests.workers.gather one-rank OUT  rank 0 alone calls infonce(gather=False) while rank 1
+                                         does other work; then both meet at a barrier
+                                         (process-group timeout ONE_RANK_TIMEOUT_S, so a stray
+                                         collective fails, never hangs)
 
 Every rank builds the same global batch from the seed and keeps its block of rows (ROWS each).
 """
@@ -88,7 +90,8 @@ def cases(out: Path):
     # The ops with a process group: schema, fake (shapes across the group) and autograd.
     results["opcheck"] = {}
     for variant in VARIANTS:
-        args = (z1, z2, DIM, 0.1, variant, "cpu", pair_group.group_name)
+        args = (z1, z2, DIM, torch.tensor(0.1, dtype=torch.float64), variant, "cpu",
+                pair_group.group_name)
         _, row_lse, col_lse = torch.ops.directclr.infonce(*args)
         backward_args = (torch.randn(ROWS, dtype=torch.float64), z1, z2, row_lse, col_lse,
                          *args[2:])
