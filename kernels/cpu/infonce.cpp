@@ -381,6 +381,38 @@ void grad_tile(at::Tensor& dots, at::Tensor& grad, int64_t row0, int64_t col0, d
   });
 }
 
+// G tile by tile from the rows' and a column block's unit vectors, recomputed: what both backward
+// kernels share. Each thread calls scratch() once per column block for its own buffers.
+struct GradTiles {
+  const at::Tensor& rows;
+  int64_t row_tile;
+  double scale;
+  bool shifted;
+  const SoftmaxTerms& row_terms;
+  const SoftmaxTerms* col_terms;
+  const int64_t* pos_ptr;
+  const int64_t* excl_ptr;
+
+  struct Scratch {
+    at::Tensor logits, grad;
+  };
+  Scratch scratch(int64_t col_tile) const {
+    return {at::empty({row_tile, col_tile}, rows.options()),
+            at::empty({row_tile, col_tile}, rows.options())};
+  }
+  // Row tile t against col_block (columns col0..): its rows and its G, in s's buffers.
+  std::pair<at::Tensor, at::Tensor> operator()(Scratch& s, int64_t t, int64_t col0,
+                                               const at::Tensor& col_block) const {
+    const int64_t row0 = t * row_tile;
+    const auto row_block = rows.narrow(0, row0, std::min(row_tile, rows.size(0) - row0));
+    auto logits = s.logits.narrow(0, 0, row_block.size(0));
+    auto grad = s.grad.narrow(0, 0, row_block.size(0));
+    at::mm_out(logits, row_block, col_block.t());
+    grad_tile(logits, grad, row0, col0, scale, shifted, row_terms, col_terms, pos_ptr, excl_ptr);
+    return {row_block, grad};
+  }
+};
+
 // Row tiles on different threads all add into a column tile's gradient: one partial per thread.
 // Narrower column tiles on many-core machines keep those partials under kMaxThreadPartials.
 int64_t grad_col_tile_size(int64_t width) {
@@ -420,26 +452,20 @@ void lse_backward(const at::Tensor& rows, const at::Tensor& cols, const at::Tens
   const int64_t* pos_ptr = pos.data_ptr<int64_t>();
   const int64_t* excl_ptr = excl.data_ptr<int64_t>();
 
+  const GradTiles tiles{rows, row_tile, scale, shifted, row_terms,
+                        with_cols ? &col_terms : nullptr, pos_ptr, excl_ptr};
+
   const int64_t grad_col_tile = grad_col_tile_size(width);
   for_each_block(cols, grad_col_tile, [&](int64_t col0, int64_t col_tile, const auto& col_block) {
     auto thread_grad_cols =
         with_grad_cols ? at::zeros({n_threads, col_tile, width}, opts) : at::Tensor();
 
     at::parallel_for(0, n_row_tiles, 1, [&](int64_t first, int64_t last) {
-      const int64_t tid = at::get_thread_num();
-      auto logits_buf = at::empty({row_tile, col_tile}, opts);
-      auto grad_buf = at::empty({row_tile, col_tile}, opts);
-      auto grad_cols_acc = with_grad_cols ? thread_grad_cols[tid] : at::Tensor();
+      auto scratch = tiles.scratch(col_tile);
+      auto grad_cols_acc = with_grad_cols ? thread_grad_cols[at::get_thread_num()] : at::Tensor();
       for (int64_t t = first; t < last; ++t) {
-        const int64_t row0 = t * row_tile;
-        const int64_t rows_here = std::min(row_tile, n_rows - row0);
-        const auto row_block = rows.narrow(0, row0, rows_here);
-        auto logits = logits_buf.narrow(0, 0, rows_here);
-        auto grad_logits = grad_buf.narrow(0, 0, rows_here);
-        at::mm_out(logits, row_block, col_block.t());
-        grad_tile(logits, grad_logits, row0, col0, scale, shifted, row_terms,
-                  with_cols ? &col_terms : nullptr, pos_ptr, excl_ptr);
-        auto grad_rows_here = grad_rows.narrow(0, row0, rows_here);
+        const auto [row_block, grad_logits] = tiles(scratch, t, col0, col_block);
+        auto grad_rows_here = grad_rows.narrow(0, t * row_tile, row_block.size(0));
         grad_rows_here.addmm_(grad_logits, col_block, 1.0, scale);
         if (with_grad_cols) grad_cols_acc.addmm_(grad_logits.t(), row_block, 1.0, scale);
       }
@@ -495,23 +521,17 @@ void lse_backward_symmetric(const at::Tensor& rows, const at::Tensor& pos, doubl
   const int64_t* pos_ptr = pos.data_ptr<int64_t>();
   const int64_t* excl_ptr = diagonal.data_ptr<int64_t>();
 
+  const GradTiles tiles{rows, row_tile, scale, shifted, terms, &terms, pos_ptr, excl_ptr};
+
   for_each_block(rows, col_tile_max, [&](int64_t col0, int64_t col_tile, const auto& col_block) {
     const int64_t tiles_here = row_tiles_before_end(n_row_tiles, row_tile, col0 + col_tile);
     auto thread_mirror = at::zeros({n_threads, col_tile, width}, opts);
     at::parallel_for(0, tiles_here, 1, [&](int64_t first, int64_t last) {
-      const int64_t tid = at::get_thread_num();
-      auto logits_buf = at::empty({row_tile, col_tile}, opts);
-      auto grad_buf = at::empty({row_tile, col_tile}, opts);
-      auto mirror_acc = thread_mirror[tid];
+      auto scratch = tiles.scratch(col_tile);
+      auto mirror_acc = thread_mirror[at::get_thread_num()];
       for (int64_t t = first; t < last; ++t) {
-        const int64_t row0 = t * row_tile;
-        const int64_t rows_here = std::min(row_tile, n_rows - row0);
-        const auto row_block = rows.narrow(0, row0, rows_here);
-        auto logits = logits_buf.narrow(0, 0, rows_here);
-        auto grad_logits = grad_buf.narrow(0, 0, rows_here);
-        at::mm_out(logits, row_block, col_block.t());
-        grad_tile(logits, grad_logits, row0, col0, scale, shifted, terms, &terms, pos_ptr,
-                  excl_ptr);
+        const auto [row_block, grad_logits] = tiles(scratch, t, col0, col_block);
+        const int64_t row0 = t * row_tile, rows_here = row_block.size(0);
         for_each_piece(grad_blocks, row0, rows_here, [&](at::Tensor out, int64_t offset) {
           out.addmm_(grad_logits.narrow(0, offset, out.size(0)), col_block, 1.0, scale);
         });
