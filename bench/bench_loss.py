@@ -30,6 +30,9 @@ else:  # run as a script, python bench/bench_loss.py: bench/ is sys.path[0]
     import common
 
 PROVIDERS = ("fused", "reference", "compiled")
+# The fused op with a learnable temperature (a 0-d tensor requiring grad): its cost over "fused"
+# (vs_fused) is that of the temperature's gradient. Not in the default sweep.
+LEARNED_TAU = "fused-learned-tau"
 VARIANTS = ("cross", "ntxent")
 DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Live N x N buffers of the reference in fwd+bwd (logits, two softmaxes, their grads), fitted to
@@ -66,6 +69,9 @@ def make_loss(provider: str, variant: str, dim: int):
 
     if provider == "fused":
         return lambda z1, z2: infonce(z1, z2, dim=dim, variant=variant)
+    if provider == LEARNED_TAU:
+        tau = torch.tensor(0.1, requires_grad=True)
+        return lambda z1, z2: infonce(z1, z2, dim=dim, temperature=tau, variant=variant)
 
     def reference(z1, z2):
         return infonce_reference(z1, z2, dim, 0.1, variant).mean()
@@ -131,8 +137,9 @@ def run_case(provider, variant, n, width, dim, dtype, device, repeats) -> dict:
         peak = common.rss_peak() - base
     median = statistics.median(times)
     return {
-        "op": "infonce", "provider": provider, "backend": "auto" if provider == "fused" else
-        "reference", "variant": variant, "N": n, "D": width, "dim": dim, "dtype": dtype,
+        "op": "infonce", "provider": provider,
+        "backend": "reference" if provider in ("reference", "compiled") else "auto",
+        "variant": variant, "N": n, "D": width, "dim": dim, "dtype": dtype,
         "device": device, "fwd_bwd_ms": 1e3 * median, "repeats": repeats,
         "tflops": matmul_flops(variant, n, dim) / median / 1e12,
         "peak_mem_mb": max(peak, 0) / 2**20, "grad_mb": 2 * n * width * DTYPES[dtype] / 2**20,
@@ -171,7 +178,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--width", type=int, default=2048, help="D, the embedding width")
     parser.add_argument("--dim", type=int, default=360)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS),
+                        choices=(*PROVIDERS, LEARNED_TAU))
     parser.add_argument("--repeats", type=int, default=None, help="default: by size")
     parser.add_argument("--compiled-max-n", type=int, default=None,
                         help="largest N for torch.compile(reference) (its compile time grows)")
@@ -202,7 +210,8 @@ def main(argv=None) -> list[dict]:
                             repeats=args.repeats or repeats_for(n, variant))
                 need = reference_bytes(variant, n, args.dtype)
                 left = deadline - time.monotonic() if deadline else args.timeout
-                if provider != "fused" and need > 0.8 * available_bytes(args.device):
+                if provider in ("reference", "compiled") and need > 0.8 * available_bytes(
+                        args.device):
                     row = {**case, "status": f"skipped: needs ~{need / 2**30:.0f} GiB"}
                 elif left < args.min_case_s:
                     row = {**case, "status": f"skipped: {left:.0f} s of the budget left"}
@@ -226,11 +235,12 @@ def main(argv=None) -> list[dict]:
     # The same run's ratios (and peak) as one summary row: the case rows are already written.
     summary = {"op": "infonce", "kind": "summary", "device": args.device, "dtype": args.dtype,
                "cases": [{k: row.get(k) for k in ("variant", "N", "provider", "fwd_bwd_ms",
-                                                  "vs_reference", "vs_compiled", "pct_of_peak",
-                                                  "status")} for row in rows]}
+                                                  "vs_reference", "vs_compiled", "vs_fused",
+                                                  "pct_of_peak", "status")} for row in rows]}
     common.append_rows(common.stamp([summary], args.device), "bench_loss", args.results_dir)
     print(common.format_table(rows, ["variant", "N", "dtype", "provider", "fwd_bwd_ms",
-                                     "vs_reference", "vs_compiled", "tflops", "pct_of_peak",
+                                     "vs_reference", "vs_compiled", "vs_fused", "tflops",
+                                     "pct_of_peak",
                                      "peak_mem_mb", "live_peak_mb", "grad_mb", "status"]))
     print(f"rows appended to {path}")
     return rows
@@ -242,7 +252,8 @@ def add_ratios(rows: list[dict]) -> None:
     for row in rows:
         if row["status"] != "ok":
             continue
-        for other, key in (("reference", "vs_reference"), ("compiled", "vs_compiled")):
+        for other, key in (("reference", "vs_reference"), ("compiled", "vs_compiled"),
+                           ("fused", "vs_fused")):
             base = by_case.get((row["variant"], row["N"], other))
             if base:
                 row[key] = row["fwd_bwd_ms"] / base["fwd_bwd_ms"]

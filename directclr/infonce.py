@@ -6,13 +6,13 @@ Layers, top to bottom:
 * ``directclr::infonce`` / ``directclr::infonce_backward`` (torch.library custom ops, with fake
   and autograd registered): one op for one process (``group_name=""``) and for a process group
   (its name), so ``torch.compile(fullgraph=True)`` sees one opaque op either way; the collectives
-  and the equal-N check run inside it, never traced.
-* ``_forward`` / ``_backward``: normalization, the row/column ``Layout`` of each variant, the
-  collectives (``directclr.distributed``; none without a group).
-* the primitive, one contract (``Layout``) per backend: rows Q against columns K, one positive and
-  an optional excluded column per row -> row LSE (and column LSE); backward recomputes tiles from
-  the LSEs. ``cpu``: ``kernels/cpu/primitive.py`` (C++ built on first use by ``native``, else
-  plain PyTorch); ``triton``: ``kernels/infonce.py``.
+  and the equal-N check run inside it, never traced. The temperature is a 0-d tensor input (its
+  value read inside the op), so it can be learned and compiled dynamically. ``infonce`` calls the
+  op through ``_InfoNCE``, the same autograd as a ``torch.autograd.Function`` in the form that
+  torch.func's transforms accept.
+* ``directclr/fused.py``: the algorithm inside the op (``forward`` / ``backward``: normalization,
+  each variant's row/column ``Layout``, the collectives) and the primitive contract every backend
+  keeps (``backend_primitive``).
 * ``infonce_reference``: the plain PyTorch formula, which builds the N x N matrix; tests and
   benchmarks compare against it.
 
@@ -22,43 +22,42 @@ input gives the exact loss and gradient: rows with max |u| >= 2^16 are divided b
 before their norms are taken (``scaling.scaled_rows``), so norms and products never overflow. A row
 of zeros is normalized to zero (finite loss) and gets a zero gradient, since the norm has no
 derivative there; so does any row with |u| < eps (F.normalize's floor). Non-finite inputs give a
-NaN loss (never an error, so no device sync).
+NaN loss (never an error, so no device sync). One pair alone (N = 1 without a group) has the loss
+0 exactly (the positive is the only term of each LSE) and a zero gradient; otherwise each pair's
+loss is clamped at 0 from below (its exact value is >= 0; fp32 rounding may dip under), the
+gradient being the formula's own.
 """
 from __future__ import annotations
 
 import math
 import os
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import fused
 from .config import VARIANTS
 from .distributed import (
-    all_gather_rows,
     check_equal_batches,
     loss_group,
-    merge_col_lse,
     rank_and_world,
-    reduce_scatter_rows,
     resolve_group,
 )
-from .kernels.cpu import primitive as cpu_primitive
+from .fused import NORM_EPS
 from .scaling import scaled_rows
 
-REDUCTIONS = ("mean", "none")
+REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "cpu", "triton", "reference")
-NORM_EPS = 1e-12  # same floor as F.normalize
-RADIAL_CHUNK = 1024  # rows per temporary in the backward's row dot products
 
 
 # --------------------------------------------------------------------------- reference formula
-def infonce_reference(z1: Tensor, z2: Tensor, dim: int | None = 360, temperature: float = 0.1,
-                      variant: str = "cross") -> Tensor:
-    """Per-pair losses by the plain formula, in z's dtype. Materializes the N x N logits."""
-    a, b = (F.normalize(scaled_rows(z[:, :dim], _working_dtype(z.dtype))[0], dim=1, eps=NORM_EPS)
-            for z in (z1, z2))
+def infonce_reference(z1: Tensor, z2: Tensor, dim: int | None = 360,
+                      temperature: float | Tensor = 0.1, variant: str = "cross") -> Tensor:
+    """Per-pair losses by the plain formula, in z's dtype, for (N, D) views. Materializes the
+    N x N logits; a tensor temperature gets its gradient from autograd."""
+    a, b = (F.normalize(scaled_rows(z[:, :dim], fused.working_dtype(z.dtype))[0], dim=1,
+                        eps=NORM_EPS) for z in (z1, z2))
     n = a.shape[0]
     target = torch.arange(n, device=a.device)
     if variant == "cross":
@@ -72,13 +71,56 @@ def infonce_reference(z1: Tensor, z2: Tensor, dim: int | None = 360, temperature
 
 
 # --------------------------------------------------------------------------- argument checks
-def _check_args(z1, z2, dim, temperature, variant, reduction, backend) -> int:
-    """Validates everything before any kernel runs; returns the resolved subvector width."""
+def _check_options(dim, temperature, variant, reduction, backend) -> None:
+    """The checks that need no input (``DirectCLRLoss`` runs them at construction): types, the
+    choices, and a Python number's temperature (finite, > 0). A tensor temperature's value is
+    checked inside the op, where it is concrete; so is a float that torch.compile(dynamic=True)
+    made symbolic (``math.isfinite`` cannot take it)."""
+    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int)):
+        raise TypeError(f"dim must be an int or None, got {type(dim).__name__}")
+    if dim is not None and dim < 1:
+        raise ValueError(f"dim must be >= 1 (at most the width of z1), got {dim}")
+    if isinstance(temperature, Tensor):
+        if not temperature.dtype.is_floating_point:
+            raise TypeError(f"temperature must be a floating-point tensor, got {temperature.dtype}")
+        if temperature.dim() != 0:
+            raise ValueError(f"temperature must be a float or a 0-d tensor, got shape "
+                             f"{tuple(temperature.shape)}")
+    elif isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a float or a 0-d tensor, got "
+                        f"{type(temperature).__name__}")
+    elif not torch.compiler.is_compiling():  # under dynamic=True a float may be a SymFloat
+        _check_temperature(temperature, torch.float64)
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _check_temperature(temperature: float, dtype: torch.dtype) -> None:
+    """A concrete temperature: finite, > 0, and 1/temperature finite in the working dtype of
+    ``dtype`` inputs (the kernels scale every logit by it)."""
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    work = fused.working_dtype(dtype)
+    if temperature * torch.finfo(work).max < 1.0:
+        raise ValueError(f"temperature must be >= {1.0 / torch.finfo(work).max:.4g} for {dtype} "
+                         f"input (its inverse must be finite in {work}), got {temperature}")
+
+
+def _check_args(z1, z2, dim, temperature, variant, reduction, backend
+                ) -> tuple[Tensor, Tensor, int]:
+    """Validates everything before any kernel runs; returns z1, z2 as (N, D) (trailing dims
+    flattened, as lightly does: z.flatten(1)) and the resolved subvector width."""
+    _check_options(dim, temperature, variant, reduction, backend)
     for name, z in (("z1", z1), ("z2", z2)):
         if not isinstance(z, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
-        if z.dim() != 2:
-            raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(z.shape)}")
+        if z.dim() < 2:
+            raise ValueError(f"{name} must have at least 2 dims (N, D, ...), got shape "
+                             f"{tuple(z.shape)}")
         if not z.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {z.dtype}")
     if z1.shape != z2.shape:
@@ -88,32 +130,17 @@ def _check_args(z1, z2, dim, temperature, variant, reduction, backend) -> int:
         raise TypeError(f"z1 and z2 must have the same dtype, got {z1.dtype} and {z2.dtype}")
     if z1.device != z2.device:
         raise ValueError(f"z1 and z2 must be on the same device, got {z1.device} and {z2.device}")
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    z1, z2 = z1.flatten(1), z2.flatten(1)
     n, width = z1.shape
     if n < 1:
         raise ValueError("z1 must hold at least one row")
-    if variant == "ntxent" and n < 2:
-        raise ValueError(f"variant='ntxent' needs at least 2 rows in z1, got {n}")
     if dim is None:
         dim = width
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise TypeError(f"dim must be an int or None, got {type(dim).__name__}")
     if not 1 <= dim <= width:
         raise ValueError(f"dim must be in [1, {width}] (the width of z1), got {dim}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
-    work = _working_dtype(z1.dtype)
-    if temperature * torch.finfo(work).max < 1.0:  # the kernels scale every logit by 1/temperature
-        raise ValueError(f"temperature must be >= {1.0 / torch.finfo(work).max:.4g} for {z1.dtype} "
-                         f"input (its inverse must be finite in {work}), got {temperature}")
-    return dim
+    if isinstance(temperature, (int, float)) and not torch.compiler.is_compiling():
+        _check_temperature(temperature, z1.dtype)
+    return z1, z2, dim
 
 
 def _resolve_backend(backend: str, z: Tensor) -> str:
@@ -139,180 +166,13 @@ def _triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _working_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-# --------------------------------------------------------------------------- the primitive
-class Pairing(NamedTuple):
-    """Which column is each row's positive, and which (if any) it excludes: both are shifted
-    diagonals, so kernels can tell from a tile's position whether it holds any."""
-    offset: int  # row i's positive is i + offset + (half if i < half else -half)
-    half: int  # 0 for cross; ntxent: N, the positive is the row of the other view
-    excl_offset: int  # row i excludes column i + excl_offset (ntxent's self-similarity); -1: none
-
-    def positives(self, n_rows: int, device) -> Tensor:
-        rows = torch.arange(n_rows, device=device)
-        return rows + self.offset + torch.where(rows < self.half, self.half, -self.half)
-
-
-class Layout(NamedTuple):
-    """One rank's operands of the primitive (``_layout``): rows Q against columns K.
-
-    rows: (M, dim) Q, ``_subvectors``' v: cross, z1's rows; ntxent, z1's then z2's.
-    row_inv: (M,) 1 / max(|v|, eps) of each row, in the working dtype.
-    cols: (C, dim) K, gathered over the ranks in rank order: each rank's z2 (cross), its rows
-        (ntxent; on one process ``rows`` itself, the CPU backend's cue that G is symmetric).
-    col_inv: (C,) the columns' inverse norms.
-    pairing: each row's positive and excluded column (``Pairing``).
-    """
-    rows: Tensor
-    row_inv: Tensor
-    cols: Tensor
-    col_inv: Tensor
-    pairing: Pairing
-
-
-def _primitive(backend: str):
-    """The module of a backend's primitive (cpu: kernels/cpu/primitive.py, triton:
-    kernels/infonce.py). All keep one contract; S = scale * Q_hat K_hat^T, excluded entries
-    removed; vectors and (rows, dim) buffers in the working dtype:
-
-    UNIT_ROWS: whether the layout's rows and columns come normalized, contiguous, in the working
-        dtype (row_inv, col_inv unused), or as v in z's dtype, any strides.
-    STRIDED_OUT: whether buffers of any row stride (z's gradients' own first columns) cost no
-        copy; else contiguous ones, several row blocks consecutive in one buffer.
-    lse_forward(layout, scale, with_cols) -> (row_lse, pos_logit, col_max, col_sum): each row's
-        LSE and S_i,pos_i; with_cols, each column's (max, sum exp(S - max)) over these rows, which
-        ``merge_col_lse`` merges across ranks (else both empty).
-    lse_backward(layout, scale, row_lse, row_w, col_lse, col_w, out_rows, out_cols) -> None: the
-        gradient w.r.t. Q_hat, K_hat of sum_i row_w_i (row_lse_i - S_i,pos_i) + sum_j col_w_j
-        (col_lse_j - S_pos^-1(j),j) (no column term if col_lse is empty) overwrites out_rows
-        (consecutive row blocks covering the rows, one per view) and, if it has rows, out_cols.
-        Written, not returned: so no backend copies an N x dim gradient (the CPU kernels write
-        into z's gradients, the Triton kernels where they would allocate)."""
-    if backend == "cpu":
-        return cpu_primitive
-    if backend == "triton":  # imported here: triton is optional, the CPU path never needs it
-        from .kernels import infonce as triton_infonce
-        return triton_infonce
-    raise ValueError(f"backend {backend!r} has no fused primitive")
-
-
-# --------------------------------------------------------------------------- the algorithm
-def _subvectors(z1: Tensor, z2: Tensor, dim: int, unit: bool
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Both views' v = u / s for u = z[:, :dim], in one new (2N, dim) tensor (z1's rows, then
-    z2's: ntxent's rows as they are, cross's rows and columns its halves), with s a power of two
-    per row that keeps |v| in range; 1/max(|v|, eps) for the forward, the 1/|v| the backward uses,
-    and s. unit: v / max(|v|, eps) instead of v, in the working dtype, normalized in place (the
-    CPU kernels take unit rows: no second copy); else v in z's dtype (the Triton kernels
-    normalize in their tiles). v / |v| is u's unit row; rows that meet the eps floor are never
-    rescaled (s = 1), so the floor is F.normalize's. The backward's 1/|v| is 0 where |v| < eps,
-    since the norm has no derivative at 0 (this keeps fp16 gradients of zero rows finite)."""
-    work = _working_dtype(z1.dtype)
-    n = z1.shape[0]
-    sub = torch.empty((2 * n, dim), dtype=work if unit else z1.dtype, device=z1.device)
-    scale = torch.cat([scaled_rows(z1[:, :dim], work, out=sub[:n])[1],
-                       scaled_rows(z2[:, :dim], work, out=sub[n:])[1]])
-    norm = torch.linalg.vector_norm(sub, dim=1, dtype=work)
-    inv_norm = 1.0 / norm.clamp_min(NORM_EPS)
-    if unit:
-        sub.mul_(inv_norm.unsqueeze(1))
-    return sub, inv_norm, torch.where(norm >= NORM_EPS, inv_norm, torch.zeros_like(norm)), scale
-
-
-def _remove_radial(grad_unit: Tensor, sub: Tensor, sub_inv_norm: Tensor | float,
-                   inv_norm_grad: Tensor) -> None:
-    """grad_unit <- (g - v_hat (v_hat . g)) / |v| in place (fp32/fp64, any row stride): from the
-    gradient w.r.t. v_hat to the one w.r.t. v, for one view's rows of ``_subvectors``: sub is v
-    with sub_inv_norm 1/|v|, or already v_hat with sub_inv_norm 1."""
-    # v_hat . g without materializing v_hat, RADIAL_CHUNK rows at a time: an N x dim product
-    # here would be the backward's only temporary of that size.
-    radial = torch.cat([(grad_chunk * sub_chunk).sum(1) for grad_chunk, sub_chunk
-                        in zip(grad_unit.split(RADIAL_CHUNK), sub.split(RADIAL_CHUNK))])
-    radial *= sub_inv_norm
-    grad_unit.addcmul_(sub, (radial * sub_inv_norm).unsqueeze(1), value=-1.0)
-    grad_unit.mul_(inv_norm_grad.unsqueeze(1))
-
-
-def _layout(sub, inv, variant: str, group) -> Layout:
-    """One rank's rows and gathered columns, from ``_subvectors``' tensors. ntxent: rank r's block
-    of the gathered columns is [a_r; b_r]."""
-    rank = rank_and_world(group)[0]
-    n = sub.shape[0] // 2
-    if variant == "cross":
-        return Layout(sub[:n], inv[:n], all_gather_rows(sub[n:], group),
-                      all_gather_rows(inv[n:], group), Pairing(rank * n, 0, -1))
-    return Layout(sub, inv, all_gather_rows(sub, group), all_gather_rows(inv, group),
-                  Pairing(rank * 2 * n, n, rank * 2 * n))
-
-
-def _forward(z1, z2, dim, temperature, variant, backend, group):
-    """Per-pair losses of this rank's rows, and the LSEs that backward needs."""
-    primitive = _primitive(backend)
-    sub, inv, _, _ = _subvectors(z1, z2, dim, primitive.UNIT_ROWS)
-    row_lse, pos_logit, col_max, col_sum = primitive.lse_forward(
-        _layout(sub, inv, variant, group), 1.0 / temperature, variant == "cross")
-    n = z1.shape[0]
-    if variant == "cross":
-        col_lse = merge_col_lse(col_max, col_sum, group)
-        own_col_lse = col_lse.split(n)[rank_and_world(group)[0]]  # this rank's z2 rows
-        loss = 0.5 * ((row_lse - pos_logit) + (own_col_lse - pos_logit))
-    else:
-        col_lse = col_max  # empty: ntxent's column LSEs are the gathered row LSEs (backward)
-        per_view = row_lse - pos_logit
-        loss = 0.5 * (per_view[:n] + per_view[n:])
-    return loss, row_lse, col_lse
-
-
-def _backward(grad, z1, z2, row_lse, col_lse, dim, temperature, variant, backend, group):
-    """Gradients w.r.t. z1, z2 of sum_i grad_i * loss_i, summed over all ranks' losses."""
-    primitive = _primitive(backend)
-    sub, inv, inv_grad, scale = _subvectors(z1, z2, dim, primitive.UNIT_ROWS)
-    layout = _layout(sub, inv, variant, group)
-    half = 0.5 * grad.to(row_lse.dtype).contiguous()  # each pair's loss averages two terms
-    row_w = half if variant == "cross" else torch.cat([half, half])
-    col_w = all_gather_rows(row_w if variant == "ntxent" else half, group)
-    if variant == "ntxent":  # S is symmetric: column j's LSE is row j's
-        col_lse = all_gather_rows(row_lse, group)
-    n, work = z1.shape[0], _working_dtype(z1.dtype)
-    cross, world = variant == "cross", rank_and_world(group)[1]
-    grad_z = [torch.empty(z.shape, dtype=z.dtype, device=z.device) for z in (z1, z2)]
-    for z_grad in grad_z:  # the first dim columns are all written below
-        z_grad[:, dim:].zero_()
-    # The views whose gradient the primitive writes (cross over several ranks: the rows' alone),
-    # into z's gradients where the backend can (no N x dim buffers beside them), else one buffer.
-    views = 1 if cross and world > 1 else 2
-    if primitive.STRIDED_OUT and z1.dtype == work:
-        grads = [z_grad[:, :dim] for z_grad in grad_z[:views]]
-    else:
-        grads = list(torch.empty((views * n, dim), dtype=work, device=z1.device).split(n))
-    if cross:  # local rows only see their part of each column's gradient: summed over ranks
-        out_rows = grads[:1]
-        out_cols = grads[1] if world == 1 else sub.new_empty((world * n, dim), dtype=work)
-    else:  # G + G^T on local rows is complete (S symmetric): no column gradient
-        out_rows, out_cols = grads, sub.new_empty((0, dim), dtype=work)
-    primitive.lse_backward(layout, 1.0 / temperature, row_lse, row_w, col_lse, col_w, out_rows,
-                           out_cols)
-    if views == 1:
-        grads.append(reduce_scatter_rows(out_cols, group))
-    for grad_sub, z_grad, rows in zip(grads, grad_z, (slice(0, n), slice(n, 2 * n))):
-        _remove_radial(grad_sub, sub[rows], 1.0 if primitive.UNIT_ROWS else inv[rows],
-                       inv_grad[rows])
-        # 1/s last: for a huge row the quotient is the (tiny) gradient itself, with no factor
-        # 1/(s |v|) rounded on the way. (grad_sub may be z_grad's own first columns.)
-        torch.div(grad_sub, scale[rows].unsqueeze(1), out=z_grad[:, :dim])
-    return tuple(grad_z)
-
-
 # --------------------------------------------------------------------------- torch.library ops
 # One op pair for one process (group_name "") and for a process group (its name): the group
 # travels as a str, which dynamo and the dispatcher pass through as a constant, so
 # torch.compile(fullgraph=True) sees one opaque op whose body runs the collectives eagerly.
 def _fake_outputs(z1: Tensor, variant: str, group_name: str) -> tuple[Tensor, Tensor, Tensor]:
     n = z1.shape[0]
-    work = _working_dtype(z1.dtype)
+    work = fused.working_dtype(z1.dtype)
     rows = n if variant == "cross" else 2 * n
     cols = n * rank_and_world(resolve_group(group_name))[1] if variant == "cross" else 0
     return (z1.new_empty(n, dtype=work), z1.new_empty(rows, dtype=work),
@@ -320,69 +180,154 @@ def _fake_outputs(z1: Tensor, variant: str, group_name: str) -> tuple[Tensor, Te
 
 
 @torch.library.custom_op("directclr::infonce", mutates_args=())
-def _infonce_op(z1: Tensor, z2: Tensor, dim: int, temperature: float, variant: str,
-                backend: str, group_name: str = "") -> tuple[Tensor, Tensor, Tensor]:
+def _infonce_op(z1: Tensor, z2: Tensor, dim: int, temperature: Tensor, temperature_value: float,
+                variant: str, backend: str, group_name: str = "") -> tuple[Tensor, Tensor, Tensor]:
     """Fused InfoNCE of this process's rows: (per-pair loss, row LSE, column LSE). With a
     ``group_name``, the rows are this rank's block of the group's global batch (every rank of the
-    group calls it with the same N, checked once per (N, group)); with "", the batch is z1, z2."""
+    group calls it with the same N, checked once per (N, group)); with "", the batch is z1, z2.
+    temperature: 0-d, any float dtype and device; temperature_value: its value where the caller
+    knows it, NaN where it is to be read here (``_temperature_value``)."""
+    tau = _temperature_value(temperature, temperature_value)
+    _check_temperature(tau, z1.dtype)
     group = resolve_group(group_name)
     if group is not None:
         check_equal_batches(z1.shape[0], z1.device, group_name)
-    return _forward(z1, z2, dim, temperature, variant, backend, group)
+    return fused.forward(z1, z2, dim, tau, variant, backend, group)
+
+
+def _temperature_value(temperature: Tensor, known: float) -> float:
+    """The temperature as a float: `known`, or where that is NaN (a tensor temperature, or a
+    float one under torch.compile, which keeps one graph for every value) read from the tensor,
+    a host sync if it is on a GPU."""
+    return temperature.item() if math.isnan(known) else known
 
 
 @_infonce_op.register_fake
-def _(z1, z2, dim, temperature, variant, backend, group_name=""):
+def _(z1, z2, dim, temperature, temperature_value, variant, backend, group_name=""):
     return _fake_outputs(z1, variant, group_name)
 
 
 @torch.library.custom_op("directclr::infonce_backward", mutates_args=())
 def _infonce_backward_op(grad: Tensor, z1: Tensor, z2: Tensor, row_lse: Tensor, col_lse: Tensor,
-                         dim: int, temperature: float, variant: str, backend: str,
-                         group_name: str = "") -> tuple[Tensor, Tensor]:
-    """Gradients w.r.t. z1, z2; with a group, of the sum over all its ranks' losses."""
-    return _backward(grad, z1, z2, row_lse, col_lse, dim, temperature, variant, backend,
-                     resolve_group(group_name))
+                         dim: int, temperature: Tensor, temperature_value: float, variant: str,
+                         backend: str, group_name: str = "") -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients w.r.t. z1, z2 and the temperature (0-d, in the working dtype on z's device);
+    with a group, of the sum over all its ranks' losses (the temperature's: this rank's share)."""
+    return fused.backward(grad, z1, z2, row_lse, col_lse, dim,
+                          _temperature_value(temperature, temperature_value), variant, backend,
+                          resolve_group(group_name))
 
 
 @_infonce_backward_op.register_fake
-def _(grad, z1, z2, row_lse, col_lse, dim, temperature, variant, backend, group_name=""):
+def _(grad, z1, z2, row_lse, col_lse, dim, temperature, temperature_value, variant, backend,
+      group_name=""):
     return (torch.empty(z1.shape, dtype=z1.dtype, device=z1.device),
-            torch.empty(z2.shape, dtype=z2.dtype, device=z2.device))
+            torch.empty(z2.shape, dtype=z2.dtype, device=z2.device),
+            torch.empty((), dtype=fused.working_dtype(z1.dtype), device=z1.device))
+
+
+NO_DOUBLE_BACKWARD = ("directclr::infonce has no double backward: its backward "
+                      "(directclr::infonce_backward) is a fused kernel with no derivative; use "
+                      "backend='reference' for higher-order gradients")
+NO_VMAP = ("directclr::infonce (the fused InfoNCE op) has no vmap batching rule; use "
+           "backend='reference' under torch.func.vmap")
 
 
 def _setup_context(ctx, inputs, output):
-    z1, z2, *args = inputs  # dim, temperature, variant, backend, group_name (defaults filled)
+    z1, z2, dim, temperature, temperature_value, variant, backend, group_name = inputs
     _, row_lse, col_lse = output
-    ctx.save_for_backward(z1, z2, row_lse, col_lse)
-    ctx.args = tuple(args)
+    ctx.save_for_backward(z1, z2, temperature, row_lse, col_lse)
+    ctx.args = (dim, temperature_value, variant, backend, group_name)
     ctx.mark_non_differentiable(row_lse, col_lse)
 
 
 def _op_backward(ctx, grad_loss, _grad_row_lse, _grad_col_lse):
-    z1, z2, row_lse, col_lse = ctx.saved_tensors
-    grad_z1, grad_z2 = torch.ops.directclr.infonce_backward(grad_loss, z1, z2, row_lse, col_lse,
-                                                            *ctx.args)
-    return (grad_z1, grad_z2) + (None,) * len(ctx.args)
+    z1, z2, temperature, row_lse, col_lse = ctx.saved_tensors
+    dim, temperature_value, variant, backend, group_name = ctx.args
+    grad_z1, grad_z2, grad_temperature = _InfoNCEBackward.apply(
+        grad_loss, z1, z2, row_lse, col_lse, dim, temperature, temperature_value, variant, backend,
+        group_name)
+    if ctx.needs_input_grad[3]:  # a CPU temperature with GPU rows: this copy is a host sync
+        grad_temperature = grad_temperature.to(temperature.device, temperature.dtype)
+    else:
+        grad_temperature = None
+    return grad_z1, grad_z2, None, grad_temperature, None, None, None, None
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(NO_DOUBLE_BACKWARD)
 
 
 _infonce_op.register_autograd(_op_backward, setup_context=_setup_context)
+_infonce_backward_op.register_autograd(_no_double_backward,
+                                       setup_context=lambda ctx, inputs, output: None)
+
+
+# torch.func's transforms (grad, vjp, jacrev) take an autograd.Function only in the form with
+# setup_context and a forward without ctx; the one torch.library generates for a custom op (torch
+# 2.14) is the older form, so the transforms refuse the op itself. The same autograd in that
+# form: ``infonce`` calls the op through _InfoNCE, and the backward goes through
+# _InfoNCEBackward (also from the op's own registration), whose vmap rule lets jacrev batch the
+# cotangents and whose backward names the missing double backward.
+class _InfoNCE(torch.autograd.Function):
+    @staticmethod
+    def forward(z1, z2, dim, temperature, temperature_value, variant, backend, group_name):
+        return torch.ops.directclr.infonce(z1, z2, dim, temperature, temperature_value, variant,
+                                           backend, group_name)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_op_backward)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        raise RuntimeError(NO_VMAP)
+
+
+class _InfoNCEBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(grad, z1, z2, row_lse, col_lse, dim, temperature, temperature_value, variant,
+                backend, group_name):
+        return torch.ops.directclr.infonce_backward(grad, z1, z2, row_lse, col_lse, dim,
+                                                    temperature, temperature_value, variant,
+                                                    backend, group_name)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    backward = staticmethod(_no_double_backward)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        """One backward per batch entry (jacrev batches the cotangents)."""
+        outs = [_InfoNCEBackward.apply(*(arg if axis is None else arg.select(axis, i)
+                                         for arg, axis in zip(args, in_dims)))
+                for i in range(info.batch_size)]
+        return tuple(torch.stack(out) for out in zip(*outs)), (0, 0, 0)
 
 
 # --------------------------------------------------------------------------- public API
-def infonce(z1: Tensor, z2: Tensor, dim: int | None = 360, temperature: float = 0.1,
+def infonce(z1: Tensor, z2: Tensor, dim: int | None = 360, temperature: float | Tensor = 0.1,
             variant: str = "cross", reduction: str = "mean", backend: str = "auto",
             group=None, gather: bool | None = None) -> Tensor:
     """InfoNCE on the first ``dim`` coordinates of two views' embeddings, never forming N x N.
 
     Args:
         z1, z2: (N, D) embeddings of the two views, any float dtype and strides; only
-            ``z[:, :dim]`` is read, and the gradient beyond it is exactly zero.
+            ``z[:, :dim]`` is read, and the gradient beyond it is exactly zero. (N, ...) inputs
+            are flattened to (N, D) first, as ``z.flatten(1)`` (``dim`` counts the flattened
+            coordinates; the gradients keep the inputs' shapes).
         dim: subvector width d0 (DirectCLR: 360 of ResNet-50's 2048); None uses all of D.
-        temperature: softmax temperature tau > 0.
+        temperature: softmax temperature tau > 0: a Python number, or a 0-d float tensor (any
+            dtype and device), which may require grad (learned, CLIP-style: its gradient comes
+            from the backward's row dot products, O(N), in the working dtype). A tensor's value
+            is read inside the op: on a GPU that is one host sync in the forward and one in the
+            backward (a float or a CPU tensor: none). open_clip's ``logit_scale`` is
+            ``-log(tau)``: pass ``temperature=logit_scale.exp().reciprocal()``.
         variant: ``"cross"`` (official DirectCLR: N x N cross-view logits, both directions
             averaged) or ``"ntxent"`` (SimCLR: 2N x 2N, self-similarity excluded).
-        reduction: ``"mean"`` (scalar) or ``"none"`` (one loss per pair; their mean is the loss).
+        reduction: ``"mean"`` (scalar), ``"sum"`` (scalar, N times the mean) or ``"none"``
+            (one loss per pair; their mean is the loss).
         backend: ``"auto"`` (C++ on CPU, Triton on CUDA), ``"cpu"``, ``"triton"`` or
             ``"reference"`` (plain PyTorch, builds the N x N matrix; this process's rows only,
             so it needs ``gather=False`` once torch.distributed is initialized).
@@ -406,45 +351,98 @@ def infonce(z1: Tensor, z2: Tensor, dim: int | None = 360, temperature: float = 
             ``directclr.distributed.check_equal_batches``).
 
     Returns:
-        Without gather, the loss of the N pairs (``"mean"``) or their N losses (``"none"``).
+        Without gather, the loss of the N pairs (``"mean"``, ``"sum"``) or their N losses
+        (``"none"``), each >= 0; one pair alone (N = 1) has the loss 0 and a zero gradient.
         With gather over W ranks (global batch W * N), this rank's share: ``"none"`` gives the
         losses of this rank's N pairs *in the global batch* (their negatives are all W * N
         pairs), and ``"mean"`` their mean over this rank's pairs, not the global loss. The mean
         of the returned scalars over the ranks is the global loss; and the gradient each rank
         gets is that of the *sum* of all ranks' returned values, so DDP's averaging over ranks
-        yields exactly the gradient of the global loss.
+        yields exactly the gradient of the global loss (the temperature's too).
+
+    Autograd: ``torch.func.grad``, ``vjp`` and ``jacrev`` work; ``vmap`` and higher-order
+    gradients do not (a RuntimeError saying so): use ``backend="reference"`` for those.
     """
-    dim = _check_args(z1, z2, dim, temperature, variant, reduction, backend)
+    z1, z2, dim = _check_args(z1, z2, dim, temperature, variant, reduction, backend)
     group = loss_group(gather, group)
     backend = _resolve_backend(backend, z1)
-    temperature = float(temperature)
     if backend == "reference":
         if group is not None:
             raise ValueError("backend='reference' is single-process: pass gather=False for this "
                              "rank's rows alone, or use backend='auto' to gather")
         loss = infonce_reference(z1, z2, dim, temperature, variant)
     else:
+        # A float travels as a tensor too (one op schema; under torch.compile one graph for every
+        # value, read inside the op from host memory) and, in eager mode, as itself: no read.
+        temperature_value = math.nan
+        if not isinstance(temperature, Tensor):
+            if not torch.compiler.is_compiling():
+                temperature_value = float(temperature)
+            # a product, not torch.tensor(t): dynamo keeps a SymFloat symbolic through it, where
+            # torch.tensor would specialize the graph to each value (torch 2.14)
+            temperature = torch.ones((), dtype=torch.float64) * temperature
         group_name = "" if group is None else group.group_name
-        loss = torch.ops.directclr.infonce(z1, z2, dim, temperature, variant, backend,
-                                           group_name)[0]
-    return loss.mean() if reduction == "mean" else loss
+        loss = _InfoNCE.apply(z1, z2, dim, temperature, temperature_value, variant, backend,
+                              group_name)[0]
+    if reduction == "mean":
+        return loss.mean()
+    return loss.sum() if reduction == "sum" else loss
 
 
 class DirectCLRLoss(torch.nn.Module):
     """``infonce`` as a module: ``DirectCLRLoss(dim=360)(z1, z2)``; ``gather=False`` for a loss a
-    rank computes alone (e.g. validation) under torch.distributed."""
+    rank computes alone (e.g. validation) under torch.distributed. Arguments are checked here,
+    at construction (those that depend on the inputs at each call).
+
+    learn_temperature: the temperature becomes a parameter, ``log_temperature`` (log tau,
+    initially log ``temperature``; tau = exp(log_temperature) stays > 0 whatever the step), for
+    CLIP-style training; ``temperature`` then reads its current value (a 0-d tensor). open_clip's
+    ``logit_scale`` is ``-log_temperature``.
+    """
 
     def __init__(self, dim: int | None = 360, temperature: float = 0.1, variant: str = "cross",
                  reduction: str = "mean", backend: str = "auto", group=None,
-                 gather: bool | None = None):
+                 gather: bool | None = None, learn_temperature: bool = False):
         super().__init__()
-        self.dim, self.temperature, self.variant = dim, temperature, variant
-        self.reduction, self.backend, self.group, self.gather = reduction, backend, group, gather
+        if isinstance(temperature, Tensor):
+            raise TypeError("temperature must be a float (learn_temperature=True makes it a "
+                            "parameter)")
+        _check_options(dim, temperature, variant, reduction, backend)
+        if not isinstance(learn_temperature, bool):
+            raise TypeError(f"learn_temperature must be a bool, got {learn_temperature!r}")
+        if not (gather is None or isinstance(gather, bool)) or (gather is False
+                                                                 and group is not None):
+            loss_group(gather, group)  # raises, as each call would (gather=True's group may
+            # come later, with torch.distributed's initialization: checked at the call)
+        self.dim, self.variant, self.reduction = dim, variant, reduction
+        self.backend, self.group, self.gather = backend, group, gather
+        self._temperature = float(temperature)
+        self.register_parameter("log_temperature", torch.nn.Parameter(
+            torch.tensor(math.log(temperature))) if learn_temperature else None)
+
+    @property
+    def temperature(self) -> float | Tensor:
+        """tau: the fixed float, or exp(log_temperature) with learn_temperature."""
+        if self.log_temperature is not None:
+            return self.log_temperature.exp()
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        _check_options(self.dim, value, self.variant, self.reduction, self.backend)
+        if self.log_temperature is not None:
+            with torch.no_grad():
+                self.log_temperature.fill_(math.log(value))
+        self._temperature = float(value)
 
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
         return infonce(z1, z2, self.dim, self.temperature, self.variant, self.reduction,
                        self.backend, self.group, self.gather)
 
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, temperature={self.temperature}, variant={self.variant!r}, "
+        if self.log_temperature is None:
+            temperature = f"{self.temperature}"
+        else:
+            temperature = f"{self.log_temperature.detach().exp().item():.4g}, learned"
+        return (f"dim={self.dim}, temperature={temperature}, variant={self.variant!r}, "
                 f"reduction={self.reduction!r}, gather={self.gather!r}")

@@ -2,7 +2,7 @@
 
 Rows R (M x dim) against columns C (Nc x dim), the caller's ``z[:, :dim]`` in their own dtype
 (bf16/fp16 go to the tensor cores as they are), each row divided by a power of two that keeps its
-values below 2^16 (``directclr.infonce._subvectors``), so that no product tile overflows fp32. The
+values below 2^16 (``directclr.fused.subvectors``), so that no product tile overflows fp32. The
 L2 normalization is fused as a rescaling of each product tile, in base 2 so that the exponentials
 are bare ``exp2``:
 
@@ -61,11 +61,11 @@ MAX_ROW_GROUPS = 32
 MAX_SPLIT_BYTES = 256 * 2**20
 # |G| <= |row_w| + |col_w|; scaled, it peaks near 2^14, well inside fp16 (max 65504).
 G_TARGET_LOG2 = 14
-# 1 / directclr.infonce.NORM_EPS: the inverse norm of rows below the norm floor.
+# 1 / directclr.fused.NORM_EPS: the inverse norm of rows below the norm floor.
 INV_NORM_CAP = 1e12
 # Bytes of G panels (two, input dtype) the wide-dim backward may hold at once.
 PANEL_BYTES = 512 * 2**20
-# The primitive's contract (directclr.infonce._primitive): rows come as v in z's dtype, any
+# The primitive's contract (directclr.fused.backend_primitive): rows come as v in z's dtype, any
 # strides, normalized inside the tiles by the layout's inverse norms; gradients go to contiguous
 # buffers (the kernels write rows of exactly dim elements), consecutive in one tensor where there
 # are several blocks, which then take no copy.
@@ -617,7 +617,7 @@ def _positive_logits(rows, row_inv, cols, col_inv, pos, scale):
 
 
 def lse_forward(layout, scale: float, with_cols: bool):
-    """The contract's forward (directclr.infonce._primitive). Column partials come as (max,
+    """The contract's forward (directclr.fused.backend_primitive). Column partials come as (max,
     sum) = (lse, 1), which ranks merge like the CPU kernel's."""
     rows, row_inv, cols, col_inv, pairing = layout
     _check(rows, cols)
@@ -649,7 +649,7 @@ def _joined(blocks: list[torch.Tensor]) -> torch.Tensor | None:
 
 
 def lse_backward(layout, scale: float, row_lse, row_w, col_lse, col_w, out_rows, out_cols):
-    """The contract's backward (directclr.infonce._primitive), into fp32 buffers: no copy where
+    """The contract's backward (directclr.fused.backend_primitive), into fp32 buffers: no copy where
     they are contiguous (several row blocks: consecutive in one buffer)."""
     rows, row_inv, cols, col_inv, pairing = layout
     _check(rows, cols)

@@ -116,15 +116,15 @@ def _inputs(n: int, dim: int, dtype: str):
 def capture_loss(variant: str, dim: int, dtype: str, precision: str, arch: int, n: int):
     """The launches of one forward + backward of the loss, compiled for `arch`."""
     import torch
-    op = importlib.import_module("directclr.infonce")
+    fused = importlib.import_module("directclr.fused")
     z1, z2 = _inputs(n, dim, dtype)
     launches: list[Launch] = []
     allow_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     try:
         with compile_only(arch, launches):
-            _, row_lse, col_lse = op._forward(z1, z2, dim, 0.1, variant, "triton", None)
-            op._backward(torch.ones(n), z1, z2, row_lse, col_lse, dim, 0.1, variant, "triton",
+            _, row_lse, col_lse = fused.forward(z1, z2, dim, 0.1, variant, "triton", None)
+            fused.backward(torch.ones(n), z1, z2, row_lse, col_lse, dim, 0.1, variant, "triton",
                          None)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32
@@ -158,7 +158,7 @@ def count_in_interpreter(cases, n: int) -> dict:
     import torch
     from triton.runtime import interpreter
     kernels = importlib.import_module("directclr.kernels.infonce")
-    op = importlib.import_module("directclr.infonce")
+    fused = importlib.import_module("directclr.fused")
     counts = {"macs": 0, "exp2": 0, "cublas_macs": 0}
     dot, exp2, mm = (interpreter.InterpreterBuilder.create_dot,
                      interpreter.InterpreterBuilder.create_exp2, kernels._mm)
@@ -184,8 +184,8 @@ def count_in_interpreter(cases, n: int) -> dict:
     for variant, dim, dtype in cases:
         counts.update(macs=0, exp2=0, cublas_macs=0)
         z1, z2 = (z[:, :max(dim, 16) * 2].contiguous() for z in _inputs(n, dim, dtype))
-        _, row_lse, col_lse = op._forward(z1, z2, dim, 0.1, variant, "triton", None)
-        op._backward(torch.ones(n), z1, z2, row_lse, col_lse, dim, 0.1, variant, "triton", None)
+        _, row_lse, col_lse = fused.forward(z1, z2, dim, 0.1, variant, "triton", None)
+        fused.backward(torch.ones(n), z1, z2, row_lse, col_lse, dim, 0.1, variant, "triton", None)
         rows = n if variant == "cross" else 2 * n
         unit = rows * rows * dim  # multiply-adds of one product over the logits
         out[f"{variant}:{dim}:{dtype}"] = {

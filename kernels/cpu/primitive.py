@@ -1,14 +1,13 @@
 """The CPU backend of the subvector-InfoNCE primitive, in the contract that
-``directclr.infonce._primitive`` documents: a Layout's glue to the C++ kernels of infonce.cpp
+``directclr.fused.backend_primitive`` documents: a Layout's glue to the C++ kernels of infonce.cpp
 (``torch.ops.directclr_cpu``, built on first use by ``directclr.native``), or where they cannot be
 built to dense.py, the same ops in plain PyTorch.
 
 The kernels take rows and columns normalized and contiguous in the working dtype
-(``_subvectors(unit=True)``; the layout's inverse norms, which the Triton kernels apply in their
-tiles, are not used), each row's positive and excluded column as index vectors, and write the
+(``fused.subvectors(unit=True)``; the layout's inverse norms, which the Triton kernels apply in
+their tiles, are not used), each row's positive and excluded column as index vectors, and write the
 gradients into the caller's buffers at any row stride: they can be the first columns of z's
-gradients, so the backward holds no N x dim buffer beside them.
-"""
+gradients, so the backward holds no N x dim buffer beside them."""
 from __future__ import annotations
 
 import torch

@@ -12,14 +12,15 @@ from tests.helpers import ROOT
 def test_bench_loss_writes_rows(tmp_path):
     rows = bench_loss.main(["--n", "32", "--width", "48", "--dim", "20", "--repeats", "1",
                             "--variants", "cross", "ntxent", "--providers", "fused", "reference",
-                            "--results-dir", str(tmp_path)])
-    assert [r["status"] for r in rows] == ["ok"] * 4, rows
+                            "fused-learned-tau", "--results-dir", str(tmp_path)])
+    assert [r["status"] for r in rows] == ["ok"] * 6, rows
     written = [json.loads(line)
                for line in (tmp_path / "bench_loss.jsonl").read_text().splitlines()]
     # One row per case as it ended, then the run's summary (ratios).
     assert [{k: v for k, v in w.items()} for w in written[:-1]] == [
-        {k: v for k, v in r.items() if k not in ("vs_reference", "vs_compiled")} for r in rows]
-    assert written[-1]["kind"] == "summary" and len(written[-1]["cases"]) == 4
+        {k: v for k, v in r.items() if k not in ("vs_reference", "vs_compiled", "vs_fused")}
+        for r in rows]
+    assert written[-1]["kind"] == "summary" and len(written[-1]["cases"]) == 6
     assert all(c["vs_reference"] > 0 for c in written[-1]["cases"] if c["provider"] == "fused")
     for row in written[:-1]:
         assert {"op", "backend", "variant", "N", "dim", "dtype", "device", "fwd_bwd_ms",
@@ -28,6 +29,8 @@ def test_bench_loss_writes_rows(tmp_path):
         assert row["live_peak_mb"] >= 0  # the second, one-step process under a fixed mmap threshold
     fused = [r for r in rows if r["provider"] == "fused"]
     assert all(r["vs_reference"] > 0 for r in fused)
+    learned = [r for r in rows if r["provider"] == "fused-learned-tau"]
+    assert len(learned) == 2 and all(r["vs_fused"] > 0 and r["backend"] == "auto" for r in learned)
 
 
 def test_bench_loss_budget_skips_what_cannot_start(tmp_path):

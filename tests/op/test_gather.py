@@ -1,12 +1,11 @@
 """infonce's `gather`: the local loss (gather=False, no collectives: one rank may call it alone),
 the global loss (gather=True/None) and torch.compile(fullgraph=True) of both, on 2 gloo ranks
 (tests/workers/gather.py), against the float64 reference formula."""
-import importlib
 
 import pytest
 import torch
 
-from directclr import DirectCLRLoss, infonce
+from directclr import DirectCLRLoss, fused, infonce, infonce_reference
 from tests.helpers import assert_rel_close, make_views, reference_loss_and_grads, run_worker
 from tests.workers.gather import DIM, ROWS, global_views, own_rows
 
@@ -122,12 +121,10 @@ def test_local_loss_on_rank_0_alone_does_not_hang(tmp_path):
 
 def test_argument_errors_without_torch_distributed(monkeypatch):
     """Raised before any kernel runs (the primitive is made to fail)."""
-    module = importlib.import_module("directclr.infonce")  # the package's `infonce` is the function
-
     def no_kernel(backend):
         raise AssertionError("a kernel ran before the arguments were checked")
 
-    monkeypatch.setattr(module, "_primitive", no_kernel)
+    monkeypatch.setattr(fused, "backend_primitive", no_kernel)
     z1, z2 = make_views(4, 8)
     with pytest.raises(ValueError, match="gather=True needs a process group"):
         infonce(z1, z2, dim=8, gather=True)
@@ -143,3 +140,17 @@ def test_argument_errors_without_torch_distributed(monkeypatch):
 def test_without_torch_distributed_gather_false_is_the_default():
     z1, z2 = make_views(6, 8, dtype=torch.float64)
     assert torch.equal(infonce(z1, z2, dim=8, gather=False), infonce(z1, z2, dim=8))
+
+
+@pytest.mark.parametrize("variant", ["cross", "ntxent"])
+def test_a_learned_temperature_gets_the_global_gradient_under_ddp_averaging(ranks, variant):
+    """Each rank's temperature gradient is its own rows' share of that of the ranks' summed
+    losses; DDP averages a parameter's gradient over the ranks, which gives the global loss's
+    (the mean of the ranks' values) gradient, as for every other parameter."""
+    z1, z2 = global_views(WORLD)
+    tau = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    infonce_reference(z1, z2, DIM, tau, variant).mean().backward()
+    averaged = sum(results[f"{variant}/temperature_grad"] for results in ranks) / WORLD
+    assert_rel_close(averaged, tau.grad, REL, f"{variant} temperature gradient")
+    assert not torch.equal(ranks[0][f"{variant}/temperature_grad"],
+                           ranks[1][f"{variant}/temperature_grad"])  # shares, not copies

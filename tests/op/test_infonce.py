@@ -182,16 +182,18 @@ def test_reference_backend_is_the_formula():
     assert torch.equal(infonce(z1, z2, dim=5, backend="reference"), expected)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("known", [0.1, math.nan])  # the value given, or read from the tensor
+def test_opcheck(known):
+    tau = torch.tensor(0.1, dtype=torch.float64)
     for variant in ("cross", "ntxent"):
         z1, z2 = make_views(7, 12)
         torch.library.opcheck(torch.ops.directclr.infonce.default,
-                              (z1, z2, 5, 0.1, variant, "cpu"))
+                              (z1, z2, 5, tau, known, variant, "cpu"))
         grad = torch.randn(7)
-        _, row_lse, col_lse = torch.ops.directclr.infonce(z1, z2, 5, 0.1, variant, "cpu")
+        _, row_lse, col_lse = torch.ops.directclr.infonce(z1, z2, 5, tau, known, variant, "cpu")
         torch.library.opcheck(torch.ops.directclr.infonce_backward.default,
-                              (grad, z1.detach(), z2.detach(), row_lse, col_lse, 5, 0.1, variant,
-                               "cpu"))
+                              (grad, z1.detach(), z2.detach(), row_lse, col_lse, 5, tau, known,
+                               variant, "cpu"))
 
 
 def test_torch_compile_fullgraph():
@@ -251,8 +253,10 @@ def _bad_calls():
     z = torch.randn(4, 8)
     return [
         ("z1", TypeError, lambda: infonce(z.numpy(), z)),
-        ("z1 must be 2-D", ValueError, lambda: infonce(z[0], z[0])),
-        ("z2 must be 2-D", ValueError, lambda: infonce(z, z.unsqueeze(0))),
+        ("z1 must have at least 2 dims", ValueError, lambda: infonce(z[0], z[0])),
+        ("z2 must have at least 2 dims", ValueError, lambda: infonce(z, z[0])),
+        ("same shape", ValueError, lambda: infonce(z, z.unsqueeze(0))),
+        ("same shape", ValueError, lambda: infonce(z.view(4, 2, 4), z.view(4, 4, 2))),
         ("same shape", ValueError, lambda: infonce(z, torch.randn(5, 8))),
         ("same shape", ValueError, lambda: infonce(z, torch.randn(4, 9))),
         ("dim", ValueError, lambda: infonce(z, z, dim=0)),
@@ -264,6 +268,14 @@ def _bad_calls():
         ("temperature", ValueError, lambda: infonce(z, z, dim=4, temperature=float("nan"))),
         ("temperature", ValueError, lambda: infonce(z, z, dim=4, temperature=float("inf"))),
         ("temperature", TypeError, lambda: infonce(z, z, dim=4, temperature="0.1")),
+        ("temperature", TypeError, lambda: infonce(z, z, dim=4, temperature=torch.tensor(1))),
+        ("temperature", ValueError, lambda: infonce(z, z, dim=4, temperature=torch.ones(1))),
+        # a tensor's value is checked inside the op, before any kernel
+        ("temperature", ValueError, lambda: infonce(z, z, dim=4, temperature=torch.tensor(0.0))),
+        ("temperature", ValueError, lambda: infonce(z, z, dim=4,
+                                                    temperature=torch.tensor(float("nan")))),
+        ("temperature", ValueError, lambda: infonce(z, z, dim=4,
+                                                    temperature=torch.tensor(1e-40).double())),
         # 1/temperature overflows the working dtype (fp32 for bf16 too, fp64 for fp64)
         ("temperature", ValueError, lambda: infonce(z, z, dim=4, temperature=1e-40)),
         ("temperature", ValueError, lambda: infonce(z.bfloat16(), z.bfloat16(), dim=4,
@@ -273,11 +285,10 @@ def _bad_calls():
         ("z1", TypeError, lambda: infonce(z.long(), z.long(), dim=4)),
         ("z1", TypeError, lambda: infonce(z.to(torch.complex64), z.to(torch.complex64), dim=4)),
         ("same dtype", TypeError, lambda: infonce(z, z.double(), dim=4)),
-        ("ntxent", ValueError, lambda: infonce(z[:1], z[:1], dim=4, variant="ntxent")),
         ("at least one row", ValueError, lambda: infonce(z[:0], z[:0], dim=4)),
         ("same device", ValueError, lambda: infonce(z, z.to("meta"), dim=4)),
         ("variant", ValueError, lambda: infonce(z, z, dim=4, variant="simclr")),
-        ("reduction", ValueError, lambda: infonce(z, z, dim=4, reduction="sum")),
+        ("reduction", ValueError, lambda: infonce(z, z, dim=4, reduction="max")),
         ("backend", ValueError, lambda: infonce(z, z, dim=4, backend="cuda")),
     ]
 

@@ -1,11 +1,11 @@
 """The Triton backend: under TRITON_INTERPRET=1 on CPU tensors here, on CUDA where there is one."""
-import importlib
+import math
 import os
 
 import pytest
 import torch
 
-from directclr import infonce
+from directclr import fused, infonce
 from tests.helpers import (
     OUTPUTS,
     ROUNDING_FLOOR,
@@ -227,7 +227,7 @@ def test_cuda_opcheck_and_compile():
     z1, z2 = (torch.randn(64, 128, device="cuda", requires_grad=True) for _ in range(2))
     for variant in ("cross", "ntxent"):
         torch.library.opcheck(torch.ops.directclr.infonce.default,
-                              (z1, z2, 100, 0.1, variant, "triton"))
+                              (z1, z2, 100, torch.tensor(0.1), math.nan, variant, "triton"))
     torch._dynamo.reset()
     step = torch.compile(lambda a, b: infonce(a, b, dim=100), fullgraph=True)
     loss = step(z1, z2)
@@ -256,18 +256,17 @@ def test_triton_rejects_a_temperature_whose_inverse_overflows_fp32():
 @pytest.mark.parametrize("dim", [40, 600])  # fused backward; G panels
 def test_backends_keep_one_contract(variant, dim):
     """One Layout through each backend's lse_forward and lse_backward (the contract of
-    directclr.infonce._primitive): the same LSEs and gradients w.r.t. the normalized rows and
+    directclr.fused.backend_primitive): the same LSEs and gradients w.r.t. the normalized rows and
     columns. Triton's row blocks may lie one after another in one buffer (written in place) or
     anywhere, strided (copied to them): the same values either way."""
-    op = importlib.import_module("directclr.infonce")  # the package's `infonce` is the function
     n, scale, cross = 20, 10.0, variant == "cross"
     z1, z2 = make_views(n, dim + 8)
     weights = torch.rand(2 * n, generator=torch.Generator().manual_seed(1))
     seen = {}
     for backend in ("cpu", "triton"):
-        primitive = op._primitive(backend)
-        sub, inv, _, _ = op._subvectors(z1.detach(), z2.detach(), dim, primitive.UNIT_ROWS)
-        layout = op._layout(sub, inv, variant, None)
+        primitive = fused.backend_primitive(backend)
+        sub, inv, _, _ = fused.subvectors(z1.detach(), z2.detach(), dim, primitive.UNIT_ROWS)
+        layout = fused.rank_layout(sub, inv, variant, None)
         row_lse, pos_logit, col_max, col_sum = primitive.lse_forward(layout, scale, cross)
         col_lse = col_max + col_sum.log() if cross else row_lse
         row_w = weights[:layout.rows.shape[0]]

@@ -78,6 +78,10 @@ def cases(out: Path):
                     z1, z2, weights if reduction == "none" else None)
         results[f"{variant}/module/gather=False"] = loss_and_grads(
             DirectCLRLoss(dim=DIM, variant=variant, gather=False), z1, z2)
+        # A learned temperature over the global batch: each rank's gradient is its rows' share.
+        tau = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+        infonce(z1, z2, dim=DIM, temperature=tau, variant=variant, gather=True).backward()
+        results[f"{variant}/temperature_grad"] = tau.grad
     # torch.compile(fullgraph=True): one compile per case (inductor), forward and backward. A
     # failure to compile (on every rank alike, before any collective) is recorded, not raised.
     for gather, variant in ((None, "cross"), (False, "ntxent")):
@@ -90,7 +94,7 @@ def cases(out: Path):
     # The ops with a process group: schema, fake (shapes across the group) and autograd.
     results["opcheck"] = {}
     for variant in VARIANTS:
-        args = (z1, z2, DIM, torch.tensor(0.1, dtype=torch.float64), variant, "cpu",
+        args = (z1, z2, DIM, torch.tensor(0.1, dtype=torch.float64), 0.1, variant, "cpu",
                 pair_group.group_name)
         _, row_lse, col_lse = torch.ops.directclr.infonce(*args)
         backward_args = (torch.randn(ROWS, dtype=torch.float64), z1, z2, row_lse, col_lse,

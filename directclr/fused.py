@@ -1,0 +1,222 @@
+"""The algorithm behind directclr::infonce (directclr/infonce.py holds the op, its autograd and
+the public API): the subvectors and their normalization, the row/column ``Layout`` of each
+variant, the collectives (``directclr.distributed``; none without a group), and the primitive
+contract every backend keeps: rows Q against columns K, one positive and an optional excluded
+column per row -> row LSE (and column LSE); the backward recomputes tiles from the LSEs.
+``cpu``: ``kernels/cpu/primitive.py`` (C++ built on first use by ``native``, else plain
+PyTorch); ``triton``: ``kernels/infonce.py``.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .distributed import all_gather_rows, merge_col_lse, rank_and_world, reduce_scatter_rows
+from .kernels.cpu import primitive as cpu_primitive
+from .scaling import scaled_rows
+
+NORM_EPS = 1e-12  # same floor as F.normalize
+RADIAL_CHUNK = 1024  # rows per temporary in the backward's row dot products
+
+
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------- the primitive
+class Pairing(NamedTuple):
+    """Which column is each row's positive, and which (if any) it excludes: both are shifted
+    diagonals, so kernels can tell from a tile's position whether it holds any."""
+    offset: int  # row i's positive is i + offset + (half if i < half else -half)
+    half: int  # 0 for cross; ntxent: N, the positive is the row of the other view
+    excl_offset: int  # row i excludes column i + excl_offset (ntxent's self-similarity); -1: none
+
+    def positives(self, n_rows: int, device) -> Tensor:
+        rows = torch.arange(n_rows, device=device)
+        return rows + self.offset + torch.where(rows < self.half, self.half, -self.half)
+
+
+class Layout(NamedTuple):
+    """One rank's operands of the primitive (``rank_layout``): rows Q against columns K.
+
+    rows: (M, dim) Q, ``subvectors``' v: cross, z1's rows; ntxent, z1's then z2's.
+    row_inv: (M,) 1 / max(|v|, eps) of each row, in the working dtype.
+    cols: (C, dim) K, gathered over the ranks in rank order: each rank's z2 (cross), its rows
+        (ntxent; on one process ``rows`` itself, the CPU backend's cue that G is symmetric).
+    col_inv: (C,) the columns' inverse norms.
+    pairing: each row's positive and excluded column (``Pairing``).
+    """
+    rows: Tensor
+    row_inv: Tensor
+    cols: Tensor
+    col_inv: Tensor
+    pairing: Pairing
+
+
+def backend_primitive(backend: str):
+    """The module of a backend's primitive (cpu: kernels/cpu/primitive.py, triton:
+    kernels/infonce.py). All keep one contract; S = scale * Q_hat K_hat^T, excluded entries
+    removed; vectors and (rows, dim) buffers in the working dtype:
+
+    UNIT_ROWS: whether the layout's rows and columns come normalized, contiguous, in the working
+        dtype (row_inv, col_inv unused), or as v in z's dtype, any strides.
+    STRIDED_OUT: whether buffers of any row stride (z's gradients' own first columns) cost no
+        copy; else contiguous ones, several row blocks consecutive in one buffer.
+    lse_forward(layout, scale, with_cols) -> (row_lse, pos_logit, col_max, col_sum): each row's
+        LSE and S_i,pos_i; with_cols, each column's (max, sum exp(S - max)) over these rows, which
+        ``merge_col_lse`` merges across ranks (else both empty).
+    lse_backward(layout, scale, row_lse, row_w, col_lse, col_w, out_rows, out_cols) -> None: the
+        gradient w.r.t. Q_hat, K_hat of sum_i row_w_i (row_lse_i - S_i,pos_i) + sum_j col_w_j
+        (col_lse_j - S_pos^-1(j),j) (no column term if col_lse is empty) overwrites out_rows
+        (consecutive row blocks covering the rows, one per view) and, if it has rows, out_cols.
+        Written, not returned: so no backend copies an N x dim gradient (the CPU kernels write
+        into z's gradients, the Triton kernels where they would allocate)."""
+    if backend == "cpu":
+        return cpu_primitive
+    if backend == "triton":  # imported here: triton is optional, the CPU path never needs it
+        from .kernels import infonce as triton_infonce
+        return triton_infonce
+    raise ValueError(f"backend {backend!r} has no fused primitive")
+
+
+# --------------------------------------------------------------------------- the algorithm
+def subvectors(z1: Tensor, z2: Tensor, dim: int, unit: bool
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Both views' v = u / s for u = z[:, :dim], in one new (2N, dim) tensor (z1's rows, then
+    z2's: ntxent's rows as they are, cross's rows and columns its halves), with s a power of two
+    per row that keeps |v| in range; 1/max(|v|, eps) for the forward, the 1/|v| the backward uses,
+    and s. unit: v / max(|v|, eps) instead of v, in the working dtype, normalized in place (the
+    CPU kernels take unit rows: no second copy); else v in z's dtype (the Triton kernels
+    normalize in their tiles). v / |v| is u's unit row; rows that meet the eps floor are never
+    rescaled (s = 1), so the floor is F.normalize's. The backward's 1/|v| is 0 where |v| < eps,
+    since the norm has no derivative at 0 (this keeps fp16 gradients of zero rows finite)."""
+    work = working_dtype(z1.dtype)
+    n = z1.shape[0]
+    sub = torch.empty((2 * n, dim), dtype=work if unit else z1.dtype, device=z1.device)
+    scale = torch.cat([scaled_rows(z1[:, :dim], work, out=sub[:n])[1],
+                       scaled_rows(z2[:, :dim], work, out=sub[n:])[1]])
+    norm = torch.linalg.vector_norm(sub, dim=1, dtype=work)
+    inv_norm = 1.0 / norm.clamp_min(NORM_EPS)
+    if unit:
+        sub.mul_(inv_norm.unsqueeze(1))
+    return sub, inv_norm, torch.where(norm >= NORM_EPS, inv_norm, torch.zeros_like(norm)), scale
+
+
+def remove_radial(grad_unit: Tensor, sub: Tensor, sub_inv_norm: Tensor | float,
+                   inv_norm_grad: Tensor) -> Tensor:
+    """grad_unit <- (g - v_hat (v_hat . g)) / |v| in place (fp32/fp64, any row stride): from the
+    gradient w.r.t. v_hat to the one w.r.t. v, for one view's rows of ``subvectors``: sub is v
+    with sub_inv_norm 1/|v|, or already v_hat with sub_inv_norm 1. Returns sum_i v_hat_i . g_i
+    (0-d), from which ``backward`` gets the temperature's gradient."""
+    # v_hat . g without materializing v_hat, RADIAL_CHUNK rows at a time: an N x dim product
+    # here would be the backward's only temporary of that size.
+    radial = torch.cat([(grad_chunk * sub_chunk).sum(1) for grad_chunk, sub_chunk
+                        in zip(grad_unit.split(RADIAL_CHUNK), sub.split(RADIAL_CHUNK))])
+    radial *= sub_inv_norm
+    grad_unit.addcmul_(sub, (radial * sub_inv_norm).unsqueeze(1), value=-1.0)
+    grad_unit.mul_(inv_norm_grad.unsqueeze(1))
+    return radial.sum()
+
+
+def rank_layout(sub, inv, variant: str, group) -> Layout:
+    """One rank's rows and gathered columns, from ``subvectors``' tensors. ntxent: rank r's block
+    of the gathered columns is [a_r; b_r]."""
+    rank = rank_and_world(group)[0]
+    n = sub.shape[0] // 2
+    if variant == "cross":
+        return Layout(sub[:n], inv[:n], all_gather_rows(sub[n:], group),
+                      all_gather_rows(inv[n:], group), Pairing(rank * n, 0, -1))
+    return Layout(sub, inv, all_gather_rows(sub, group), all_gather_rows(inv, group),
+                  Pairing(rank * 2 * n, n, rank * 2 * n))
+
+
+def one_pair(z1, z2, dim, variant):
+    """N = 1 on one process: (loss, row LSE, column LSE) with the loss 0 exactly, since each LSE
+    has the positive as its only term (NaN where the subvectors hold NaN or inf, as for any N;
+    no host read); the LSEs are unused (``backward`` gives zeros)."""
+    work = working_dtype(z1.dtype)
+    finite = torch.isfinite(z1[:, :dim]).all() & torch.isfinite(z2[:, :dim]).all()
+    loss = torch.zeros(1, dtype=work, device=z1.device).masked_fill_(~finite, math.nan)
+    return (loss, loss.new_zeros(1 if variant == "cross" else 2),
+            loss.new_zeros(1 if variant == "cross" else 0))
+
+
+def forward(z1, z2, dim, temperature, variant, backend, group):
+    """Per-pair losses of this rank's rows, and the LSEs that backward needs."""
+    if z1.shape[0] == 1 and rank_and_world(group)[1] == 1:
+        return one_pair(z1, z2, dim, variant)
+    primitive = backend_primitive(backend)
+    sub, inv, _, _ = subvectors(z1, z2, dim, primitive.UNIT_ROWS)
+    row_lse, pos_logit, col_max, col_sum = primitive.lse_forward(
+        rank_layout(sub, inv, variant, group), 1.0 / temperature, variant == "cross")
+    n = z1.shape[0]
+    if variant == "cross":
+        col_lse = merge_col_lse(col_max, col_sum, group)
+        own_col_lse = col_lse.split(n)[rank_and_world(group)[0]]  # this rank's z2 rows
+        loss = 0.5 * ((row_lse - pos_logit) + (own_col_lse - pos_logit))
+    else:
+        col_lse = col_max  # empty: ntxent's column LSEs are the gathered row LSEs (backward)
+        per_view = row_lse - pos_logit
+        loss = 0.5 * (per_view[:n] + per_view[n:])
+    # Each exact loss is >= 0 (the positive is one of its LSE's terms); rounding (fp32's fixed
+    # shift by 1/tau) can leave it a few ulp under. Clamped here only: the gradient stays the
+    # formula's.
+    return loss.clamp_min_(0.0), row_lse, col_lse
+
+
+def backward(grad, z1, z2, row_lse, col_lse, dim, temperature, variant, backend, group):
+    """Gradients w.r.t. z1, z2 of sum_i grad_i * loss_i, summed over all ranks' losses, and
+    w.r.t. the temperature (0-d, working dtype; with a group, this rank's share, see below)."""
+    n, work = z1.shape[0], working_dtype(z1.dtype)
+    cross, world = variant == "cross", rank_and_world(group)[1]
+    if n == 1 and world == 1:  # one_pair: the loss is 0 whatever the inputs
+        return (torch.zeros(z1.shape, dtype=z1.dtype, device=z1.device),
+                torch.zeros(z2.shape, dtype=z2.dtype, device=z2.device),
+                torch.zeros((), dtype=work, device=z1.device))
+    primitive = backend_primitive(backend)
+    sub, inv, inv_grad, scale = subvectors(z1, z2, dim, primitive.UNIT_ROWS)
+    layout = rank_layout(sub, inv, variant, group)
+    half = 0.5 * grad.to(row_lse.dtype).contiguous()  # each pair's loss averages two terms
+    row_w = half if variant == "cross" else torch.cat([half, half])
+    col_w = all_gather_rows(row_w if variant == "ntxent" else half, group)
+    if variant == "ntxent":  # S is symmetric: column j's LSE is row j's
+        col_lse = all_gather_rows(row_lse, group)
+    grad_z = [torch.empty(z.shape, dtype=z.dtype, device=z.device) for z in (z1, z2)]
+    for z_grad in grad_z:  # the first dim columns are all written below
+        z_grad[:, dim:].zero_()
+    # The views whose gradient the primitive writes (cross over several ranks: the rows' alone),
+    # into z's gradients where the backend can (no N x dim buffers beside them), else one buffer.
+    views = 1 if cross and world > 1 else 2
+    if primitive.STRIDED_OUT and z1.dtype == work:
+        grads = [z_grad[:, :dim] for z_grad in grad_z[:views]]
+    else:
+        grads = list(torch.empty((views * n, dim), dtype=work, device=z1.device).split(n))
+    if cross:  # local rows only see their part of each column's gradient: summed over ranks
+        out_rows = grads[:1]
+        out_cols = grads[1] if world == 1 else sub.new_empty((world * n, dim), dtype=work)
+    else:  # G + G^T on local rows is complete (S symmetric): no column gradient
+        out_rows, out_cols = grads, sub.new_empty((0, dim), dtype=work)
+    primitive.lse_backward(layout, 1.0 / temperature, row_lse, row_w, col_lse, col_w, out_rows,
+                           out_cols)
+    if views == 1:
+        grads.append(reduce_scatter_rows(out_cols, group))
+    radial = []
+    for grad_sub, z_grad, rows in zip(grads, grad_z, (slice(0, n), slice(n, 2 * n))):
+        radial.append(remove_radial(grad_sub, sub[rows], 1.0 if primitive.UNIT_ROWS
+                                     else inv[rows], inv_grad[rows]))
+        # 1/s last: for a huge row the quotient is the (tiny) gradient itself, with no factor
+        # 1/(s |v|) rounded on the way. (grad_sub may be z_grad's own first columns.)
+        torch.div(grad_sub, scale[rows].unsqueeze(1), out=z_grad[:, :dim])
+    # The temperature, at no N x N cost: L depends on the unit rows only through S = c Q_hat
+    # K_hat^T (c = 1/tau), so for either variant sum_i v_hat_i . g_i over both views' rows (g
+    # the gradient w.r.t. the unit rows, before its radial part is removed) is 2 c dL/dc: each
+    # side of cross gives c sum G.(Q_hat K_hat^T), ntxent's 2N rows are both S's rows and its
+    # columns. dL/dtau = -c^2 dL/dc = -c sum / 2. With a group each rank sums its own rows
+    # (their gradients are already summed over the ranks' losses): the ranks' values add up to
+    # the gradient of the sum of all ranks' losses, as z's do, so DDP's averaging of the
+    # parameter's gradient gives the global loss's, like every other parameter's.
+    grad_temperature = (radial[0] + radial[1]) * (-0.5 / temperature)
+    return grad_z[0], grad_z[1], grad_temperature
