@@ -55,9 +55,9 @@ def reference_loss_and_grads(z1, z2, reduction="mean", weights=None, dtype=torch
     return loss.detach(), z1.grad, z2.grad
 
 
-# The fused GPU kernels take every logit relative to the fixed max 1/tau (10 at the default
-# tau = 0.1), so a loss or gradient that is exactly zero (a batch of one pair: P = 1) comes out
-# as a difference of O(1/tau) terms, each rounded in fp32: a few ulp of 1/tau.
+# The fused kernels take every logit relative to the fixed max 1/tau (10 at the default tau =
+# 0.1), so a loss or gradient entry that is (near) zero comes out as a difference of O(1/tau)
+# terms, each rounded in fp32: a few ulp of 1/tau. (One pair alone is exactly 0: no kernel runs.)
 ROUNDING_FLOOR = 8 * torch.finfo(torch.float32).eps / 0.1
 
 

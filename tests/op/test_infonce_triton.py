@@ -31,8 +31,6 @@ on_either = pytest.mark.skipif(not (CUDA or INTERPRETED), reason="needs CUDA or 
 def _cases():
     for variant in ("cross", "ntxent"):
         for n in (1, 3, 65, 130):
-            if variant == "ntxent" and n == 1:
-                continue
             for dim in (1, 7, 64, 360):
                 yield variant, n, dim
 
