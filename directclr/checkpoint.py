@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import time
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -39,9 +40,17 @@ CHECKPOINT_KEYS = ("model", "optimizer", "loader", "step", "config", "run")
 
 def save_checkpoint(out: Path, step: int, state: dict, keep_every: int | None = None) -> None:
     """Atomic, durable and checksummed (directclr.files.save_verified); keeps the last
-    KEEP_CHECKPOINTS, and those at multiples of keep_every."""
-    save_verified(state, out / f"ckpt_{step:09d}.pt")
-    for old in sorted(out.glob(CHECKPOINT_GLOB))[:-KEEP_CHECKPOINTS]:
+    KEEP_CHECKPOINTS, and those at multiples of keep_every. Anything but a file in a
+    checkpoint's name (a directory, which a resume skips) is renamed aside, never deleted, so the
+    run goes on saving."""
+    target = out / f"ckpt_{step:09d}.pt"
+    if target.exists() and not target.is_file():
+        aside = target.with_name(f"{target.name}.not-a-checkpoint-{uuid.uuid4().hex[:8]}")
+        target.rename(aside)
+        log.warning("%s is not a file: renamed to %s to save step %d there", target, aside.name,
+                    step)
+    save_verified(state, target)
+    for old in sorted(p for p in out.glob(CHECKPOINT_GLOB) if p.is_file())[:-KEEP_CHECKPOINTS]:
         if not (keep_every and checkpoint_step(old) % keep_every == 0):
             old.unlink(missing_ok=True)
 

@@ -156,11 +156,12 @@ def forward(z1, z2, dim, temperature, variant, backend, group):
     if variant == "cross":
         col_lse = merge_col_lse(col_max, col_sum, group)
         own_col_lse = col_lse.split(n)[rank_and_world(group)[0]]  # this rank's z2 rows
-        loss = 0.5 * ((row_lse - pos_logit) + (own_col_lse - pos_logit))
+        # halves first: each term is below fp32's max, their sum need not be (tiny temperatures)
+        loss = 0.5 * (row_lse - pos_logit) + 0.5 * (own_col_lse - pos_logit)
     else:
         col_lse = col_max  # empty: ntxent's column LSEs are the gathered row LSEs (backward)
         per_view = row_lse - pos_logit
-        loss = 0.5 * (per_view[:n] + per_view[n:])
+        loss = 0.5 * per_view[:n] + 0.5 * per_view[n:]
     # Each exact loss is >= 0 (the positive is one of its LSE's terms); rounding (fp32's fixed
     # shift by 1/tau) can leave it a few ulp under. Clamped here only: the gradient stays the
     # formula's.

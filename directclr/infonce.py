@@ -384,8 +384,8 @@ def infonce(z1: Tensor, z2: Tensor, dim: int | None = 360, temperature: float | 
         group_name = "" if group is None else group.group_name
         loss = _InfoNCE.apply(z1, z2, dim, temperature, temperature_value, variant, backend,
                               group_name)[0]
-    if reduction == "mean":
-        return loss.mean()
+    if reduction == "mean":  # summed in float64: N losses below fp32's max can add up past it
+        return loss.mean(dtype=torch.float64).to(loss.dtype)
     return loss.sum() if reduction == "sum" else loss
 
 

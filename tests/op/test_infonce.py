@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import directclr
-from directclr import DirectCLRLoss, infonce
+from directclr import DirectCLRLoss, infonce, infonce_reference
 from tests.helpers import (
     assert_fp32_exact,
     assert_rel_close,
@@ -121,6 +121,25 @@ def test_temperatures(temperature):
     assert_rel_close(g1, ref_g1, 1e-4, "grad z1")
 
 
+@pytest.mark.parametrize("variant,backend", [
+    ("cross", "cpu"), ("ntxent", "cpu"), ("cross", "triton"),
+    pytest.param("ntxent", "triton", marks=pytest.mark.xfail(
+        strict=True, reason="issue 26: the Triton ntxent kernels give NaN rows at tau 1e-38"))])
+def test_the_mean_of_huge_per_pair_losses_stays_finite(variant, backend):
+    """temperature 1e-38 (allowed in fp32: 1/t fits): per-pair losses near 1e38, each finite, and
+    their mean fits too; summed in fp32 they overflowed to inf (issue 26), and so did the sum of a
+    pair's two directions before it was halved."""
+    z1, z2 = make_views(16, 8)
+    z1, z2 = z1.detach(), z2.detach()
+    ref = infonce_reference(z1.double(), z2.double(), 4, 1e-38, variant)
+    per_pair = infonce(z1, z2, dim=4, temperature=1e-38, variant=variant, reduction="none",
+                       backend=backend)
+    assert per_pair.max() > 1e37 and per_pair.sum().isinf()  # the case in point
+    assert_rel_close(per_pair, ref, 1e-5, "per-pair loss")
+    loss = infonce(z1, z2, dim=4, temperature=1e-38, variant=variant, backend=backend)
+    assert_rel_close(loss, ref.mean(), 1e-5, "loss")
+
+
 @pytest.mark.parametrize("variant", ["cross", "ntxent"])
 def test_zero_rows_give_finite_loss_and_zero_gradient(variant):
     z1, z2 = make_views(9, 16)
@@ -174,7 +193,10 @@ def test_dim_none_uses_whole_vector():
 
 def test_reference_backend_is_the_formula():
     z1, z2 = make_views(10, 12)
-    expected = directclr.infonce_reference(z1, z2, 5, 0.1, "cross").mean()
+    per_pair = directclr.infonce_reference(z1, z2, 5, 0.1, "cross")
+    assert torch.equal(infonce(z1, z2, dim=5, backend="reference", reduction="none"), per_pair)
+    # the mean is taken in float64 on every backend (huge per-pair losses may not sum in fp32)
+    expected = per_pair.mean(dtype=torch.float64).float()
     assert torch.equal(infonce(z1, z2, dim=5, backend="reference"), expected)
 
 

@@ -232,6 +232,25 @@ def test_a_checkpoint_with_non_finite_weights_is_skipped(tmp_path, caplog):
     assert "non-finite" in caplog.text
 
 
+def test_a_directory_in_a_checkpoints_place_is_skipped_then_moved_aside(tmp_path, caplog):
+    """A resume skips it (issue 26: the next save then failed with "Is a directory", so the run
+    could never finish); the save of that step renames it aside (its files kept) and writes the
+    checkpoint; the clean-up of old checkpoints leaves directories alone."""
+    save_checkpoint(tmp_path, 1, checkpoint_state(1))
+    in_the_way = tmp_path / "ckpt_000000002.pt"
+    in_the_way.mkdir()
+    (in_the_way / "notes.txt").write_text("kept")
+    assert load_latest_checkpoint(tmp_path)["step"] == 1
+    for step in (2, 3, 4):
+        save_checkpoint(tmp_path, step, checkpoint_state(step))
+    assert load_latest_checkpoint(tmp_path)["step"] == 4
+    assert sorted(p.name for p in tmp_path.glob("ckpt_*.pt")) == [
+        "ckpt_000000003.pt", "ckpt_000000004.pt"]
+    [aside] = tmp_path.glob("ckpt_000000002.pt.not-a-checkpoint-*")
+    assert (aside / "notes.txt").read_text() == "kept"
+    assert "is not a file" in caplog.text
+
+
 def test_only_the_last_two_checkpoints_are_kept(tmp_path):
     for step in range(1, 5):
         save_checkpoint(tmp_path, step, {"step": step})
