@@ -237,7 +237,8 @@ def restore_checkpoint(state: dict, last_step: int, model: nn.Module, optimizer,
 class Checkpointer:
     """Writes the run's checkpoints, at most one per step. Every rank calls save() at the same
     steps: the metrics flush and the finite-weights check before it are collective; rank 0 alone
-    writes. `state_at(step)` is what a checkpoint holds (CHECKPOINT_KEYS)."""
+    writes. `state_at(step)` is what a checkpoint holds (CHECKPOINT_KEYS and the optional
+    "epoch_stats"), called on every rank."""
 
     def __init__(self, out: Path, keep_every: int | None, master: bool, model: nn.Module,
                  metrics, state_at: Callable[[int], dict], saved_step: int | None = None):
@@ -250,6 +251,7 @@ class Checkpointer:
         if self.saved_step == step:
             return
         check_finite_weights(self.model, step)
+        state = self.state_at(step)  # on every rank: it may be collective
         if self.master:
-            save_checkpoint(self.out, step, self.state_at(step), self.keep_every)
+            save_checkpoint(self.out, step, state, self.keep_every)
         self.saved_step = step

@@ -2,7 +2,9 @@
 same rows to TensorBoard with --tensorboard, and the progress bar; all on global rank 0."""
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -12,6 +14,8 @@ import torch.distributed as dist
 from .config import Config
 from .preemption import Diverged, divergence, probe_limit
 from .spectrum import SpectrumAccumulator
+
+log = logging.getLogger("directclr.train")
 
 
 class MetricsLog:
@@ -104,29 +108,65 @@ def progress_bar(enabled: bool, total: int, initial: int):
 
 class EpochStats:
     """An epoch's summary row, accumulated on the device over its steps: the spectra of the
-    representation and of its first d0 dimensions, and the online probe's hits."""
+    representation and of its first d0 dimensions, and the online probe's hits. A checkpoint
+    holds the epoch so far (state_dict), so a resumed epoch's row covers all of its images."""
 
     def __init__(self, epoch: int, width: int, dim: int, device: torch.device):
         self.epoch, self.dim = epoch, dim
         self.spectra = {"representation": SpectrumAccumulator(width, dtype=torch.float64),
                         "subvector": SpectrumAccumulator(min(dim, width), dtype=torch.float64)}
+        self.steps = 0  # this process's, since it started: the same on every rank
         self.seen, self.correct = 0, torch.zeros((), dtype=torch.int64, device=device)
 
     def add(self, rep1: torch.Tensor, labels: torch.Tensor, correct: torch.Tensor) -> None:
         rep = rep1.detach().float()
         self.spectra["representation"].update(rep)
         self.spectra["subvector"].update(rep[:, :self.dim])
+        self.steps += 1
         self.seen += len(labels)
         self.correct += correct
+
+    def _hits(self, world: int) -> torch.Tensor:
+        """(correct, seen) over all ranks: collective when world > 1."""
+        hits = torch.stack([self.correct.double(),
+                            torch.tensor(float(self.seen), device=self.correct.device)])
+        if world > 1:
+            dist.all_reduce(hits)
+        return hits
 
     def row(self, step: int, classes: int, world: int) -> dict:
         """Collective: every rank calls it at the same epoch end."""
         summary = {name: acc.all_reduce().result().summary()
                    for name, acc in self.spectra.items()}
-        hits = torch.stack([self.correct.double(),
-                            torch.tensor(float(self.seen), device=self.correct.device)])
-        if world > 1:  # the global batch's online-probe accuracy, not rank 0's share
-            dist.all_reduce(hits)
+        hits = self._hits(world)  # the global batch's online-probe accuracy, not rank 0's share
         return {"epoch_end": self.epoch, "step": step, "classes": classes,
                 "probe_train_top1": (hits[0] / hits[1].clamp_min(1)).item(),
                 "spectrum": summary}
+
+    def state_dict(self, world: int) -> dict:
+        """The epoch so far over all ranks, for rank 0's checkpoint: collective when world > 1
+        (every rank saves at the same steps); this process's state is left as it is."""
+        spectra = {name: copy.deepcopy(acc).all_reduce().state_dict()
+                   for name, acc in self.spectra.items()}
+        correct, seen = (int(x) for x in self._hits(world).tolist())
+        return {"epoch": self.epoch, "seen": seen, "correct": correct, "spectra": spectra}
+
+    def resume(self, state: dict | None, rank: int) -> None:
+        """Takes over a checkpoint's share of this epoch (state_dict's): on rank 0 only, since
+        the row's all-reduce adds every rank's state. A checkpoint without it (one written
+        before it held it) leaves the row to the images seen from now on; its spectrum's `n`
+        says how many."""
+        if rank != 0 or not isinstance(state, dict) or state.get("epoch") != self.epoch:
+            return
+        try:
+            seen, correct = int(state["seen"]), int(state["correct"])
+            for name, acc in self.spectra.items():
+                acc.load_state_dict(state["spectra"][name], self.correct.device)
+        except (KeyError, TypeError, ValueError) as err:
+            self.spectra = {name: SpectrumAccumulator(acc.dim, dtype=acc.dtype)
+                            for name, acc in self.spectra.items()}
+            log.warning("epoch %d's row will cover the images after the resume only: the "
+                        "checkpoint's share of it does not fit this run (%s)", self.epoch, err)
+            return
+        self.seen = seen
+        self.correct += correct

@@ -278,6 +278,31 @@ class SpectrumAccumulator:
         self.n, self.batches = n, batches
         return self
 
+    STATE_KEYS = ("dim", "normalize", "n", "batches", "mean", "m2", "scale", "nonfinite")
+
+    def state_dict(self) -> dict:
+        """The state as plain values and CPU tensors (for torch.save with weights_only=True)."""
+        return {"dim": self.dim, "normalize": self.normalize, "n": self.n,
+                "batches": self.batches, "mean": self._mean.cpu(), "m2": self._m2.cpu(),
+                "scale": self._scale.cpu(), "nonfinite": self._nonfinite.cpu()}
+
+    def load_state_dict(self, state: dict,
+                        device: torch.device | None = None) -> "SpectrumAccumulator":
+        """Replaces the state by `state` (state_dict's), on `device` (default: where the state
+        is now), where the batches that follow will be."""
+        if not isinstance(state, dict) or set(state) != set(self.STATE_KEYS):
+            raise ValueError(f"state must be a dict with keys {list(self.STATE_KEYS)}")
+        if (state["dim"], state["normalize"]) != (self.dim, self.normalize):
+            raise ValueError(f"state is of dim {state['dim']}, normalize {state['normalize']}; "
+                             f"this accumulator's are {self.dim}, {self.normalize}")
+        device = self._m2.device if device is None else device
+        self.n, self.batches = int(state["n"]), int(state["batches"])
+        self._mean = state["mean"].to(device, self.dtype)
+        self._m2 = state["m2"].to(device, self.dtype)
+        self._scale = state["scale"].to(device, torch.float64)
+        self._nonfinite = state["nonfinite"].to(device, torch.int64)
+        return self
+
     def _scaled_covariance(self) -> Tensor:
         """The covariance in units of _scale ** 2."""
         if self.n < 2:

@@ -258,21 +258,24 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, out: Path,
         log.info("--compile: the first step waits for torch.compile (minutes on CPU)")
     votes = stop_group(world, device)
     metrics = open_metrics(out, cfg, master, world, len(loader.classes), last_step, step)
+    stats = EpochStats(loader.epoch, model.probe.in_features, cfg.dim, device)
+    stats.resume(None if state is None else state.get("epoch_stats"), rank)
     checkpoints = Checkpointer(
         out, cfg.keep_every, master, model, metrics,
         lambda at: {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "loader": loader.state_dict(), "step": at, "config": asdict(cfg),
-                    "run": run},
+                    "run": run, "epoch_stats": stats.state_dict(world)},
         saved_step=step if state is not None else None)
     training = Training(cfg, world, loader, model, module, forward, optimizer, steps_per_epoch,
                         last_step, metrics, checkpoints, signals, votes)
     try:
         while step < last_step:
-            stats = EpochStats(loader.epoch, model.probe.in_features, cfg.dim, device)
             step = train_one_epoch(training, step, stats)
-            if loader.epoch > stats.epoch and stats.seen:  # this process saw the epoch end
-                metrics.flush()  # a diverged run stops here, not in the spectrum
-                metrics.epoch_row(stats.row(step, len(loader.classes), world))
+            if loader.epoch > stats.epoch:
+                if stats.steps:  # this process saw the epoch end
+                    metrics.flush()  # a diverged run stops here, not in the spectrum
+                    metrics.epoch_row(stats.row(step, len(loader.classes), world))
+                stats = EpochStats(loader.epoch, model.probe.in_features, cfg.dim, device)
             checkpoints.save(step)
         checkpoints.save(step)
         if master:

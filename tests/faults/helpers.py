@@ -101,6 +101,12 @@ def steps(out: Path) -> list[int]:
     return [r["step"] for r in rows(out)]
 
 
+def epoch_rows(out: Path) -> list[dict]:
+    """The epoch-end rows (spectra, probe accuracy), the step rows left out."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+            if '"epoch_end"' in line]
+
+
 def newest_checkpoint(out: Path) -> Path:
     return sorted(out.glob("ckpt_*.pt"))[-1]
 

@@ -31,6 +31,7 @@ from tests.faults.helpers import (
     copy_of_straight,
     ddp_pretrain_args,
     descendants,
+    epoch_rows,
     finished,
     flip_bytes,
     fresh,
@@ -100,6 +101,8 @@ def test_stop_signal_then_resume(work, name, loader, sig, workers):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert steps(out) == list(range(1, STEPS + 1)), f"metrics rows for steps {steps(out)}"
     assert same_weights(reference, out), "resumed weights differ from the straight run's"
+    # The checkpoint holds the epoch's spectra so far, merged as the straight run merges them.
+    assert epoch_rows(out) == epoch_rows(reference), "the resumed epoch's row differs"
 
 
 KILLS = [("kill-9-torchvision", "torchvision", ()),
@@ -124,6 +127,7 @@ def test_kill_9_then_resume(work, name, loader, extra):
     assert "resumed from step" in resumed.stderr
     assert steps(out) == list(range(1, STEPS + 1))
     assert same_weights(reference, out), "resumed weights differ from the straight run's"
+    assert epoch_rows(out) == epoch_rows(reference), "the resumed epoch's row differs"
 
 
 def test_workers_ignore_stop_signals(work):
@@ -169,6 +173,13 @@ def test_sigterm_ddp_one_rank(work):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert steps(out) == list(range(1, DDP_STEPS + 1))
     assert same_weights(reference, out), "resumed weights differ from the straight 2-rank run's"
+    # Rank 0's checkpoint holds both ranks' spectra merged: the same rows up to that rounding.
+    resumed_rows, straight_rows = epoch_rows(out), epoch_rows(reference)
+    assert len(resumed_rows) == len(straight_rows) == DDP_STEPS // 2
+    for got, want in zip(resumed_rows, straight_rows):
+        assert got["probe_train_top1"] == want["probe_train_top1"]
+        for name, spectrum in want["spectrum"].items():
+            assert got["spectrum"][name] == pytest.approx(spectrum, rel=1e-9), name
 
 
 @pytest.mark.parametrize("lr", ["1e6", "1e3"], ids=["lr-1e6", "lr-1e3"])

@@ -180,6 +180,32 @@ def test_huge_and_tiny_inputs_give_the_exact_spectrum(dtype, scale, state):
         assert spec.collapsed() == 13
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_saved_and_loaded_state_goes_on_as_if_never_stopped(tmp_path, dtype):
+    """What a checkpoint keeps of an epoch's spectrum: loaded into a new accumulator, the rest
+    of the batches give the bits of one accumulator that saw them all (the scale changes
+    mid-stream, so the saved power-of-two scale matters)."""
+    z = low_rank(300, 16, 6, offset=2.0).to(dtype)
+    z[200:] *= 1e6
+    whole = SpectrumAccumulator(16, dtype=dtype).update(z[:100]).update(z[100:]).update(z[:7])
+    path = tmp_path / "state.pt"
+    torch.save(SpectrumAccumulator(16, dtype=dtype).update(z[:100]).state_dict(), path)
+    resumed = SpectrumAccumulator(16, dtype=dtype).load_state_dict(
+        torch.load(path, weights_only=True))
+    resumed.update(z[100:]).update(z[:7])
+    assert (resumed.n, resumed.batches) == (whole.n, whole.batches)
+    assert torch.equal(resumed.result().eigenvalues, whole.result().eigenvalues)
+
+
+def test_a_state_of_another_shape_is_refused():
+    state = SpectrumAccumulator(8).update(torch.randn(5, 8)).state_dict()
+    with pytest.raises(ValueError, match="state is of dim 8, normalize False; this "
+                                         "accumulator's are 9, False"):
+        SpectrumAccumulator(9).load_state_dict(state)
+    with pytest.raises(ValueError, match="state must be a dict with keys"):
+        SpectrumAccumulator(8).load_state_dict({**state, "extra": 1})
+
+
 def test_eigenvalues_beyond_float64_are_a_clear_error_and_unit_rows_still_work():
     x = low_rank(300, 8, 8, offset=3.0).double()
     with pytest.raises(ValueError, match=r"largest eigenvalue, about 2\^1\d\d\d, exceeds float64"):
