@@ -12,7 +12,17 @@ import re
 import sys
 from pathlib import Path
 
-from .config import ARCHS, LOADERS, MODES, add_config_flags, bounded, config_from_args, path_type
+from .config import (
+    ARCHS,
+    LOADERS,
+    MODES,
+    add_config_flags,
+    arch_problem,
+    bounded,
+    checked_type,
+    config_from_args,
+    path_type,
+)
 
 POSITIVE = bounded(int, low=1)
 NON_NEGATIVE = bounded(int, low=0)
@@ -20,6 +30,7 @@ SEED = bounded(int, low=0, below=2 ** 32)
 IMAGE_SIZE = bounded(int, low=8)
 RATE = bounded(float, above=0)
 existing_file, existing_dir = path_type("file"), path_type("dir")
+arch_type = checked_type(arch_problem)
 dataset, output_dir, output_file = (path_type(kind) for kind in ("dataset", "output_dir",
                                                                  "output_file"))
 # Commands that import torchvision and the rest of the [train] extra: checked first, so that a
@@ -176,7 +187,7 @@ def _add_backbone_flags(p, subvector_help: str, limit_help: str) -> None:
     """The flags probe and spectrum share: which backbone, which part of r, which images."""
     p.add_argument("--checkpoint", required=True, type=existing_file,
                    help="backbone.pt or a training checkpoint (required)")
-    p.add_argument("--arch", default=None, choices=list(ARCHS),
+    p.add_argument("--arch", default=None, type=arch_type, metavar="ARCH",
                    help="only for a backbone.pt that does not record its arch (default: the "
                    "one it records)")
     p.add_argument("--subvector", type=POSITIVE, default=None, metavar="D0", help=subvector_help)

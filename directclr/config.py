@@ -16,6 +16,7 @@ from pathlib import Path
 
 # representation width; resnet18-wN: ResNet-18 with base width N instead of 64, for small runs
 ARCHS = {"resnet18": 512, "resnet50": 2048, "resnet18-w32": 256, "resnet18-w16": 128}
+ARCH_SOURCES = ("torchvision", "timm")  # --arch SOURCE:NAME: any classification model of these
 MODES = ("directclr", "simclr-mlp", "simclr-linear", "simclr-none", "fixed-lowrank", "diagonal")
 LOADERS = ("auto", "dali", "torchvision")
 VARIANTS = ("cross", "ntxent")
@@ -52,13 +53,24 @@ def path_problem(kind: str, text: str) -> str | None:
     return None
 
 
+def arch_problem(text: str) -> str | None:
+    """What is wrong with `text` as --arch, or None; whether a torchvision:NAME or timm:NAME
+    exists is checked where the model is built (this module imports neither)."""
+    source, colon, name = text.partition(":")
+    if text in ARCHS or (colon and source in ARCH_SOURCES and name.isidentifier()):
+        return None
+    return (f"must be one of {list(ARCHS)}, torchvision:NAME or timm:NAME, got {text!r}")
+
+
 def setting(default=MISSING, help: str = "", *, low=None, above=None, below=None, choices=None,
-            path: str | None = None, shown: str | None = None, metavar: str | None = None):
+            path: str | None = None, check=None, shown: str | None = None,
+            metavar: str | None = None):
     """A Config field and its flag: `low` (inclusive) or `above` (exclusive) bounds a number,
-    `below` caps an integer, `path` is a kind of path_problem, `shown` is what --help says the
-    default is when the value alone would not tell."""
+    `below` caps an integer, `path` is a kind of path_problem, `check` returns what is wrong with
+    a value (or None), `shown` is what --help says the default is when the value alone would
+    not tell."""
     metadata = {"help": help, "low": low, "above": above, "below": below, "choices": choices,
-                "path": path, "shown": shown, "metavar": metavar}
+                "path": path, "check": check, "shown": shown, "metavar": metavar}
     return field(default=default, metadata=metadata)
 
 
@@ -68,8 +80,10 @@ class Config:
                         "'fashion-mnist' (prepared into --cache on first use)", path="dataset")
     out: str = setting(help="run directory: checkpoints, metrics.jsonl, backbone.pt; rerun the "
                        "same command to resume", path="output_dir")
-    arch: str = setting("resnet50", "backbone; resnet18-wN is ResNet-18 of base width N",
-                        choices=tuple(ARCHS))
+    arch: str = setting("resnet50", f"backbone: one of {', '.join(ARCHS)} (resnet18-wN: "
+                        "ResNet-18 of base width N), torchvision:NAME (any torchvision "
+                        "classification model, e.g. torchvision:vit_b_16) or timm:NAME (timm "
+                        "installed)", check=arch_problem, metavar="ARCH")
     mode: str = setting("directclr", "directclr, or a SimCLR baseline (its projector)",
                         choices=MODES)
     dim: int | None = setting(None, "d0, the width of the subvector r[:, :d0] the loss sees",
@@ -131,6 +145,12 @@ def field_name(text: str) -> str:
 
 def check_value(name: str, value, kind: type, meta: dict) -> None:
     """One field's value against its metadata; the error names the flag."""
+    check = meta.get("check")
+    if check is not None:
+        problem = check(value) if isinstance(value, str) else f"must be a string, got {value!r}"
+        if problem:
+            raise ValueError(f"{flag(name)} {problem}")
+        return
     choices = meta["choices"]
     if choices is not None:
         values = value if isinstance(value, tuple) else (value,)
@@ -186,7 +206,9 @@ def _converter(name: str, kind: type, meta: dict):
             raise argparse.ArgumentTypeError(str(err).removeprefix(flag(name) + " ")) from None
         return value
     # what the flag takes, by name (argparse's "invalid <name> value"; tests pick bad values by it)
-    convert.__name__ = meta.get("path") or ("choice" if meta["choices"] else kind.__name__)
+    check = meta.get("check")
+    convert.__name__ = (meta.get("path") or (check and check.__name__.removesuffix("_problem"))
+                        or ("choice" if meta["choices"] else kind.__name__))
     return convert
 
 
@@ -200,6 +222,11 @@ def path_type(kind: str):
     """argparse type= for a path flag outside Config (a kind of path_problem)."""
     meta = {"choices": None, "path": kind}
     return _converter("value", str, meta)
+
+
+def checked_type(check):
+    """argparse type= for a string flag outside Config that `check` finds fault with or not."""
+    return _converter("value", str, {"choices": None, "check": check})
 
 
 def _help(meta: dict, default) -> str:

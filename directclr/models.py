@@ -11,15 +11,25 @@ from .config import ARCHS, MODES
 from .distributed import sum_over_ranks
 
 SIMCLR_OUT = 128  # SimCLR's projector output width
-SMALL_IMAGE_MAX = 64  # pixels; up to this size the backbone gets the CIFAR stem
+SMALL_IMAGE_MAX = 64  # pixels; up to this size a ResNet gets the CIFAR stem
+RESNET_NAMES = ("resnet", "wide_resnet", "resnext")  # torchvision's ResNet family
+NO_AUX_HEAD = ("inception_v3", "googlenet")  # built without their auxiliary classifiers
+SIZED_MODELS = ("vit_",)  # torchvision models built for one image size (image_size=)
 # backbone.pt stays a plain state dict (weights_only=True, torchvision's load_state_dict); what
 # built it rides in its `_metadata[""]`, which torch.save keeps and load_state_dict ignores.
 DESCRIPTION_KEY = "directclr"
 
 
-def stem_for(image_size: int) -> str:
-    """"cifar" (3x3 stride-1 conv, no max-pool) for small images, else torchvision's "imagenet"."""
-    return "cifar" if image_size <= SMALL_IMAGE_MAX else "imagenet"
+def stem_for(image_size: int, arch: str = "resnet50") -> str:
+    """"cifar" (3x3 stride-1 conv, no max-pool) for small images on a ResNet, else the model's
+    own ("imagenet")."""
+    return "cifar" if image_size <= SMALL_IMAGE_MAX and _is_resnet(arch) else "imagenet"
+
+
+def _is_resnet(arch: str) -> bool:
+    """Whether the CIFAR stem applies: our ResNets and torchvision's ResNet family."""
+    name = arch.removeprefix("torchvision:")
+    return arch in ARCHS or (arch.startswith("torchvision:") and name.startswith(RESNET_NAMES))
 
 
 def attach_description(state: dict, **description) -> dict:
@@ -36,19 +46,111 @@ def read_description(state: dict) -> dict:
     return dict(getattr(state, "_metadata", {}).get("", {}).get(DESCRIPTION_KEY, {}))
 
 
-def build_backbone(arch: str, small_images: bool = False) -> tuple[nn.Module, int]:
-    """torchvision ResNet with zero-initialized residual branches and no fc; for 32 px images a
-    CIFAR stem (3x3 stride-1 conv, no max-pool) keeps the spatial resolution."""
-    if arch not in ARCHS:
-        raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
-    if arch.startswith("resnet18-w"):
+def build_backbone(arch: str, small_images: bool = False,
+                   image_size: int = 224) -> tuple[nn.Module, int]:
+    """The backbone without its classifier and its representation width. Ours: a torchvision
+    ResNet with zero-initialized residual branches (or a narrow ResNet-18), with a CIFAR stem
+    (3x3 stride-1 conv, no max-pool) for small images. "torchvision:NAME": any torchvision
+    classification model; "timm:NAME": any timm model (timm installed); both built for
+    `image_size` where the model's size is a constructor argument (ViTs)."""
+    if arch.startswith("resnet18-w") and arch in ARCHS:
         return NarrowResNet18(ARCHS[arch] // 8, small_images), ARCHS[arch]
-    model = getattr(tv_models, arch)(weights=None, zero_init_residual=True)
-    if small_images:
-        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    width = ARCHS.get(arch) or representation_width(arch, small_images, image_size)
+    return _backbone(arch, small_images, image_size), width
+
+
+def representation_width(arch: str, small_images: bool, image_size: int) -> int:
+    """The width of what --arch returns for images of `image_size`, from a forward pass on the
+    meta device (shapes only: no memory, no initialization); an error naming --arch where that
+    is not one vector per image."""
+    def refused(err: Exception) -> ValueError:
+        return ValueError(f"--arch {arch} does not take {image_size} px images: "
+                          f"{' '.join(str(err).split())[:200]}")
+    try:
+        try:
+            with torch.device("meta"):
+                model = _backbone(arch, small_images, image_size)
+        except NotImplementedError:  # a constructor that reads a tensor it made (RegNet's)
+            model = _backbone(arch, small_images, image_size).to("meta")
+    except (RuntimeError, AssertionError) as err:  # a ViT's size check; ours are ValueErrors
+        raise refused(err) from None
+    try:
+        with torch.no_grad():
+            features = model.eval()(torch.empty(2, 3, image_size, image_size, device="meta"))
+    except (RuntimeError, ValueError, AssertionError) as err:
+        raise refused(err) from None
+    if not isinstance(features, torch.Tensor) or features.dim() != 2:
+        shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features)
+        raise ValueError(f"--arch {arch}: its features are {shape}, not one vector per image")
+    return features.shape[1]
+
+
+def backbone_width(arch: str, image_size: int) -> int:
+    """The representation width of --arch at --image-size, for checks before any work."""
+    return ARCHS.get(arch) or representation_width(arch, stem_for(image_size, arch) == "cifar",
+                                                   image_size)
+
+
+def _backbone(arch: str, small_images: bool, image_size: int) -> nn.Module:
+    source, _, name = arch.partition(":")
+    if arch in ARCHS:
+        model = getattr(tv_models, arch)(weights=None, zero_init_residual=True)
+    elif source == "torchvision":
+        model = _torchvision_model(name, image_size)
+    elif source == "timm":
+        return _timm_model(name, image_size)  # num_classes=0: no classifier
+    else:
+        raise ValueError(f"--arch must be one of {sorted(ARCHS)}, torchvision:NAME or "
+                         f"timm:NAME, got {arch!r}")
+    if small_images and _is_resnet(arch):
+        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1,
+                                bias=False)
         model.maxpool = nn.Identity()
-    model.fc = nn.Identity()
-    return model, ARCHS[arch]
+    _remove_classifier(model)
+    return model
+
+
+def _torchvision_model(name: str, image_size: int) -> nn.Module:
+    if name not in tv_models.list_models(module=tv_models):
+        raise ValueError(f"--arch torchvision:{name}: not a torchvision classification model "
+                         f"(torchvision.models.list_models(module=torchvision.models))")
+    options = {"zero_init_residual": True} if name.startswith(RESNET_NAMES) else {}
+    if name.startswith(NO_AUX_HEAD):  # their auxiliary classifiers change forward()'s output
+        options.update(aux_logits=False, init_weights=True)
+    builder = tv_models.get_model_builder(name)
+    if name.startswith(SIZED_MODELS):  # their position embeddings are made for one size
+        options["image_size"] = image_size
+    return builder(weights=None, **options)
+
+
+def _timm_model(name: str, image_size: int) -> nn.Module:
+    try:
+        import timm
+    except ImportError:
+        raise ValueError(f"--arch timm:{name} needs timm: pip install timm") from None
+    if not timm.is_model(name):
+        raise ValueError(f"--arch timm:{name}: not a timm model (timm.list_models())")
+    options = {"pretrained": False, "num_classes": 0}  # num_classes=0: pooled features
+    try:  # ViTs and other models made for one size take it; the others refuse the argument
+        return timm.create_model(name, img_size=image_size, **options)
+    except TypeError:
+        return timm.create_model(name, **options)
+
+
+def _remove_classifier(model: nn.Module) -> None:
+    """The last nn.Linear (torchvision's fc, classifier[-1], heads.head...) becomes Identity,
+    and so does dropout beside it: it would drop features of the representation."""
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear classifier to remove")
+    head = linears[-1]
+    container = head.rpartition(".")[0]
+    dropouts = [name for name, module in model.named_modules()
+                if isinstance(module, nn.Dropout) and container
+                and name.rpartition(".")[0] == container]
+    for name in [head, *dropouts]:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, nn.Identity())
 
 
 class NarrowResNet18(nn.Module):

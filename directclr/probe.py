@@ -21,7 +21,7 @@ from torchvision import transforms as T
 from .data.recipe import IMAGENET_MEAN, IMAGENET_STD
 from .data.workers import worker_args
 from .files import atomic_write, load_verified
-from .models import build_backbone, read_description
+from .models import build_backbone, read_description, stem_for
 
 
 def load_backbone(checkpoint, arch: str | None = None) -> tuple[nn.Module, dict]:
@@ -50,8 +50,11 @@ def load_backbone(checkpoint, arch: str | None = None) -> tuple[nn.Module, dict]
     if arch is None:
         raise ValueError(f"{path} does not say which backbone it holds (written before "
                          "checkpoints described themselves): pass --arch")
-    description["stem"] = _stem_of(state)
-    backbone, width = build_backbone(arch, description["stem"] == "cifar")
+    size = description.get("image_size")
+    description["stem"] = description.get("stem") or (stem_for(size, arch) if size else
+                                                       _stem_of(state))
+    backbone, width = build_backbone(arch, description["stem"] == "cifar",
+                                     default_image_size(description))
     try:
         backbone.load_state_dict(state)
     except RuntimeError as err:

@@ -54,7 +54,7 @@ from .checkpoint import (
     resume_settings,
     resume_state,
 )
-from .config import ARCHS, Config, check_fields, paper_dim
+from .config import Config, check_fields, paper_dim
 from .data import build_pretrain_loader, prepare_fashion_mnist
 from .data.loader import PretrainLoader, dali_available
 from .distributed import setup_distributed
@@ -63,7 +63,15 @@ from .gradcache import cached_backward
 from .infonce import infonce
 from .lars import LARS
 from .metrics import EpochStats, MetricsLog, open_metrics
-from .models import attach_description, build_backbone, build_projector, stem_for, sync_batchnorm
+from .models import (
+    SMALL_IMAGE_MAX,
+    attach_description,
+    backbone_width,
+    build_backbone,
+    build_projector,
+    stem_for,
+    sync_batchnorm,
+)
 from .preemption import Preempted, StopSignals, agreed_stop, stop_group
 
 log = logging.getLogger("directclr.train")
@@ -80,12 +88,18 @@ def resolve_data(cfg: Config, rank: int) -> tuple[Path, int]:
             prepare_fashion_mnist(root)
         if dist.is_initialized():
             dist.barrier()
-        return root / "train", cfg.image_size or SMALL_IMAGE_SIZE
-    return Path(cfg.data), cfg.image_size or 224
+        return root / "train", image_size_of(cfg)
+    return Path(cfg.data), image_size_of(cfg)
 
 
-def check_config(cfg: Config, world: int) -> None:
-    """Clear errors, each naming its flag, before any work (nothing is created or read)."""
+def image_size_of(cfg: Config) -> int:
+    """--image-size, or 32 px for fashion-mnist and 224 for other data."""
+    return cfg.image_size or (SMALL_IMAGE_SIZE if cfg.data == "fashion-mnist" else 224)
+
+
+def check_config(cfg: Config, world: int) -> int:
+    """Clear errors, each naming its flag, before any work (nothing is created or read);
+    returns the backbone's representation width."""
     check_fields(cfg)
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the world size "
@@ -93,13 +107,15 @@ def check_config(cfg: Config, world: int) -> None:
     if cfg.micro_batch is not None and (cfg.batch_size // world) % cfg.micro_batch:
         raise ValueError(f"--micro-batch {cfg.micro_batch} must divide the batch of each "
                          f"process, {cfg.batch_size // world} (--batch-size / world size)")
-    if cfg.dim is not None and cfg.dim > ARCHS[cfg.arch]:
-        raise ValueError(f"--dim {cfg.dim} must be in [1, {ARCHS[cfg.arch]}] (the "
-                         f"representation width of {cfg.arch})")
+    width = backbone_width(cfg.arch, image_size_of(cfg))
+    if cfg.dim is not None and cfg.dim > width:
+        raise ValueError(f"--dim {cfg.dim} must be in [1, {width}] (the representation width "
+                         f"of {cfg.arch})")
     if cfg.loader == "dali" and not dali_available():
         raise ValueError("--loader dali: NVIDIA DALI does not import here (install it: pip "
                          "install nvidia-dali-cuda130, or the build for your CUDA); use "
                          "--loader torchvision or auto")
+    return width
 
 
 def total_steps(cfg: Config, steps_per_epoch: int) -> int:
@@ -130,9 +146,10 @@ def learning_rate(cfg: Config, step: int, steps_per_epoch: int) -> float:
 class Model(nn.Module):
     """Backbone, projector and the online linear probe (on detached features)."""
 
-    def __init__(self, cfg: Config, num_classes: int, small_images: bool):
+    def __init__(self, cfg: Config, num_classes: int, image_size: int):
         super().__init__()
-        self.backbone, width = build_backbone(cfg.arch, small_images)
+        self.backbone, width = build_backbone(cfg.arch, stem_for(image_size, cfg.arch) == "cifar",
+                                              image_size)
         self.projector, self.loss_dim = build_projector(cfg.mode, width, cfg.dim,
                                                         cfg.simclr_out)
         self.probe = nn.Linear(width, num_classes)
@@ -145,10 +162,10 @@ class Model(nn.Module):
         return rep1, self.projector(rep1), self.projector(rep2), probe_loss, correct
 
 
-def build_model(cfg: Config, num_classes: int, small_images: bool, device: torch.device,
+def build_model(cfg: Config, num_classes: int, image_size: int, device: torch.device,
                 world: int = 1) -> Model:
     """The model on its device: channels_last on GPU, global-batch BatchNorm when world > 1."""
-    model = Model(cfg, num_classes, small_images).to(device)
+    model = Model(cfg, num_classes, image_size).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     return sync_batchnorm(model, device) if world > 1 else model
@@ -201,12 +218,12 @@ def pretrain(cfg: Config) -> Path:
     """Trains to the end and returns the path of backbone.pt; raises Preempted after a stop
     signal (a checkpoint written) and Diverged on a non-finite or exploding run."""
     rank, world, device = setup_distributed()
-    check_config(cfg, world)
+    width = check_config(cfg, world)
     if cfg.dim is None:
-        cfg = replace(cfg, dim=paper_dim(ARCHS[cfg.arch]))
+        cfg = replace(cfg, dim=paper_dim(width))
         if rank == 0:
             log.info("--dim not given: d0 = %d, the paper's 360/2048 of %s's %d dimensions",
-                     cfg.dim, cfg.arch, ARCHS[cfg.arch])
+                     cfg.dim, cfg.arch, width)
     out = Path(cfg.out)
     lock = on_rank0(lambda: claim_out(out, cfg.resume), rank, world)
     try:
@@ -221,7 +238,6 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, out: Path,
            signals: StopSignals) -> Path:
     master = rank == 0
     root, image_size = resolve_data(cfg, rank)
-    small = stem_for(image_size) == "cifar"
     backend = cfg.loader if cfg.loader != "auto" else (
         "dali" if dali_available() else "torchvision")
     run = resume_settings(cfg, image_size, backend)
@@ -230,8 +246,8 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, out: Path,
     loader = build_pretrain_loader(
         root, cfg.batch_size // world, backend=backend, device=device, image_size=image_size,
         num_threads=cfg.num_threads, seed=cfg.seed, rank=rank, world_size=world,
-        recipe="small" if small else "directclr")
-    model = build_model(cfg, len(loader.classes), small, device, world)
+        recipe="small" if image_size <= SMALL_IMAGE_MAX else "directclr")
+    model = build_model(cfg, len(loader.classes), image_size, device, world)
     optimizer = LARS(model.parameters(), lr=cfg.lr, weight_decay=cfg.wd)
     steps_per_epoch = len(loader)
     last_step = total_steps(cfg, steps_per_epoch)
@@ -280,9 +296,9 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, out: Path,
         checkpoints.save(step)
         if master:
             save_verified(attach_description(
-                model.backbone.state_dict(), arch=cfg.arch, stem=stem_for(image_size),
+                model.backbone.state_dict(), arch=cfg.arch, stem=stem_for(image_size, cfg.arch),
                 image_size=image_size, mode=cfg.mode, dim=cfg.dim,
-                width=ARCHS[cfg.arch]), out / "backbone.pt")
+                width=model.probe.in_features), out / "backbone.pt")
     finally:
         metrics.close()
     return _finish(out)

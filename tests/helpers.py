@@ -199,7 +199,7 @@ def assert_same_training(one, two, mode):
     assert a["step"] == b["step"] == 3
     assert a["model"].keys() == b["model"].keys()
     torch.manual_seed(0)
-    init = Model(Config(data="", out="", arch="resnet18", mode=mode, dim=90), 4, True)
+    init = Model(Config(data="", out="", arch="resnet18", mode=mode, dim=90), 4, 32)
     trained = [k for k, v in a["model"].items() if v.is_floating_point()]
     one_w, two_w, init_w = (torch.cat([state[k].flatten() for k in trained])
                             for state in (a["model"], b["model"], init.state_dict()))

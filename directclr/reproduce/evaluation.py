@@ -30,7 +30,15 @@ from torch.utils.data import DataLoader
 
 from ..files import CorruptFile, atomic_write
 from ..spectrum import SpectrumAccumulator
-from .runs import KNN_K, KNN_TEMPERATURE, UNTRAINED, Budget, has_projector, threads
+from .runs import (
+    IMAGE_SIZE,
+    KNN_K,
+    KNN_TEMPERATURE,
+    UNTRAINED,
+    Budget,
+    has_projector,
+    threads,
+)
 
 log = logging.getLogger("directclr.reproduce")
 
@@ -129,7 +137,7 @@ def build_model(mode: str, seed: int, budget: Budget, num_classes: int,
                  mode="directclr" if mode == UNTRAINED else mode, dim=budget.dim,
                  simclr_out=budget.simclr_out, seed=seed)
     torch.manual_seed(seed)
-    model = Model(cfg, num_classes=num_classes, small_images=True)
+    model = Model(cfg, num_classes=num_classes, image_size=IMAGE_SIZE)
     if state is not None:
         model.load_state_dict(state["model"])
     return model.eval()

@@ -31,6 +31,7 @@ UNTRAINED = "untrained"  # the backbone at its initial weights: the baseline row
 ORDER = (UNTRAINED, *MODES)
 # The k-NN probe's settings (evaluation.knn_probe), recorded in every run's budget
 KNN_K, KNN_TEMPERATURE = 20, 0.07
+IMAGE_SIZE = 32  # pixels: Fashion-MNIST's 28 padded, the CIFAR stem and the "small" recipe
 
 
 @dataclass
@@ -170,7 +171,7 @@ def pretrain_run(mode: str, seed: int, budget: Budget, data: Path, run_dir: Path
         data=data / "train", out=run_dir, arch=budget.arch, mode=mode, dim=budget.dim,
         simclr_out=budget.simclr_out, temperature=budget.temperature,
         batch_size=budget.batch_size, epochs=epochs, lr=budget.lr, warmup_epochs=epochs / 10,
-        loader=budget.loader, seed=seed, image_size=32, ckpt_every=50,
+        loader=budget.loader, seed=seed, image_size=IMAGE_SIZE, ckpt_every=50,
         keep_every=budget.snapshot_every)]
     env = {**os.environ, "OMP_NUM_THREADS": str(compute_threads())}
     proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

@@ -34,7 +34,7 @@ from tests.helpers import (
 def test_each_mode_lowers_its_loss_on_a_fixed_batch(mode):
     torch.manual_seed(0)
     cfg = Config(data="", out="", arch="resnet18", mode=mode, dim=90)
-    model = Model(cfg, num_classes=4, small_images=True)
+    model = Model(cfg, num_classes=4, image_size=32)
     optimizer = LARS(model.parameters(), lr=0.5)
     views = torch.randn(2, 16, 3, 32, 32)
     labels = torch.arange(16) % 4
@@ -201,7 +201,7 @@ def test_compile_flag_trains_like_eager(tiny, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = load_latest_checkpoint(eager)["model"], load_latest_checkpoint(compiled)["model"]
     torch.manual_seed(0)
-    init = Model(Config(data="", out="", arch="resnet18-w16", dim=22), 4, True).state_dict()
+    init = Model(Config(data="", out="", arch="resnet18-w16", dim=22), 4, 32).state_dict()
     keys = [k for k, v in a.items() if v.is_floating_point()]
     eager_w, compiled_w, init_w = (torch.cat([state[k].flatten() for k in keys])
                                    for state in (a, b, init))
