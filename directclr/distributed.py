@@ -15,17 +15,26 @@
   those environments have SLURM_PROCID=0 and the job's SLURM_NTASKS, but no SLURM_STEP_ID), one
   log line says so and how to launch with srun, instead of waiting forever for the other tasks.
 
-NCCL on GPUs, gloo on CPU.
+NCCL on GPUs, gloo on CPU. The ranks wait for each other at most DIRECTCLR_JOIN_TIMEOUT seconds
+(default DEFAULT_JOIN_TIMEOUT) when the process group is set up, not torch's 30 minutes: a rank
+that never starts, or a MASTER_ADDR:MASTER_PORT that some node cannot reach, is a one-line error
+naming how many ranks are missing and where, exit EXIT_JOIN_TIMEOUT (join_deadline).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import re
 import shutil
+import socket
 import subprocess
+import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -38,6 +47,15 @@ DEFAULT_MASTER_PORT = 29500
 # Step ids from this value up are SLURM's own steps (interactive 0xfffffffa, batch 0xfffffffe,
 # extern 0xffffffff), never an srun of the user's.
 FIRST_SPECIAL_STEP = 0xFFFFFFF0
+# How long the ranks of a launch wait for each other at start-up, in seconds: long enough for the
+# slowest node of a big job to import torch from a shared filesystem, far below torch's 30 minutes.
+DEFAULT_JOIN_TIMEOUT = 300.0
+JOIN_TIMEOUT_VARIABLE = "DIRECTCLR_JOIN_TIMEOUT"
+# A join done within this many seconds says nothing and opens no connection of its own.
+JOIN_QUIET = 2.0
+JOIN_POLL = 1.0  # seconds between looks at the rendezvous while waiting
+JOIN_PROGRESS_EVERY = 30.0  # seconds between "still waiting" lines
+EXIT_JOIN_TIMEOUT = 2  # the exit status of the command's other start-up errors
 SRUN_HINT = ("to train on one process per GPU, start it with srun, one task per GPU: "
              "`srun --ntasks-per-node=<GPUs per node> python -m directclr pretrain ...` (or "
              "with torchrun)")
@@ -226,9 +244,124 @@ def setup_distributed() -> tuple[int, int, torch.device]:
         if launch is not None:
             local_rank = cuda_index(local_rank)
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    unset = [name for name in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+             if not os.environ.get(name)]
+    if unset:
+        raise ValueError(f"RANK is set but not {', '.join(unset)}: a launcher other than torchrun "
+                         "or srun must set all of RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT")
+    with join_deadline(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                       join_timeout(os.environ)):
+        dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def join_timeout(env: Mapping[str, str]) -> float:
+    """DIRECTCLR_JOIN_TIMEOUT in seconds, else DEFAULT_JOIN_TIMEOUT."""
+    text = env.get(JOIN_TIMEOUT_VARIABLE, "").strip()
+    if not text:
+        return DEFAULT_JOIN_TIMEOUT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"{JOIN_TIMEOUT_VARIABLE}={text!r} must be a number of seconds > 0")
+    return seconds
+
+
+@contextlib.contextmanager
+def join_deadline(rank: int, world: int, timeout: float):
+    """Ends the process with a one-line error when the body (init_process_group) has not returned
+    within `timeout` seconds, and turns torch's errors while the ranks join into one line.
+
+    Why a watcher thread, not init_process_group's `timeout=`: torch passes that one value both
+    to the env:// rendezvous (the TCPStore's wait for its clients) and to the process group as
+    the timeout of every later collective, which must stay long (the ranks wait in a barrier
+    while rank 0 writes a checkpoint). Handing init_process_group a store built here (store=...)
+    would separate the two, but would copy torch's env:// rendezvous (which process hosts the
+    store: rank 0, or torchrun's agent), and the tests that stand in for init_process_group
+    would reach for the network. The body runs in C++ with the GIL released, so a thread can
+    watch it; nothing can interrupt it, hence os._exit, before anything is written.
+
+    A join that takes longer than JOIN_QUIET seconds is logged (by each node's first process),
+    and each waiting rank checks in at the rendezvous store, so that the error can count the
+    ranks that never arrived."""
+    joined = threading.Event()
+    watcher = threading.Thread(target=_watch_join, args=(rank, world, timeout, joined),
+                               name="directclr-join", daemon=True)
+    watcher.start()
+    try:
+        yield
+    except dist.DistError as err:  # MASTER_PORT taken; rank 0, the store's host, gave up
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        raise ConnectionError(f"rank {rank} of {world}: the ranks could not join at {where}: "
+                              f"{str(err).splitlines()[0]}") from None
+    finally:
+        joined.set()
+
+
+class JoinCensus:
+    """The ranks waiting at the rendezvous store at host:port, each counted once under `key`."""
+
+    def __init__(self, host: str, port: int, key: str):
+        self.host, self.port, self.key = host, port, key
+        self.store: dist.TCPStore | None = None
+        self.present: int | None = None  # None: the store was never reached
+
+    def look(self, seconds_left: float) -> None:
+        """Checks in on the first look that reaches the store, then reads the count."""
+        try:
+            if self.store is None:
+                # a plain socket first: a TCPStore that cannot connect dumps a C++ stack trace
+                socket.create_connection((self.host, self.port), timeout=JOIN_POLL).close()
+                self.store = dist.TCPStore(self.host, self.port, is_master=False,
+                                           timeout=timedelta(seconds=max(1.0, seconds_left)),
+                                           wait_for_workers=False)
+                self.present = self.store.add(self.key, 1)
+            else:
+                self.present = self.store.add(self.key, 0)
+        except (OSError, dist.DistError):  # not up yet, or gone: the last count stands
+            return
+
+
+def _watch_join(rank: int, world: int, timeout: float, joined: threading.Event) -> None:
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    where = f"{host}:{port}"
+    deadline = time.monotonic() + timeout
+    if joined.wait(min(JOIN_QUIET, timeout / 2)):
+        return
+    first_on_node = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if first_on_node:
+        log.info("rank %d: waiting up to %g s for %d ranks to join at %s (%s)", rank, timeout,
+                 world, where, JOIN_TIMEOUT_VARIABLE)
+    # one key per launch and restart: torchrun's store can outlive a round of workers
+    census = JoinCensus(host, port, "directclr/join/{}/{}".format(
+        os.environ.get("TORCHELASTIC_RUN_ID", ""),
+        os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
+    progress_at = time.monotonic() + JOIN_PROGRESS_EVERY
+    while not joined.wait(max(0.0, min(JOIN_POLL, deadline - time.monotonic()))):
+        if time.monotonic() >= deadline:
+            break
+        census.look(deadline - time.monotonic())
+        if first_on_node and time.monotonic() >= progress_at:
+            progress_at += JOIN_PROGRESS_EVERY
+            log.info("rank %d: %s of %d ranks at %s, %.0f s left", rank,
+                     "?" if census.present is None else census.present, world, where,
+                     deadline - time.monotonic())
+    if joined.is_set():
+        return
+    census.look(JOIN_POLL)
+    if census.present is None:
+        missing = (f"rank {rank} of {world} found nothing listening at {where} within "
+                   f"{timeout:g} s: rank 0 hosts the rendezvous there (not started, or not "
+                   "reachable from this node)")
+    else:
+        missing = (f"{world - census.present} of {world} ranks did not join within {timeout:g} s "
+                   f"at {where}")
+    log.error("%s; start all %d ranks (WORLD_SIZE) with the same MASTER_ADDR:MASTER_PORT, or "
+              "raise %s", missing, world, JOIN_TIMEOUT_VARIABLE)
+    os._exit(EXIT_JOIN_TIMEOUT)
 
 
 # --- collectives: SyncBatchNorm on CPU

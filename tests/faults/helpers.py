@@ -1,10 +1,12 @@
-"""What the fault tests (test_faults.py) share: tiny `directclr pretrain` runs in subprocesses,
-the straight runs they are compared with, and the processes below a run (from /proc)."""
+"""What the fault tests (test_faults.py, test_launcher.py) share: tiny `directclr pretrain` runs in
+subprocesses, the straight runs they are compared with, and the processes below a run (from
+/proc)."""
 from __future__ import annotations
 
 import json
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -204,3 +206,23 @@ def rank_pid(parent: int, rank: int) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def running(pids: list[int]) -> list[int]:
+    """Those of `pids` that still run (a zombie has ended: only its exit status is left)."""
+    found = []
+    for pid in pids:
+        try:  # the state follows the command name in parentheses
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z":
+            found.append(pid)
+    return found
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
