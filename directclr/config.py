@@ -19,6 +19,7 @@ ARCHS = {"resnet18": 512, "resnet50": 2048, "resnet18-w32": 256, "resnet18-w16":
 ARCH_SOURCES = ("torchvision", "timm")  # --arch SOURCE:NAME: any classification model of these
 MODES = ("directclr", "simclr-mlp", "simclr-linear", "simclr-none", "fixed-lowrank", "diagonal")
 LOADERS = ("auto", "dali", "torchvision")
+PRECISIONS = ("auto", "bf16", "fp32")  # auto: bf16 on CUDA, fp32 on CPU
 VARIANTS = ("cross", "ntxent")
 # The paper's geometry (ResNet-50): d0 = 360 of the 2048-d representation, SimCLR's output 128.
 PAPER_D0, PAPER_WIDTH, PAPER_SIMCLR_OUT = 360, 2048, 128
@@ -28,7 +29,7 @@ SEED_LIMIT = 2 ** 32  # numpy's generators take seeds below this
 # Settings that change the math of a run: a resume must keep them (or accept the change).
 RESUME_FIELDS = ("arch", "mode", "dim", "temperature", "variant", "batch_size", "image_size",
                  "seed", "lr", "wd", "warmup_epochs", "epochs", "max_steps", "loader",
-                 "simclr_out", "micro_batch")
+                 "simclr_out", "micro_batch", "precision")
 
 
 def paper_dim(width: int) -> int:
@@ -119,6 +120,9 @@ class Config:
                                               "max-steps); the others must match the "
                                               "checkpoint's", choices=RESUME_FIELDS,
                                               shown="none", metavar="FLAG")
+    precision: str = setting("auto", "the model's forward and backward under bf16 autocast (the "
+                             "loss, the online probe's loss and the spectra in fp32) or in "
+                             "fp32; auto: bf16 on CUDA, fp32 on CPU", choices=PRECISIONS)
     compile: bool = setting(False, "torch.compile the model (the first steps wait for the "
                             "compiler, about 2 minutes on CPU)")
     tensorboard: bool = setting(False, "also write the metrics as TensorBoard scalars into "

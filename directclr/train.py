@@ -171,8 +171,14 @@ def build_model(cfg: Config, num_classes: int, image_size: int, device: torch.de
     return sync_batchnorm(model, device) if world > 1 else model
 
 
+def uses_bf16(cfg: Config, device: torch.device) -> bool:
+    """Whether --precision puts the model under bf16 autocast on `device`."""
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+
+
 def train_step(forward, optimizer, cfg: Config, loss_dim, view1, view2, labels, model=None):
-    """One optimizer step on a batch of view pairs (bf16 autocast and channels_last on GPU):
+    """One optimizer step on a batch of view pairs (bf16 autocast as --precision says,
+    channels_last on GPU):
     returns rep1, the probe hits and (infonce loss, probe loss, gradient norm), all on the
     device. With cfg.micro_batch smaller than the batch, the gradient is cached
     (directclr.gradcache): one micro-batch's activations at a time; `model` is then the module
@@ -183,7 +189,8 @@ def train_step(forward, optimizer, cfg: Config, loss_dim, view1, view2, labels, 
         view2 = view2.contiguous(memory_format=torch.channels_last)
 
     def run(first, second, targets):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        with torch.autocast(view1.device.type, dtype=torch.bfloat16,
+                            enabled=uses_bf16(cfg, view1.device)):
             return forward(first, second, targets)
 
     def loss_of(z1, z2):

@@ -204,7 +204,7 @@ def test_diverging_lr(work, lr):
 CHANGED = {"arch": "resnet18", "mode": "simclr-none", "dim": 21, "temperature": 0.2,
            "variant": "ntxent", "batch_size": 16, "image_size": 40, "seed": 1, "lr": 0.4,
            "wd": 1e-5, "warmup_epochs": 1.0, "epochs": 3, "max_steps": 7, "loader": "dali",
-           "simclr_out": 64, "micro_batch": 4}
+           "simclr_out": 64, "micro_batch": 4, "precision": "bf16"}
 
 
 def test_config_drift_changes_every_resume_field():

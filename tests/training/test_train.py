@@ -49,6 +49,25 @@ def test_each_mode_lowers_its_loss_on_a_fixed_batch(mode):
     assert losses[-1] < losses[0], losses
 
 
+@pytest.mark.parametrize("precision, expected", [("auto", torch.float32),
+                                                  ("fp32", torch.float32),
+                                                  ("bf16", torch.bfloat16)])
+def test_precision_puts_the_model_under_bf16_autocast_on_cpu(precision, expected):
+    """--precision bf16 runs the backbone's convolutions in bf16 on CPU (auto: fp32 there); the
+    loss and the online probe's loss stay fp32."""
+    torch.manual_seed(0)
+    cfg = Config(data="", out="", arch="resnet18-w16", dim=22, precision=precision)
+    model = Model(cfg, num_classes=4, image_size=32)
+    seen = []
+    model.backbone.features[0].register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    optimizer = LARS(model.parameters(), lr=0.1)
+    views = torch.randn(2, 8, 3, 32, 32)
+    _, _, values = train.train_step(model, optimizer, cfg, model.loss_dim, views[0], views[1],
+                                    torch.arange(8) % 4)
+    assert seen == [expected, expected]  # the two views
+    assert values.dtype == torch.float32 and torch.isfinite(values).all()
+
+
 def train_two_ranks(tiny, mode, out) -> str:
     """ddp_args' run on 2 ranks writing to `out`; returns torchrun's stderr."""
     return run_two_ranks(*ddp_args(tiny, mode), "--out", out, env=ENV_ONE_THREAD, timeout=600)
