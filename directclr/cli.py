@@ -23,6 +23,7 @@ from .config import (
     config_from_args,
     path_type,
 )
+from .config_file import CONFIG_FLAG, WRITTEN_NAME, apply_settings, read_settings
 
 POSITIVE = bounded(int, low=1)
 NON_NEGATIVE = bounded(int, low=0)
@@ -62,6 +63,24 @@ class Parser(argparse.ArgumentParser):
         # "argument --lr: must be > 0" reads better as "--lr must be > 0"
         message = re.sub(r"^argument (\S+): ", r"\1 ", message)
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """With `COMMAND --config FILE`, the file's settings become COMMAND's defaults first
+        (directclr.config_file), so that the command line overrides them."""
+        argv = sys.argv[1:] if args is None else list(args)
+        commands = next((action.choices for action in self._actions
+                         if isinstance(action, argparse._SubParsersAction)), {})
+        command = commands.get(next((arg for arg in argv if not arg.startswith("-")), None))
+        if command is not None and CONFIG_FLAG in command._option_string_actions:
+            found = argparse.ArgumentParser(add_help=False)
+            found.add_argument(CONFIG_FLAG, type=Path)
+            path = found.parse_known_args(argv)[0].config
+            if path is not None:
+                try:
+                    apply_settings(command, path, read_settings(path))
+                except ValueError as err:
+                    command.error(str(err))
+        return super().parse_args(argv, namespace)
 
 
 # --------------------------------------------------------------------------- argument types
@@ -160,9 +179,18 @@ def exit_without_teardown(code: int = 0) -> None:
     os._exit(code)
 
 
+def _add_config_file_flag(p) -> None:
+    p.add_argument(CONFIG_FLAG, type=existing_file, default=None, metavar="FILE",
+                   help="a TOML or YAML file of flag = value (flag names without --); the "
+                   "command line overrides it (default: none)")
+
+
 def _add_pretrain(commands) -> None:
     p = commands.add_parser("pretrain", help="DirectCLR / SimCLR-baseline pretraining",
-                            description="Every flag is a field of directclr.config.Config.")
+                            description="Every flag is a field of directclr.config.Config. "
+                            f"The run's settings go to <out>/{WRITTEN_NAME}: {CONFIG_FLAG} "
+                            "reads it back.")
+    _add_config_file_flag(p)
     add_config_flags(p)
     p.set_defaults(run=_pretrain)
 
@@ -185,6 +213,7 @@ def _probe(args) -> None:
 
 def _add_backbone_flags(p, subvector_help: str, limit_help: str) -> None:
     """The flags probe and spectrum share: which backbone, which part of r, which images."""
+    _add_config_file_flag(p)
     p.add_argument("--checkpoint", required=True, type=existing_file,
                    help="backbone.pt or a training checkpoint (required)")
     p.add_argument("--arch", default=None, type=arch_type, metavar="ARCH",

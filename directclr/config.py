@@ -30,6 +30,9 @@ SEED_LIMIT = 2 ** 32  # numpy's generators take seeds below this
 RESUME_FIELDS = ("arch", "mode", "dim", "temperature", "variant", "batch_size", "image_size",
                  "seed", "lr", "wd", "warmup_epochs", "epochs", "max_steps", "loader",
                  "simclr_out", "micro_batch", "precision")
+# Settings of one command, not of the run: <out>/config.toml leaves them out, so that rerunning
+# from it resumes (never starts over, never accepts a change it was not told of).
+INVOCATION_FIELDS = ("resume", "accept_changes")
 
 
 def paper_dim(width: int) -> int:

@@ -37,7 +37,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -54,7 +54,8 @@ from .checkpoint import (
     resume_settings,
     resume_state,
 )
-from .config import Config, check_fields, paper_dim
+from .config import INVOCATION_FIELDS, Config, check_fields, paper_dim
+from .config_file import WRITTEN_NAME, write_settings
 from .data import build_pretrain_loader, prepare_fashion_mnist
 from .data.loader import PretrainLoader, dali_available
 from .distributed import setup_distributed
@@ -262,6 +263,9 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, out: Path,
     step = 0 if state is None else restore_checkpoint(state, last_step, model, optimizer, loader)
     if master and state is not None:
         log.info("resumed from step %d (epoch %d)", step, loader.epoch)
+    if master:  # once the resume has accepted them: the settings the run goes on with
+        write_settings(out / WRITTEN_NAME, {f.name: getattr(cfg, f.name) for f in fields(cfg)
+                                            if f.name not in INVOCATION_FIELDS})
     if master:
         log.info("%d images in %d classes from %s; %d steps of %d pairs per epoch, %d steps in "
                  "all; %s loader, %d process(es) on %s; %s on %s, d0 = %d", len(loader.index),
