@@ -130,6 +130,9 @@ class Config:
                             "compiler, about 2 minutes on CPU)")
     tensorboard: bool = setting(False, "also write the metrics as TensorBoard scalars into "
                                 "--out/tensorboard")
+    wandb: bool = setting(False, "also log the metrics, the rank figures and the settings to "
+                          "Weights & Biases (pip install wandb; WANDB_PROJECT, WANDB_MODE=offline"
+                          "...); a resume continues the same W&B run")
     seed: int = setting(0, "weights, data order, augmentations", low=0, below=SEED_LIMIT)
     image_size: int | None = setting(None, "pixels of each view", low=MIN_IMAGE_SIZE,
                                      shown="32 for fashion-mnist, else 224")

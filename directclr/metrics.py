@@ -1,5 +1,6 @@
 """What a pretraining run reports: metrics.jsonl rows (one per step, one per epoch end), the
-same rows to TensorBoard with --tensorboard, and the progress bar; all on global rank 0."""
+same rows to TensorBoard with --tensorboard and to Weights & Biases with --wandb, and the progress
+bar; all on global rank 0."""
 from __future__ import annotations
 
 import copy
@@ -24,9 +25,10 @@ class MetricsLog:
     The flush also guards against divergence, in step order, before the rows are trusted."""
 
     def __init__(self, path: Path | None, cfg: Config, world: int, num_classes: int, progress,
-                 tensorboard=None):
+                 sinks: tuple = ()):
         self.file = path.open("a") if path is not None else None
-        self.tensorboard = tensorboard  # a plot.TensorBoardWriter on rank 0 with --tensorboard
+        # rank 0's other writers of the rows: TensorBoardWriter, WandbWriter
+        self.sinks = list(sinks)
         self.cfg, self.world, self.progress = cfg, world, progress
         self.probe_limit = probe_limit(num_classes)
         self.values: list[torch.Tensor] = []
@@ -70,34 +72,37 @@ class MetricsLog:
     def _write(self, row: dict) -> None:
         if self.file is not None:
             self.file.write(json.dumps(row) + "\n")
-        if self.tensorboard is not None:
-            self.tensorboard.write(row)
+            if "epoch_end" in row:  # in the file before a sink's figures read it
+                self.file.flush()
+        for sink in self.sinks:
+            sink.write(row)
 
     def epoch_row(self, row: dict) -> None:
         self._write(row)
-        if self.file is not None:
-            self.file.flush()
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
             self.file = None
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-            self.tensorboard = None
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
         self.progress.close()
 
 
 def open_metrics(out: Path, cfg: Config, master: bool, world: int, num_classes: int,
                  last_step: int, step: int) -> MetricsLog:
-    """The run's MetricsLog from `step` on: files, TensorBoard and the bar on rank 0 only (every
-    rank still flushes, for the all-reduce of the losses and the divergence guard)."""
-    tensorboard = None
+    """The run's MetricsLog from `step` on: files, TensorBoard, W&B and the bar on rank 0 only
+    (every rank still flushes, for the all-reduce of the losses and the divergence guard)."""
+    sinks = []
     if cfg.tensorboard and master:
         from .plot import TensorBoardWriter
-        tensorboard = TensorBoardWriter(out / "tensorboard", purge_step=step)
+        sinks.append(TensorBoardWriter(out / "tensorboard", purge_step=step))
+    if cfg.wandb and master:
+        from .wandb_writer import WandbWriter
+        sinks.append(WandbWriter(out, cfg))
     return MetricsLog(out / "metrics.jsonl" if master else None, cfg, world, num_classes,
-                      progress_bar(master, last_step, step), tensorboard)
+                      progress_bar(master, last_step, step), sinks)
 
 
 def progress_bar(enabled: bool, total: int, initial: int):

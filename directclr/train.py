@@ -33,6 +33,7 @@ and epoch summaries in directclr.metrics; process groups in directclr.distribute
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
@@ -112,6 +113,8 @@ def check_config(cfg: Config, world: int) -> int:
     if cfg.dim is not None and cfg.dim > width:
         raise ValueError(f"--dim {cfg.dim} must be in [1, {width}] (the representation width "
                          f"of {cfg.arch})")
+    if cfg.wandb and importlib.util.find_spec("wandb") is None:
+        raise ValueError("--wandb needs Weights & Biases: pip install wandb")
     if cfg.loader == "dali" and not dali_available():
         raise ValueError("--loader dali: NVIDIA DALI does not import here (install it: pip "
                          "install nvidia-dali-cuda130, or the build for your CUDA); use "
