@@ -34,6 +34,9 @@ existing_file, existing_dir = path_type("file"), path_type("dir")
 arch_type = checked_type(arch_problem)
 dataset, output_dir, output_file = (path_type(kind) for kind in ("dataset", "output_dir",
                                                                  "output_file"))
+# How gloo and NCCL say that a collective's peer process is gone
+PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+             "remote process exited", "NCCL communicator was aborted")
 # Commands that import torchvision and the rest of the [train] extra: checked first, so that a
 # mismatched or missing package is one line, not a traceback from inside its import.
 NEEDS_TRAINING_STACK = ("pretrain", "probe", "spectrum", "reproduce")
@@ -158,6 +161,15 @@ def _pretrain(args) -> int:
     except RunStopped as stopped:
         print(f"directclr pretrain: {stopped}", file=sys.stderr)
         code = stopped.exit_code
+    except RuntimeError as err:
+        if not lost_a_rank(err):
+            raise
+        # Another rank died (kill -9, the OOM killer): torchrun stops the job; the traceback of
+        # this rank's collective would only bury the line that matters.
+        print(f"directclr pretrain: error: rank {os.environ['RANK']} lost another rank "
+              f"({' '.join(str(err).split())[:160]}); rerun the same command to resume from the "
+              "newest checkpoint", file=sys.stderr)
+        code = 1
     else:
         code = 0
         if backbone.exists() and _is_rank0():
@@ -165,6 +177,14 @@ def _pretrain(args) -> int:
     if "RANK" in os.environ:  # under torchrun; everything is written
         exit_without_teardown(code)
     return code
+
+
+def lost_a_rank(err: RuntimeError) -> bool:
+    """Whether `err` is a collective that failed because a peer process is gone (gloo's and
+    NCCL's words for it), under a launcher."""
+    import torch.distributed as dist
+    return "RANK" in os.environ and (isinstance(err, dist.DistError) or any(
+        words in str(err) for words in PEER_GONE))
 
 
 def exit_without_teardown(code: int = 0) -> None:
