@@ -1,8 +1,8 @@
 """The `directclr` command (also `python -m directclr`).
 
-At start-up only the package (torch and the loss) and directclr.config are imported: each command
-imports the rest (torchvision, the data stack) when it runs, so `--help`, a bad flag and
-`directclr info` work even where torchvision does not match torch.
+At start-up only the package (torch and the loss), directclr.config and directclr.preemption are
+imported: each command imports the rest (torchvision, the data stack) when it runs, so `--help`, a
+bad flag and `directclr info` work even where torchvision does not match torch.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from .config import (
     path_type,
 )
 from .config_file import CONFIG_FLAG, WRITTEN_NAME, apply_settings, read_settings
+from .preemption import StopSignals
 
 POSITIVE = bounded(int, low=1)
 NON_NEGATIVE = bounded(int, low=0)
@@ -113,7 +114,15 @@ def _is_rank0() -> bool:
 
 # --------------------------------------------------------------------------- commands
 def _prepare(args) -> None:
-    from .data import prepare_fashion_mnist, prepare_synthetic_splits
+    from .data import prepare_fashion_mnist, prepare_synthetic_splits, write_shards
+    if args.dataset == "shards":
+        if args.source is None:
+            raise ValueError("prepare shards needs --from ROOT, the ImageFolder tree to write")
+        shards = write_shards(args.source, args.out, args.shard_size, seed=args.seed)
+        first, last = shards[0].name, shards[-1].name
+        print(f"wrote {first} to {last} and classes.txt in {args.out}: pretrain --data "
+              f"{args.out}")
+        return
     if args.dataset == "fashion-mnist":
         out = prepare_fashion_mnist(args.out, limit=args.limit)
     else:
@@ -129,10 +138,12 @@ def _prepare(args) -> None:
 
 
 def _add_prepare(commands) -> None:
-    p = commands.add_parser("prepare", help="write a dataset as ImageFolder trees train/ and val/")
-    p.add_argument("dataset", choices=["fashion-mnist", "synthetic"],
+    p = commands.add_parser("prepare", help="write a dataset as ImageFolder trees train/ and "
+                            "val/, or an ImageFolder tree as WebDataset shards")
+    p.add_argument("dataset", choices=["fashion-mnist", "synthetic", "shards"],
                    help="fashion-mnist: from Debian's dataset-fashion-mnist package; synthetic: "
-                   "JPEGs of one pattern family per class (stripes, checks, rings, ...)")
+                   "JPEGs of one pattern family per class (stripes, checks, rings, ...); shards: "
+                   "the images of --from as WebDataset .tar shards")
     p.add_argument("--out", required=True, type=output_dir, help="output directory (required)")
     p.add_argument("--n", type=POSITIVE, default=800, help="synthetic: training images")
     p.add_argument("--val", type=POSITIVE, default=300,
@@ -144,7 +155,11 @@ def _add_prepare(commands) -> None:
                    help="synthetic: the longest image side drawn, pixels")
     p.add_argument("--classes", type=bounded(int, low=2), default=4,
                    help="synthetic: class folders")
-    p.add_argument("--seed", type=SEED, default=0, help="synthetic: the images drawn")
+    p.add_argument("--seed", type=SEED, default=0,
+                   help="synthetic: the images drawn; shards: the order samples are written in")
+    p.add_argument("--from", dest="source", type=existing_dir, default=None,
+                   help="shards: the ImageFolder tree to write (required)")
+    p.add_argument("--shard-size", type=POSITIVE, default=1000, help="shards: samples per shard")
     p.add_argument("--limit", type=POSITIVE, default=None,
                    help="fashion-mnist: at most this many images per split (default: all)")
     p.set_defaults(run=_prepare)
@@ -440,11 +455,24 @@ def build_parser() -> Parser:
 
 
 def main(argv=None) -> int:
-    """Runs a command; returns its exit status (2 for a bad flag, 0 after --help)."""
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as done:  # --help, --version, or a bad flag (one line printed)
-        return done.code
+    """Runs a command; returns its exit status (2 for a bad flag, 0 after --help, 75 for pretrain
+    ended by a stop signal)."""
+    # A scheduler may preempt pretrain while it starts (imports, the data, the model): caught
+    # from here on, a stop signal ends it like one during training, exit 75 (train.pretrain takes
+    # it over). The other commands write no checkpoint to resume from: a signal caught while their
+    # command line is read goes to the handler it would have met, the default one ending them.
+    with StopSignals(announce=False) as start_up:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as done:  # --help, --version, or a bad flag (one line printed)
+            args = done
+        if isinstance(args, argparse.Namespace) and args.command == "pretrain":
+            return _run(args, argv)
+    start_up.hand_back()
+    return args.code if isinstance(args, SystemExit) else _run(args, argv)
+
+
+def _run(args: argparse.Namespace, argv) -> int:
     if argv is not None and args.command == "reproduce":
         args.argv = list(argv)
     try:

@@ -227,7 +227,8 @@ def train_step(forward, optimizer, cfg: Config, loss_dim, view1, view2, labels, 
 # --------------------------------------------------------------------------- the loop
 def pretrain(cfg: Config) -> Path:
     """Trains to the end and returns the path of backbone.pt; raises Preempted after a stop
-    signal (a checkpoint written) and Diverged on a non-finite or exploding run."""
+    signal (a checkpoint written; nothing, for one process signalled before it claims --out)
+    and Diverged on a non-finite or exploding run."""
     rank, world, device = setup_distributed()
     width = check_config(cfg, world)
     if cfg.dim is None:
@@ -236,13 +237,14 @@ def pretrain(cfg: Config) -> Path:
             log.info("--dim not given: d0 = %d, the paper's 360/2048 of %s's %d dimensions",
                      cfg.dim, cfg.arch, width)
     out = Path(cfg.out)
-    lock = on_rank0(lambda: claim_out(out, cfg.resume), rank, world)
-    try:
-        with StopSignals() as signals:
+    with StopSignals() as signals:
+        signals.stop_before_loop(world)
+        lock = on_rank0(lambda: claim_out(out, cfg.resume), rank, world)
+        try:
             return _train(cfg, rank, world, device, out, signals)
-    finally:
-        if lock is not None:
-            lock.release()
+        finally:
+            if lock is not None:
+                lock.release()
 
 
 def _train(cfg: Config, rank: int, world: int, device: torch.device, out: Path,

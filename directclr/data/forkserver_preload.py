@@ -1,8 +1,7 @@
 """Imported by the forkserver that starts DataLoader workers (directclr.data.workers): it ignores
-the stop signals a scheduler sends to every process of a job (it ignores SIGINT by itself), since
-the trainer still needs new workers until its checkpoint is written. It cannot outlive the
-trainer: it exits when the trainer's end of its pipe closes."""
-import signal
+the stop signals a scheduler sends to every process of a job, since the trainer still needs new
+workers until its checkpoint is written, and it dies with the trainer, its workers with it
+(workers.prepare_forkserver)."""
+from .workers import prepare_forkserver
 
-for _stop in (signal.SIGTERM, signal.SIGUSR1):
-    signal.signal(_stop, signal.SIG_IGN)
+prepare_forkserver()

@@ -82,6 +82,66 @@ def test_torchvision_workers_die_with_a_killed_trainer(tmp_path):
             os.kill(pid, signal.SIGKILL)
 
 
+SLOW_TO_START = """
+import sys
+import time
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from directclr.data.workers import worker_args
+
+
+class SlowToStart(Dataset):
+    \"\"\"Unpickled by each worker before its worker_init_fn runs, slowly: a long file list.\"\"\"
+
+    def __init__(self):
+        self.items = 8
+
+    def __len__(self):
+        return self.items
+
+    def __getitem__(self, i):
+        return torch.zeros(1)
+
+    def __setstate__(self, state):
+        print("starting", flush=True)
+        time.sleep(float(sys.argv[1]))
+        self.__dict__.update(state)
+
+
+if __name__ == "__main__":
+    next(iter(DataLoader(SlowToStart(), batch_size=2, **worker_args(2))))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG and /proc are Linux's")
+def test_workers_still_starting_die_with_a_killed_trainer(tmp_path):
+    """kill -9 of the trainer while its 2 workers start (unpickling a dataset that takes 60 s):
+    nothing of it is left 10 s later, neither the workers nor the forkserver nor the resource
+    tracker. Each worker holds a write end of the forkserver's alive pipe until its
+    worker_init_fn, and the tracker's until it exits."""
+    script = tmp_path / "slow_to_start.py"
+    script.write_text(SLOW_TO_START)
+    trainer = subprocess.Popen([sys.executable, str(script), "60"], stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+    processes: dict[int, int] = {}
+    try:
+        assert trainer.stdout.readline() == "starting\n"
+        processes = _descendants(trainer.pid)
+        assert len(processes) >= 3, processes  # the tracker, the forkserver, a worker or two
+        trainer.kill()
+        trainer.wait()
+        deadline = time.monotonic() + 10
+        while _alive(processes) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(processes), [_stat(pid) for pid in _alive(processes)]
+    finally:
+        trainer.kill()
+        for pid in _alive(processes):
+            os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG and /proc are Linux's")
 def test_a_worker_whose_trainer_died_before_it_was_ready_kills_itself():
     """No parent-death signal comes for a death before prctl: the worker checks that its parent
