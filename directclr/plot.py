@@ -102,7 +102,8 @@ def load_metrics(path) -> Metrics:
 
 
 # --------------------------------------------------------------------------- figures
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only: no display needed), imported on use."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -172,7 +173,7 @@ def build_figures(metrics: Metrics, name: str, classes: int | None = None) -> di
     spectra (when epoch rows carry eigenvalues). `classes`: the probe's class count, for its
     chance level (default: what the rows record, see ``probe_classes``; None: not drawn).
     The caller saves and closes them."""
-    plt = _pyplot()
+    plt = pyplot()
     figures = {}
     ends = " (dotted: epoch ends)" if metrics.epochs else ""
     classes = classes if classes is not None else probe_classes(metrics)
@@ -292,7 +293,7 @@ def plot_run(run_dir, out_dir=None, classes: int | None = None) -> list[Path]:
     name = metrics.path.resolve().parent.name
     out = Path(out_dir) if out_dir is not None else metrics.path.parent
     out.mkdir(parents=True, exist_ok=True)
-    plt = _pyplot()
+    plt = pyplot()
     written = []
     for filename, fig in build_figures(metrics, name, classes).items():
         fig.savefig(out / filename)

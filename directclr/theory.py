@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .plot import pyplot
+
 INPUT_DIM = 16
 AUG_DIMS = 8  # augmentation acts on the last AUG_DIMS input coordinates
 
@@ -271,18 +273,11 @@ def summarize_two_layer(run: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- figures and files
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def _save(fig, title: str, path: Path) -> None:
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
-    _pyplot().close(fig)
+    pyplot().close(fig)
 
 
 def _log10(values) -> Tensor:
@@ -290,7 +285,7 @@ def _log10(values) -> Tensor:
 
 
 def plot_strong_aug(runs: list[dict], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(2, len(runs), figsize=(3.2 * len(runs), 5.6), dpi=100,
                              squeeze=False)
     for col, run in enumerate(runs):
@@ -309,7 +304,7 @@ def plot_strong_aug(runs: list[dict], path: Path) -> None:
 
 
 def plot_implicit_reg(run: dict, summary: dict, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.4), dpi=100)
     for ax, key, label in zip(axes, ("w1", "w2", "embedding"),
                               ("singular values of W1", "singular values of W2",
@@ -326,7 +321,7 @@ def plot_implicit_reg(run: dict, summary: dict, path: Path) -> None:
 
 
 def plot_projector(run: dict, summary: dict, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=100)
     image = axes[0].imshow(torch.tensor(run["projector_rotated"]).numpy(), cmap="viridis")
     axes[0].set_title("|U2ᵀ W2 U1|: the projector in the backbone's basis", fontsize=9)

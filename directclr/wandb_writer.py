@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .config import Config
 from .files import atomic_write, write_bytes_durably
-from .plot import TensorBoardWriter, build_figures, load_metrics
+from .plot import TensorBoardWriter, build_figures, load_metrics, pyplot
 
 RUN_ID_FILE = "wandb-run-id"
 DEFAULT_PROJECT = "directclr"
@@ -45,9 +45,8 @@ class WandbWriter:
             figures = build_figures(load_metrics(self.out), self.out.resolve().name)
             tags.update({f"plots/{name.removesuffix('.png')}": self.wandb.Image(figure)
                          for name, figure in figures.items() if name in FIGURES})
-            import matplotlib.pyplot as plt  # build_figures chose its backend
             for figure in figures.values():
-                plt.close(figure)
+                pyplot().close(figure)
         self.run.log(tags, step=step)
 
     def close(self) -> None:

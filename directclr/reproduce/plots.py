@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..config import MODES
+from ..plot import pyplot
 from .evaluation import D0_FIELD_SUFFIX, dynamics_curve
 from .runs import UNTRAINED, Budget, loss_view
 
@@ -27,18 +28,11 @@ def _color(mode: str) -> str:
     return f"C{MODES.index(mode)}" if mode in MODES else "0.45"  # the untrained row: grey
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def plot_spectra(results: list[dict], path: Path) -> None:
     """Log spectra of seed-0 (or the first seed's) runs overlaid: the representation of each
     mode (solid; the untrained backbone grey, dotted), DirectCLR's r[:, :d0] and the projectors'
     outputs (dashed)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
     first = {}
     for r in results:
@@ -72,7 +66,7 @@ def plot_spectra(results: list[dict], path: Path) -> None:
 def plot_dynamics(results: list[dict], path: Path, budget: Budget) -> None:
     """One panel per measure, one line per mode against the step: the mean over seeds, the band
     from the lowest to the highest seed."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(2, 4, figsize=(17, 7.5), dpi=100)
     modes = [m for m in MODES if any(r["mode"] == m and r.get("dynamics") for r in results)]
     for ax, (view, key, title) in zip(axes.flat, DYNAMICS_PANELS):
