@@ -16,6 +16,7 @@ from .config import (
     ARCHS,
     LOADERS,
     MODES,
+    SEED_LIMIT,
     add_config_flags,
     arch_problem,
     bounded,
@@ -28,7 +29,7 @@ from .preemption import StopSignals
 
 POSITIVE = bounded(int, low=1)
 NON_NEGATIVE = bounded(int, low=0)
-SEED = bounded(int, low=0, below=2 ** 32)
+SEED = bounded(int, low=0, below=SEED_LIMIT)
 IMAGE_SIZE = bounded(int, low=8)
 RATE = bounded(float, above=0)
 existing_file, existing_dir = path_type("file"), path_type("dir")

@@ -7,10 +7,9 @@ from torch import nn
 from torchvision import models as tv_models
 from torchvision.models.resnet import BasicBlock
 
-from .config import ARCHS, MODES
+from .config import ARCHS, MODES, PAPER_SIMCLR_OUT
 from .distributed import sum_over_ranks
 
-SIMCLR_OUT = 128  # SimCLR's projector output width
 SMALL_IMAGE_MAX = 64  # pixels; up to this size a ResNet gets the CIFAR stem
 RESNET_NAMES = ("resnet", "wide_resnet", "resnext")  # torchvision's ResNet family
 NO_AUX_HEAD = ("inception_v3", "googlenet")  # built without their auxiliary classifiers
@@ -212,7 +211,7 @@ class Diagonal(nn.Module):
 
 
 def build_projector(mode: str, width: int, dim: int,
-                    simclr_out: int = SIMCLR_OUT) -> tuple[nn.Module, int | None]:
+                    simclr_out: int = PAPER_SIMCLR_OUT) -> tuple[nn.Module, int | None]:
     """(projector, the loss's `dim`): DirectCLR has no projector and a subvector of `dim`. The
     SimCLR projectors are the official code's: the MLP is Linear(w, w) + BN + ReLU +
     Linear(w, out) + BN(out), the linear one Linear(w, out), all without biases."""
