@@ -106,9 +106,12 @@ def agreed_stop(signals: StopSignals, world: int, group) -> str | None:
     """The signal this rank received, or any rank's: all ranks stop after the same step."""
     if world == 1:
         return signals.received
-    votes = torch.tensor([signals.received is not None], dtype=torch.int32)
+    # Read once: a signal handled while the vote waits would make this rank stop alone (it read
+    # None for the vote, the others saw no vote) and wait in the stop's barrier for ever.
+    received = signals.received
+    votes = torch.tensor([received is not None], dtype=torch.int32)
     dist.all_reduce(votes, group=group)
-    return signals.received or ("a signal to another rank" if votes.item() else None)
+    return (received or "a signal to another rank") if votes.item() else None
 
 
 def probe_limit(num_classes: int) -> float:

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from directclr import preemption
 from directclr.checkpoint import checkpoint_step, read_checkpoint
 from directclr.config_file import WRITTEN_NAME
 from directclr.distributed import (
@@ -22,6 +23,7 @@ from directclr.distributed import (
     join_timeout,
 )
 from directclr.files import TEMPORARY_GLOB
+from directclr.preemption import StopSignals, agreed_stop
 from tests.faults.helpers import (
     DDP_STEPS,
     Work,
@@ -257,3 +259,17 @@ def test_join_timeout_bounds_the_join_alone():
             proc.kill()
     for proc, (stdout, stderr) in zip(procs, results):
         assert proc.returncode == 0 and "sum 2" in stdout, stderr[-3000:]
+
+
+def test_a_signal_during_the_stop_vote_waits_for_the_next_vote(monkeypatch):
+    """A stop signal handled while this rank waits in the vote's all-reduce (the other rank
+    voted to go on) must not stop this rank alone: it would wait in the stop's barrier while the
+    other trains on (the chaos soak's hang: SIGUSR1 to rank 1 while rank 0 wrote a checkpoint).
+    The next vote carries it, and every rank stops there."""
+    signals = StopSignals()
+
+    def all_reduce(votes, group=None):  # the handler runs while the vote waits
+        signals.received = "SIGUSR1"
+    monkeypatch.setattr(preemption.dist, "all_reduce", all_reduce)
+    assert agreed_stop(signals, 2, None) is None
+    assert agreed_stop(signals, 2, None) == "SIGUSR1"
