@@ -1,4 +1,5 @@
-"""Data benchmark: pairs of views per second, DALI vs torchvision, same cores, same JPEGs.
+"""Data benchmark: pairs of views per second, DALI vs torchvision, same cores, same JPEGs, read
+from an ImageFolder tree and from WebDataset shards of it.
 
 Standalone (prints a table, appends JSON rows to bench/results/bench_data.jsonl):
 
@@ -6,8 +7,10 @@ Standalone (prints a table, appends JSON rows to bench/results/bench_data.jsonl)
     python bench/bench_data.py --device cuda --threads 16
 
 The images are `directclr prepare synthetic` JPEGs of ImageNet-like sizes (300-500 px sides),
-made once under --data. Each backend runs in a fresh subprocess: one warm-up batch (worker and
-pipeline start-up), then --batches timed batches at 224 px with the official recipe.
+made once under --data, and `directclr prepare shards` of them, made once beside it
+(<data>-shards). Each backend and format runs in a fresh subprocess: one warm-up batch (worker
+and pipeline start-up, the shards' cached index read), then --batches timed batches at 224 px
+with the official recipe.
 
 --step-ms stands in for the training step on an accelerator: the consumer sleeps that long per
 batch, leaving the CPU to the loader. A loader that works ahead hides its time behind it
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -24,6 +28,21 @@ if __package__:  # imported as bench.bench_data (the tests)
     from . import common
 else:  # run as a script, python bench/bench_data.py: bench/ is sys.path[0]
     import common
+
+
+SHARD_SIZE = 100  # samples per shard: 6 shards of the default 600 images
+
+
+def shards_of(root: Path) -> Path:
+    """`directclr prepare shards` of `root`, made once beside it (a .complete marker: an
+    interrupted run starts over)."""
+    out = root.with_name(root.name + "-shards")
+    if not (out / ".complete").exists():
+        from directclr.data import write_shards
+        shutil.rmtree(out, ignore_errors=True)
+        write_shards(root, out, SHARD_SIZE)
+        (out / ".complete").touch()
+    return out
 
 
 def run_backend(backend, root, device, threads, batch_size, batches, image_size,
@@ -69,28 +88,36 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, default=12)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--backends", nargs="+", default=["dali", "torchvision"])
+    parser.add_argument("--formats", nargs="+", default=["folder", "shards"],
+                        choices=["folder", "shards"],
+                        help="the JPEGs as an ImageFolder tree, as WebDataset shards")
     parser.add_argument("--step-ms", type=float, default=0.0,
                         help="simulated accelerator step per batch (ms), the CPU left idle")
     args = common.parse_or_run_child(parser, argv, lambda case: run_backend(**case))
     if args is None:
         return []
     common.imagenet_like_jpegs(args.data, args.images)
+    roots = {"folder": args.data}
+    if "shards" in args.formats:
+        roots["shards"] = shards_of(args.data)
     rows = []
-    for backend in args.backends:
-        case = dict(backend=backend, root=str(args.data), device=args.device,
-                    threads=args.threads, batch_size=args.batch_size, batches=args.batches,
-                    image_size=args.image_size, step_ms=args.step_ms)
-        rows.append({"op": "data", **common.run_child(__file__, case, timeout=1800)})
-        print(json.dumps(rows[-1]), flush=True)
-    ok = {r["backend"]: r for r in rows if r["status"] == "ok"}
-    if "torchvision" in ok:
-        for row in ok.values():
-            row["vs_torchvision"] = row["pairs_per_s"] / ok["torchvision"]["pairs_per_s"]
+    for data_format in args.formats:
+        for backend in args.backends:
+            case = dict(backend=backend, root=str(roots[data_format]), device=args.device,
+                        threads=args.threads, batch_size=args.batch_size, batches=args.batches,
+                        image_size=args.image_size, step_ms=args.step_ms)
+            rows.append({"op": "data", "format": data_format,
+                         **common.run_child(__file__, case, timeout=1800)})
+            print(json.dumps(rows[-1]), flush=True)
+        ok = {r["backend"]: r for r in rows if r["status"] == "ok" and r["format"] == data_format}
+        if "torchvision" in ok:
+            for row in ok.values():
+                row["vs_torchvision"] = row["pairs_per_s"] / ok["torchvision"]["pairs_per_s"]
     rows = common.stamp(rows, args.device)
     path = common.append_rows(rows, "bench_data", args.results_dir)
-    print(common.format_table(rows, ["backend", "device", "threads", "image_size", "batch_size",
-                                     "step_ms", "pairs_per_s", "wait_ms_median", "vs_torchvision",
-                                     "status"]))
+    print(common.format_table(rows, ["backend", "format", "device", "threads", "image_size",
+                                     "batch_size", "step_ms", "pairs_per_s", "wait_ms_median",
+                                     "vs_torchvision", "status"]))
     print(f"rows appended to {path}")
     return rows
 

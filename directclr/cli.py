@@ -115,7 +115,15 @@ def _is_rank0() -> bool:
 
 # --------------------------------------------------------------------------- commands
 def _prepare(args) -> None:
-    from .data import prepare_fashion_mnist, prepare_synthetic_splits
+    from .data import prepare_fashion_mnist, prepare_synthetic_splits, write_shards
+    if args.dataset == "shards":
+        if args.source is None:
+            raise ValueError("prepare shards needs --from ROOT, the ImageFolder tree to write")
+        shards = write_shards(args.source, args.out, args.shard_size, seed=args.seed)
+        first, last = shards[0].name, shards[-1].name
+        print(f"wrote {first} to {last} and classes.txt in {args.out}: pretrain --data "
+              f"{args.out}")
+        return
     if args.dataset == "fashion-mnist":
         out = prepare_fashion_mnist(args.out, limit=args.limit)
     else:
@@ -131,10 +139,12 @@ def _prepare(args) -> None:
 
 
 def _add_prepare(commands) -> None:
-    p = commands.add_parser("prepare", help="write a dataset as ImageFolder trees train/ and val/")
-    p.add_argument("dataset", choices=["fashion-mnist", "synthetic"],
+    p = commands.add_parser("prepare", help="write a dataset as ImageFolder trees train/ and "
+                            "val/, or an ImageFolder tree as WebDataset shards")
+    p.add_argument("dataset", choices=["fashion-mnist", "synthetic", "shards"],
                    help="fashion-mnist: from Debian's dataset-fashion-mnist package; synthetic: "
-                   "JPEGs of one pattern family per class (stripes, checks, rings, ...)")
+                   "JPEGs of one pattern family per class (stripes, checks, rings, ...); shards: "
+                   "the images of --from as WebDataset .tar shards")
     p.add_argument("--out", required=True, type=output_dir, help="output directory (required)")
     p.add_argument("--n", type=POSITIVE, default=800, help="synthetic: training images")
     p.add_argument("--val", type=POSITIVE, default=300,
@@ -146,7 +156,11 @@ def _add_prepare(commands) -> None:
                    help="synthetic: the longest image side drawn, pixels")
     p.add_argument("--classes", type=bounded(int, low=2), default=4,
                    help="synthetic: class folders")
-    p.add_argument("--seed", type=SEED, default=0, help="synthetic: the images drawn")
+    p.add_argument("--seed", type=SEED, default=0,
+                   help="synthetic: the images drawn; shards: the order samples are written in")
+    p.add_argument("--from", dest="source", type=existing_dir, default=None,
+                   help="shards: the ImageFolder tree to write (required)")
+    p.add_argument("--shard-size", type=POSITIVE, default=1000, help="shards: samples per shard")
     p.add_argument("--limit", type=POSITIVE, default=None,
                    help="fashion-mnist: at most this many images per split (default: all)")
     p.set_defaults(run=_prepare)

@@ -44,10 +44,14 @@ def path_problem(kind: str, text: str) -> str | None:
     """What is wrong with `text` as a path of this kind, or None: "file", "dir" and "existing"
     (either) must exist,
     "output_dir" may not exist yet (nothing is made before the command runs), "output_file"
-    must not be a directory, "dataset" is an existing directory or 'fashion-mnist'."""
+    must not be a directory, "dataset" is an existing directory, 'fashion-mnist' or WebDataset
+    shards (a path ending in .tar, brace-expanded as WebDataset writes them, every shard there)."""
     path = Path(text).expanduser()
     if kind == "dataset" and text == "fashion-mnist":
         return None
+    if kind == "dataset" and text.endswith(".tar"):
+        from .data.shards import pattern_problem  # the data stack, only for such a value
+        return pattern_problem(text)
     if kind in ("file", "dir", "dataset", "existing") and not path.exists():
         return f"{text}: no such {'directory' if kind in ('dir', 'dataset') else 'file'}"
     if kind in ("dir", "dataset", "output_dir") and path.exists() and not path.is_dir():
@@ -80,7 +84,9 @@ def setting(default=MISSING, help: str = "", *, low=None, above=None, below=None
 
 @dataclass
 class Config:
-    data: str = setting(help="ImageFolder root of the training images (class folders), or "
+    data: str = setting(help="ImageFolder root of the training images (class folders), "
+                        "WebDataset shards (a .tar path or brace pattern such as "
+                        "'train-{0000..0099}.tar', or a directory of .tar files), or "
                         "'fashion-mnist' (prepared into --cache on first use)", path="dataset")
     out: str = setting(help="run directory: checkpoints, metrics.jsonl, backbone.pt; rerun the "
                        "same command to resume", path="output_dir")

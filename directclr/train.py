@@ -259,7 +259,8 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, out: Path,
     loader = build_pretrain_loader(
         root, cfg.batch_size // world, backend=backend, device=device, image_size=image_size,
         num_threads=cfg.num_threads, seed=cfg.seed, rank=rank, world_size=world,
-        recipe="small" if image_size <= SMALL_IMAGE_MAX else "directclr")
+        recipe="small" if image_size <= SMALL_IMAGE_MAX else "directclr",
+        index_cache=Path(cfg.cache).expanduser() / "shard-index")
     model = build_model(cfg, len(loader.classes), image_size, device, world)
     optimizer = LARS(model.parameters(), lr=cfg.lr, weight_decay=cfg.wd)
     steps_per_epoch = len(loader)

@@ -7,10 +7,11 @@ uninterrupted run, and ranks and epochs behave as in torchvision. Jitter gets id
 parameters when not applied; grayscale, blur and solarize are per-sample conditional branches
 (the blur window follows sigma, as PIL's blur in the torchvision backend does).
 
-Everything runs ahead of the consumer, across epoch ends: a thread reads the files and draws
-the parameters of the next batches (about 24 ms per 256 ImageNet JPEGs on one core), PREFETCH
-batches are fed and scheduled before the one being trained on is taken, and DALI's own threads
-(its own CUDA stream on GPU) decode and augment them while the training step runs.
+Everything runs ahead of the consumer, across epoch ends: a thread reads the files (or the
+samples of WebDataset shards, by offset: shards.py) and draws the parameters of the next batches
+(about 24 ms per 256 ImageNet JPEGs on one core), PREFETCH batches are fed and scheduled before
+the one being trained on is taken, and DALI's own threads (its own CUDA stream on GPU) decode and
+augment them while the training step runs.
 
 DALI decodes a JPEG with damaged entropy data without a word (images.py), so the first time a
 loader reads a file, it reads its header and checks it as the torchvision backend checks every
@@ -206,12 +207,9 @@ class DaliSource:
         Pure Python and file reads, no DALI: it may run ahead of the pipeline. Fixed-shape
         inputs are one array each (batch first), which DALI takes far faster than a list of
         per-sample arrays."""
-        files = {}
-        for _, i in keys:
-            with open(self.index.files[i], "rb") as f:
-                files[i] = f.read()
+        files = {i: self.index.read(i) for _, i in keys}
         new = [i for i in files if i not in self._sizes]
-        sizes = self._checker.map(checked_size, [self.index.files[i] for i in new],
+        sizes = self._checker.map(checked_size, [self.index.name(i) for i in new],
                                   [files[i] for i in new])
         self._sizes.update(zip(new, sizes))
         encoded, labels = [], []
@@ -271,10 +269,10 @@ class DaliSource:
                 raise
             except Exception as err:  # DALI's errors name the operator, not the file
                 self._reset()
-                files = [self.index.files[i] for i in indices]
-                bad = first_bad(files)
+                bad = first_bad(self.index, indices)
                 if bad is None:
-                    raise ValueError(f"DALI failed on a batch holding {files[0]}: {err}") from err
+                    raise ValueError(f"DALI failed on a batch holding "
+                                     f"{self.index.name(indices[0])}: {err}") from err
                 raise bad from err
             self._in_flight.popleft()
             self._fill()

@@ -1,5 +1,6 @@
-"""ImageFolder scanning and the epoch order, shared by every backend so that labels, shards and
-resume points are the same whichever pipeline decodes the images."""
+"""ImageFolder scanning and the epoch order, shared by every backend (the order by WebDataset
+shards too, shards.py) so that labels, shards and resume points are the same whichever pipeline
+decodes the images."""
 from __future__ import annotations
 
 import logging
@@ -26,7 +27,7 @@ class ImageFolderIndex:
         self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
         if not self.classes:
             raise ValueError(f"data root {self.root} holds no class folders (expected "
-                             f"root/<class>/<image>)")
+                             f"root/<class>/<image>, or .tar shards)")
         self.files: list[str] = []
         self.labels: list[int] = []
         self.skipped: list[str] = []
@@ -49,6 +50,15 @@ class ImageFolderIndex:
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def name(self, i: int) -> str:
+        """What errors call sample i: its file."""
+        return self.files[i]
+
+    def read(self, i: int) -> bytes:
+        """Sample i's encoded image."""
+        with open(self.files[i], "rb") as f:
+            return f.read()
 
 
 def epoch_order(n: int, seed: int, epoch: int, rank: int, world_size: int) -> torch.Tensor:

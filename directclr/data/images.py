@@ -120,10 +120,16 @@ def _end_marker(data: bytes) -> int | None:
 
 
 def load_rgb(path) -> Image.Image:
-    """The whole image as RGB, decoded now; a file that cannot be read raises OSError."""
+    """The whole image of a file as RGB, decoded now; a file that cannot be read raises
+    OSError."""
     with open(path, "rb") as f:
         data = f.read()
-    return _decode(path, data, lambda image: image.convert("RGB"))
+    return decode_rgb(path, data)
+
+
+def decode_rgb(name, data: bytes) -> Image.Image:
+    """The whole image of `data` as RGB, decoded now; errors call it `name`."""
+    return _decode(name, data, lambda image: image.convert("RGB"))
 
 
 def checked_size(path, data: bytes) -> tuple[int, int]:
@@ -142,11 +148,12 @@ def _decode(path, data: bytes, use):
         raise CorruptImageError(path, err) from err
 
 
-def first_bad(paths) -> CorruptImageError | None:
-    """The error of the first file in `paths` that does not decode, None if all do."""
-    for path in paths:
+def first_bad(index, samples) -> CorruptImageError | None:
+    """The error of the first of `samples` (positions in `index`, an ImageFolderIndex or a
+    ShardIndex) that does not decode, None if all do."""
+    for i in samples:
         try:
-            load_rgb(path)
+            decode_rgb(index.name(i), index.read(i))
         except CorruptImageError as err:
             return err
     return None

@@ -2,9 +2,10 @@
 
 Every backend draws its samples from the same ``epoch_order`` (seeded shuffle per epoch, equal
 shards per rank), so resuming, sharding and labels behave identically; the backends differ only
-in who decodes and augments. The torchvision backend seeds each sample's augmentations from
-(seed, epoch, index), so a batch is the same whichever worker made it and whether or not the run
-was resumed.
+in who decodes and augments. Their samples come from an index, of an ImageFolder tree's files
+(folder.py) or of WebDataset shards' samples (shards.py), the same for both. The torchvision
+backend seeds each sample's augmentations from (seed, epoch, index), so a batch is the same
+whichever worker made it and whether or not the run was resumed.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from ..config import LOADERS
 from .folder import ImageFolderIndex, epoch_order
 from .recipe import get_recipe
+from .shards import ShardIndex, is_shard_data
 
 
 def dali_available() -> bool:
@@ -28,8 +30,8 @@ def dali_available() -> bool:
 class PretrainLoader:
     """Iterating gives one epoch of batches; ``len()`` is the batches per epoch (per rank)."""
 
-    def __init__(self, index: ImageFolderIndex, batch_size: int, source, *, seed: int, rank: int,
-                 world_size: int, device: torch.device):
+    def __init__(self, index: ImageFolderIndex | ShardIndex, batch_size: int, source, *,
+                 seed: int, rank: int, world_size: int, device: torch.device):
         self.index, self.batch_size, self.source = index, batch_size, source
         self.seed, self.rank, self.world_size, self.device = seed, rank, world_size, device
         self.epoch = 0
@@ -88,12 +90,15 @@ class PretrainLoader:
 
 def build_pretrain_loader(root, batch_size: int, *, backend: str = "auto", device="cuda",
                           image_size: int = 224, num_threads: int | None = None, seed: int = 0,
-                          rank: int = 0, world_size: int = 1,
-                          recipe: str = "directclr") -> PretrainLoader:
-    """Two augmented views of every image of an ImageFolder tree, ``batch_size`` per rank.
+                          rank: int = 0, world_size: int = 1, recipe: str = "directclr",
+                          index_cache=None) -> PretrainLoader:
+    """Two augmented views of every image of `root`, ``batch_size`` per rank: an ImageFolder
+    tree, or WebDataset shards (a .tar path or brace pattern, or a directory of .tar files;
+    shards.py).
 
     backend: "dali" (GPU decode/augment on CUDA, DALI's CPU operators otherwise),
-    "torchvision" (DataLoader workers) or "auto" (DALI when it imports).
+    "torchvision" (DataLoader workers) or "auto" (DALI when it imports). index_cache: where the
+    shards' indexes go when their folder cannot be written.
     """
     if backend not in LOADERS:
         raise ValueError(f"backend must be one of {LOADERS}, got {backend!r}")
@@ -107,7 +112,7 @@ def build_pretrain_loader(root, batch_size: int, *, backend: str = "auto", devic
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but CUDA is not available; pass device='cpu'")
     recipe_params = get_recipe(recipe)
-    index = ImageFolderIndex(root)
+    index = ShardIndex(root, index_cache) if is_shard_data(root) else ImageFolderIndex(root)
     if num_threads is None:  # 0 decodes in the calling process (torchvision backend)
         num_threads = max(1, min(8, os.cpu_count() or 1))
     loader_args = dict(seed=seed, rank=rank, world_size=world_size, device=device)

@@ -44,7 +44,7 @@ def prepare_fashion_mnist(out, source: Path = FASHION_MNIST_DIR, limit: int | No
         for name in FASHION_MNIST_CLASSES:
             (out / split / name).mkdir(parents=True, exist_ok=True)
         padded = np.zeros((32, 32), dtype=np.uint8)
-        for i in _progress(range(count), f"fashion-mnist {split}", progress):
+        for i in with_progress(range(count), f"fashion-mnist {split}", progress):
             padded[2:30, 2:30] = images[i]
             target = out / split / FASHION_MNIST_CLASSES[labels[i]] / f"{i:05d}.png"
             _atomic_save(Image.fromarray(padded).convert("RGB"), target)
@@ -83,7 +83,7 @@ def prepare_synthetic(out, n: int, classes: int = 4, seed: int = 0, min_side: in
     rng = np.random.default_rng(seed)
     for c in range(classes):
         (out / f"class_{c:03d}").mkdir(parents=True, exist_ok=True)
-    for i in _progress(range(n), "synthetic", progress):
+    for i in with_progress(range(n), "synthetic", progress):
         height, width = rng.integers(min_side, max_side + 1, size=2)
         ys, xs = np.mgrid[0:height, 0:width].astype(np.float32) / max(height, width)
         field = _pattern(i % classes, xs, ys, rng.uniform(2, 6), rng.uniform(0, 2 * np.pi))
@@ -114,11 +114,12 @@ def _atomic_save(image: Image.Image, target: Path, **kwargs) -> None:
     atomic_write(target, lambda tmp: image.save(tmp, format=file_format, **kwargs))
 
 
-def _progress(items, desc: str, enabled: bool):
+def with_progress(items, desc: str, enabled: bool, unit: str = "img"):
+    """`items`, counted in `unit`s on a progress bar where `enabled` and tqdm is installed."""
     if not enabled:
         return items
     try:
         from tqdm import tqdm
     except ImportError:
         return items
-    return tqdm(items, desc=desc, unit="img", mininterval=1.0)
+    return tqdm(items, desc=desc, unit=unit, mininterval=1.0)

@@ -7,7 +7,7 @@ from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
-from .images import CorruptImageError, first_bad, load_rgb
+from .images import CorruptImageError, decode_rgb, first_bad
 from .recipe import Recipe
 from .workers import worker_args
 
@@ -40,23 +40,24 @@ class PILGaussianBlur:
 
 
 class TwoViewDataset(Dataset):
-    """Item `epoch * n + i`: both views of image i, augmented from a seed of (seed, epoch, i)."""
+    """Item `epoch * n + i`: both views of image i of `index` (an ImageFolderIndex or a
+    ShardIndex), augmented from a seed of (seed, epoch, i)."""
 
-    def __init__(self, files, labels, recipe: Recipe, image_size: int, seed: int):
-        self.files, self.labels, self.seed = files, labels, seed
+    def __init__(self, index, recipe: Recipe, image_size: int, seed: int):
+        self.index, self.seed = index, seed
         self.views = (view_transform(recipe, 0, image_size), view_transform(recipe, 1, image_size))
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.index)
 
     def __getitem__(self, key: int):
-        epoch, i = divmod(key, len(self.files))
-        image = load_rgb(self.files[i])
+        epoch, i = divmod(key, len(self.index))
+        image = decode_rgb(self.index.name(i), self.index.read(i))
         # torchvision's transforms draw from torch's global RNG: fork it so that the caller's
         # stream is untouched when there are no workers.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + i)
-            return self.views[0](image), self.views[1](image), self.labels[i]
+            return self.views[0](image), self.views[1](image), self.index.labels[i]
 
 
 class _ResumableSampler(Sampler):
@@ -75,7 +76,7 @@ class _ResumableSampler(Sampler):
 class TorchvisionSource:
     def __init__(self, index, recipe: Recipe, image_size: int, num_threads: int, seed: int,
                  pin_memory: bool):
-        self.dataset = TwoViewDataset(index.files, index.labels, recipe, image_size, seed)
+        self.dataset = TwoViewDataset(index, recipe, image_size, seed)
         self.sampler = _ResumableSampler()
         self.num_workers = num_threads
         self.pin_memory = pin_memory
@@ -104,7 +105,7 @@ class TorchvisionSource:
             # A worker's error arrives as its traceback's text; decoding the batch that failed
             # here gives the one-line error that names the file.
             failed = order[done * loader.batch_size:(done + 1) * loader.batch_size].tolist()
-            bad = first_bad(self.dataset.files[i] for i in failed)
+            bad = first_bad(self.dataset.index, failed)
             if bad is None:
                 raise
             raise bad from err

@@ -88,7 +88,8 @@ def test_bench_data_rates_both_backends_with_a_simulated_step(tmp_path):
                             "--step-ms", "5", "--results-dir", str(tmp_path)]
                            + ([] if dali_available() else ["--backends", "torchvision"]))
     backends = (["dali"] if dali_available() else []) + ["torchvision"]
-    assert [(r["backend"], r["status"]) for r in rows] == [(b, "ok") for b in backends], rows
+    assert [(r["format"], r["backend"], r["status"]) for r in rows] == [
+        (f, b, "ok") for f in ("folder", "shards") for b in backends], rows
     for row in rows:
         assert row["pairs_per_s"] > 0 and row["step_ms"] == 5 and row["batches"] == 3
         # The consumer sleeps 5 ms per batch of 4: a rate above 4 / 5 ms means no sleep.
