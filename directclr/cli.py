@@ -34,8 +34,8 @@ IMAGE_SIZE = bounded(int, low=8)
 RATE = bounded(float, above=0)
 existing_file, existing_dir = path_type("file"), path_type("dir")
 arch_type = checked_type(arch_problem)
-dataset, output_dir, output_file = (path_type(kind) for kind in ("dataset", "output_dir",
-                                                                 "output_file"))
+splits, output_dir, output_file = (path_type(kind) for kind in ("splits", "output_dir",
+                                                                "output_file"))
 # How gloo and NCCL say that a collective's peer process is gone
 PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
              "remote process exited", "NCCL communicator was aborted")
@@ -267,7 +267,7 @@ def _add_probe(commands) -> None:
     p = commands.add_parser("probe", help="linear probe of a pretrained backbone")
     _add_backbone_flags(p, "probe only r[:, :D0], DirectCLR's subvector (default: all of r)",
                         "at most this many images per split (default: all)")
-    p.add_argument("--data", required=True, type=dataset,
+    p.add_argument("--data", required=True, type=splits,
                    help="root with train/ and val/ ImageFolder trees, or 'fashion-mnist' "
                    "(required)")
     p.add_argument("--out", type=output_file, default=None,

@@ -45,16 +45,18 @@ def path_problem(kind: str, text: str) -> str | None:
     (either) must exist,
     "output_dir" may not exist yet (nothing is made before the command runs), "output_file"
     must not be a directory, "dataset" is an existing directory, 'fashion-mnist' or WebDataset
-    shards (a path ending in .tar, brace-expanded as WebDataset writes them, every shard there)."""
+    shards (a path ending in .tar, brace-expanded as WebDataset writes them, every shard there),
+    "splits" an existing directory (of train/ and val/ trees) or 'fashion-mnist'."""
     path = Path(text).expanduser()
-    if kind == "dataset" and text == "fashion-mnist":
+    if kind in ("dataset", "splits") and text == "fashion-mnist":
         return None
     if kind == "dataset" and text.endswith(".tar"):
         from .data.shards import pattern_problem  # the data stack, only for such a value
         return pattern_problem(text)
-    if kind in ("file", "dir", "dataset", "existing") and not path.exists():
-        return f"{text}: no such {'directory' if kind in ('dir', 'dataset') else 'file'}"
-    if kind in ("dir", "dataset", "output_dir") and path.exists() and not path.is_dir():
+    if kind in ("file", "dir", "dataset", "splits", "existing") and not path.exists():
+        folder = kind in ("dir", "dataset", "splits")
+        return f"{text}: no such {'directory' if folder else 'file'}"
+    if kind in ("dir", "dataset", "splits", "output_dir") and path.exists() and not path.is_dir():
         return f"{text} is a file; it must name a directory"
     if kind in ("file", "output_file") and path.is_dir():
         return f"{text} is a directory; it must name a file"

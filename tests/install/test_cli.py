@@ -69,7 +69,7 @@ def bad_value(action, p) -> str:
         return "bogus"
     kind = getattr(action.type, "__name__", None)
     return {"int": "-7", "float": "nan", "file": str(p / "missing.pt"),
-            "dir": str(p / "missing"), "dataset": str(p / "missing"),
+            "dir": str(p / "missing"), "dataset": str(p / "missing"), "splits": str(p / "missing"),
             "existing": str(p / "missing"), "output_dir": str(p / "a_file"),
             "output_file": str(p / "run"), "device": "tpu9", "arch": "resnet99",
             "_accept": "num-threads"}[kind]
