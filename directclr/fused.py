@@ -20,6 +20,9 @@ from .scaling import scaled_rows
 
 NORM_EPS = 1e-12  # same floor as F.normalize
 RADIAL_CHUNK = 1024  # rows per temporary in the backward's row dot products
+# log2 of the largest 1/tau whose gradients w.r.t. the unit rows the backward computes as they are
+# (see ``weight_exponent``).
+UNIT_GRAD_MAX_LOG2 = 64
 
 
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -153,15 +156,18 @@ def forward(z1, z2, dim, temperature, variant, backend, group):
     row_lse, pos_logit, col_max, col_sum = primitive.lse_forward(
         rank_layout(sub, inv, variant, group), 1.0 / temperature, variant == "cross")
     n = z1.shape[0]
+    # Each LSE and logit halved before any difference: at tiny temperatures (|S| up to 1/tau,
+    # near fp32's max) a difference of two can overflow where its half, or the pair's loss, fits.
+    # Halving is exact, so elsewhere this rounds as the difference halved.
+    half_row_lse, half_pos_logit = 0.5 * row_lse, 0.5 * pos_logit
     if variant == "cross":
         col_lse = merge_col_lse(col_max, col_sum, group)
         own_col_lse = col_lse.split(n)[rank_and_world(group)[0]]  # this rank's z2 rows
-        # halves first: each term is below fp32's max, their sum need not be (tiny temperatures)
-        loss = 0.5 * (row_lse - pos_logit) + 0.5 * (own_col_lse - pos_logit)
+        loss = (half_row_lse - half_pos_logit) + (0.5 * own_col_lse - half_pos_logit)
     else:
         col_lse = col_max  # empty: ntxent's column LSEs are the gathered row LSEs (backward)
-        per_view = row_lse - pos_logit
-        loss = 0.5 * per_view[:n] + 0.5 * per_view[n:]
+        per_view = half_row_lse - half_pos_logit
+        loss = per_view[:n] + per_view[n:]
     # Each exact loss is >= 0 (the positive is one of its LSE's terms); rounding (fp32's fixed
     # shift by 1/tau) can leave it a few ulp under. Clamped here only: the gradient stays the
     # formula's.
@@ -180,7 +186,9 @@ def backward(grad, z1, z2, row_lse, col_lse, dim, temperature, variant, backend,
     primitive = backend_primitive(backend)
     sub, inv, inv_grad, scale = subvectors(z1, z2, dim, primitive.UNIT_ROWS)
     layout = rank_layout(sub, inv, variant, group)
-    half = 0.5 * grad.to(row_lse.dtype).contiguous()  # each pair's loss averages two terms
+    exponent = weight_exponent(temperature)
+    # each pair's loss averages two terms
+    half = math.ldexp(0.5, -exponent) * grad.to(row_lse.dtype).contiguous()
     row_w = half if variant == "cross" else torch.cat([half, half])
     col_w = all_gather_rows(row_w if variant == "ntxent" else half, group)
     if variant == "ntxent":  # S is symmetric: column j's LSE is row j's
@@ -205,12 +213,14 @@ def backward(grad, z1, z2, row_lse, col_lse, dim, temperature, variant, backend,
     if views == 1:
         grads.append(reduce_scatter_rows(out_cols, group))
     radial = []
+    divisor = scale * math.ldexp(1.0, -exponent) if exponent else scale  # powers of two: exact
     for grad_sub, z_grad, rows in zip(grads, grad_z, (slice(0, n), slice(n, 2 * n))):
         radial.append(remove_radial(grad_sub, sub[rows], 1.0 if primitive.UNIT_ROWS
                                      else inv[rows], inv_grad[rows]))
-        # 1/s last: for a huge row the quotient is the (tiny) gradient itself, with no factor
-        # 1/(s |v|) rounded on the way. (grad_sub may be z_grad's own first columns.)
-        torch.div(grad_sub, scale[rows].unsqueeze(1), out=z_grad[:, :dim])
+        # 1/s (and the weights' 2^exponent) last: for a huge row the quotient is the (tiny)
+        # gradient itself, with no factor 1/(s |v|) rounded on the way. (grad_sub may be
+        # z_grad's own first columns.)
+        torch.div(grad_sub, divisor[rows].unsqueeze(1), out=z_grad[:, :dim])
     # The temperature, at no N x N cost: L depends on the unit rows only through S = c Q_hat
     # K_hat^T (c = 1/tau), so for either variant sum_i v_hat_i . g_i over both views' rows (g
     # the gradient w.r.t. the unit rows, before its radial part is removed) is 2 c dL/dc: each
@@ -219,5 +229,16 @@ def backward(grad, z1, z2, row_lse, col_lse, dim, temperature, variant, backend,
     # (their gradients are already summed over the ranks' losses): the ranks' values add up to
     # the gradient of the sum of all ranks' losses, as z's do, so DDP's averaging of the
     # parameter's gradient gives the global loss's, like every other parameter's.
-    grad_temperature = (radial[0] + radial[1]) * (-0.5 / temperature)
+    grad_temperature = (radial[0] + radial[1]) * (-0.5 / temperature) * 2.0**exponent
     return grad_z[0], grad_z[1], grad_temperature
+
+
+def weight_exponent(temperature: float) -> int:
+    """k >= 0 such that the backward's weights times 2^-k keep the gradients w.r.t. the unit rows
+    in range: those are c (G K_hat) (c = 1/tau), up to c (|row_w| + N |col_w|) in size, so near
+    the working dtype's largest c (fp32: 3.4e38) they overflow (then inf - inf = NaN in the
+    radial part) though the gradient w.r.t. z, their tangential part over |v|, is finite. G is
+    linear in the weights: weighted by 2^-k, c (G K_hat) is at most 2^UNIT_GRAD_MAX_LOG2 (|w|
+    + N |w|), and the last division of the backward gives 2^k back. 0 (no change at all) for
+    every tau above 2^-UNIT_GRAD_MAX_LOG2 = 5.4e-20."""
+    return max(0, math.frexp(1.0 / temperature)[1] - UNIT_GRAD_MAX_LOG2)

@@ -370,6 +370,8 @@ def infonce(z1: Tensor, z2: Tensor, dim: int | None = 360, temperature: float | 
         if group is not None:
             raise ValueError("backend='reference' is single-process: pass gather=False for this "
                              "rank's rows alone, or use backend='auto' to gather")
+        if isinstance(temperature, Tensor) and not torch.compiler.is_compiling():
+            _check_temperature(temperature.item(), z1.dtype)  # the op checks it inside
         loss = infonce_reference(z1, z2, dim, temperature, variant)
     else:
         # A float travels as a tensor too (one op schema; under torch.compile one graph for every

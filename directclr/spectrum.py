@@ -119,7 +119,9 @@ class Spectrum:
         top = self.eigenvalues[0]
         if top <= 0:  # constant embeddings: every dimension has collapsed
             return self.eigenvalues.numel()
-        return int((self.eigenvalues < rel * top).sum().item())
+        # a ratio, not rel * top: that underflows to 0 for a subnormal top (embeddings near
+        # 1e-160), and the zero eigenvalues would not count
+        return int((self.eigenvalues / top < rel).sum().item())
 
     def summary(self, rel: float = 1e-6) -> dict:
         return {"n": self.n, "dim": self.eigenvalues.numel(),
@@ -321,6 +323,10 @@ class SpectrumAccumulator:
             raise ValueError(f"{nonfinite} of the {self.batches} batches held NaN or inf values: "
                              f"the spectrum is undefined")
         eig = torch.linalg.eigvalsh((cov + cov.T) / 2).flip(0).clamp_min(0)
+        # n centered rows span at most n - 1 dimensions: past that the eigenvalues are round-off
+        # (fp32 input: ~1e-8 of the top), which would count in effective_rank's entropy and take
+        # it past min(n - 1, dim).
+        eig[self.n - 1:] = 0
         scale = self._scale.item()
         top = eig[0].item()
         if not math.isfinite(top * scale * scale):

@@ -11,7 +11,9 @@ are bare ``exp2``:
 Every logit lies in [-shift, shift] with shift = log2(e) / tau (unit rows). While 2 * shift stays
 inside fp32's normal range (tau >= ~0.029, FIXED_SHIFT_MAX) that bound replaces the running max:
 e_ij = exp2(l_ij - shift) serves the row sums, the column sums and both softmaxes of the
-backward, one ``exp2`` per logit and pass. Below it, running maxima (two ``exp2``).
+backward, one ``exp2`` per logit and pass. Below it, running maxima (two ``exp2``), with shift
+split between the rows' and the columns' factors (``_logit_factors``) and, from CLAMPED_SHIFT_MIN
+on, the backward's exponents clamped at 0; tau >= 8.5e-39 (SHIFT_MAX).
 
 * ``_forward_kernel``: grid (row groups, column splits). Each program sweeps its column range
   for each of its row blocks, tiles computed transposed (columns x rows) so that the per-tile
@@ -41,6 +43,7 @@ fixed order (cuBLAS products included).
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import NamedTuple
 
@@ -55,6 +58,14 @@ LN2 = 0.6931471805599453
 # stays a normal fp32 (2^-126), and the backward's w * grad_scale * exp2(shift - lse) <= 2^14 *
 # 2^(2 shift) stays below fp32's 2^128.
 FIXED_SHIFT_MAX = 100.0
+# From this shift on, the logits' rounding (a few ulp of the shift: 2^-7 here, 2^104 at fp32's
+# smallest temperature) can put a logit the backward recomputes above the LSE the forward took
+# (other tiles, other roundings, and through natural log): the backward clamps exp2's argument
+# at 0 there, P being <= 1 (unclamped: P > 1, and inf from 2^7 on, then inf - inf = NaN).
+CLAMPED_SHIFT_MIN = 2.0**16
+# The largest shift (tau >= 8.5e-39, though 1/tau fits fp32 from 2.9e-39): the logits reach
+# shift times a unit dot product rounded above 1, and must not overflow fp32.
+SHIFT_MAX = 0.5 * torch.finfo(torch.float32).max
 # Programs worth launching per SM, and the bounds on partial buffers (row groups, column splits).
 PROGRAMS_PER_SM = 4
 MAX_ROW_GROUPS = 32
@@ -293,10 +304,19 @@ def _forward_kernel(rows_ptr, row_stride_vec, row_scale_ptr, cols_ptr, col_strid
 
 
 @triton.jit
+def _softmax_exp2(arg, CLAMPED: tl.constexpr):
+    """exp2 of a logit minus its softmax's LSE (base 2), <= 0 but for rounding; CLAMPED: at
+    shifts where that rounding can reach 2^7 (CLAMPED_SHIFT_MIN), clamped at 0."""
+    if CLAMPED:
+        arg = tl.minimum(arg, 0.0)
+    return tl.exp2(arg)
+
+
+@triton.jit
 def _g_tile(logits, offs_m, mask_m, offs_n, mask_n, row0, n0, n_rows, n_cols, excl_offset,
             pos, first_pos, last_pos, row_coef, col_coef, row_lse, col_lse_ptr, row_wg,
             col_wg_ptr, shift, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            HAS_EXCL: tl.constexpr, FIXED_SHIFT: tl.constexpr):
+            HAS_EXCL: tl.constexpr, FIXED_SHIFT: tl.constexpr, CLAMPED: tl.constexpr):
     """G for one tile: row_w_i P^row_ij + col_w_j P^col_ij - [j = pos_i] (row_w_i + col_w_j),
     with the row and column coefficients prepared by the host (fixed shift: w * exp2(shift -
     lse) folded in, so one exp2 serves both softmaxes). The positive term is subtracted here,
@@ -305,8 +325,8 @@ def _g_tile(logits, offs_m, mask_m, offs_n, mask_n, row0, n0, n_rows, n_cols, ex
         grad = tl.exp2(logits) * (row_coef[:, None] + col_coef[None, :])
     else:
         col_lse = tl.load(col_lse_ptr + offs_n, mask=mask_n, other=0.0)
-        grad = (row_coef[:, None] * tl.exp2(logits - row_lse[:, None])
-                + col_coef[None, :] * tl.exp2(logits - col_lse[None, :]))
+        grad = (row_coef[:, None] * _softmax_exp2(logits - row_lse[:, None], CLAMPED)
+                + col_coef[None, :] * _softmax_exp2(logits - col_lse[None, :], CLAMPED))
     holds_pos = (n0 <= last_pos) & (first_pos < n0 + BLOCK_N)
     if holds_pos | _edge(row0, n0, n_rows, n_cols, excl_offset, BLOCK_M, BLOCK_N, HAS_EXCL):
         col_wg = tl.load(col_wg_ptr + offs_n, mask=mask_n, other=0.0)
@@ -322,7 +342,7 @@ def _backward_kernel(rows_ptr, row_stride_vec, row_scale_ptr, cols_ptr, col_stri
                      pos_offset, pos_half, excl_offset, tiles_per_split, shift, DIM: tl.constexpr,
                      VEC: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, HAS_EXCL: tl.constexpr, FIXED_SHIFT: tl.constexpr,
-                     PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                     CLAMPED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """out[split, i, :] = sum_j G_ij C_j fold_j over this split's columns (times out_scale),
     fold_j = 1 / |C_j| but 0 for zero columns (their 1 / eps would overflow fp16's G)."""
     row0 = tl.program_id(0) * BLOCK_M
@@ -351,7 +371,7 @@ def _backward_kernel(rows_ptr, row_stride_vec, row_scale_ptr, cols_ptr, col_stri
         grad = _g_tile(logits, offs_m, mask_m, offs_n, mask_n, row0, n0, n_rows, n_cols,
                        excl_offset, pos, first_pos, last_pos, row_coef, col_coef, row_lse,
                        col_lse_ptr, row_wg, col_wg_ptr, shift, BLOCK_M, BLOCK_N, HAS_EXCL,
-                       FIXED_SHIFT)
+                       FIXED_SHIFT, CLAMPED)
         # d/dC_hat_j of S_ij is scale * C_j * inv_norm_j: fold inv_norm_j into G's columns, and
         # feed the tensor cores G in the operands' dtype, as the forward's products.
         col_fold = tl.load(col_fold_ptr + offs_n, mask=mask_n, other=0.0)
@@ -370,7 +390,7 @@ def _g_panel_kernel(rows_ptr, row_stride_vec, row_scale_ptr, row_fold_ptr, cols_
                     n_rows, n_cols, row_begin, pos_offset, pos_half, excl_offset, shift,
                     DIM: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WITH_COLS: tl.constexpr,
-                    HAS_EXCL: tl.constexpr, FIXED_SHIFT: tl.constexpr,
+                    HAS_EXCL: tl.constexpr, FIXED_SHIFT: tl.constexpr, CLAMPED: tl.constexpr,
                     PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """One G tile of the panel of rows starting at row_begin, written twice: G fold_j (for
     dR = G C) and, with WITH_COLS, G fold_i (for dC = G^T R); fold = 1 / |row|, 0 for zero rows."""
@@ -392,7 +412,7 @@ def _g_panel_kernel(rows_ptr, row_stride_vec, row_scale_ptr, row_fold_ptr, cols_
                    tl.load(col_coef_ptr + offs_n, mask=mask_n, other=0.0),
                    tl.load(row_lse_ptr + offs_m, mask=mask_m, other=0.0), col_lse_ptr,
                    tl.load(row_wg_ptr + offs_m, mask=mask_m, other=0.0), col_wg_ptr, shift,
-                   BLOCK_M, BLOCK_N, HAS_EXCL, FIXED_SHIFT)
+                   BLOCK_M, BLOCK_N, HAS_EXCL, FIXED_SHIFT, CLAMPED)
     panel_rows = tl.num_programs(0) * BLOCK_M
     local = (offs_m - row_begin).to(tl.int64)[:, None] * n_cols + offs_n[None, :]
     keep = (offs_m - row_begin < panel_rows)[:, None] & mask_n[None, :]
@@ -452,7 +472,25 @@ def _split(n_items: int, parts: int) -> tuple[int, int]:
 
 def _fixed_shift(scale: float) -> tuple[float, bool]:
     shift = LOG2E * scale
+    if shift > SHIFT_MAX:
+        raise ValueError(f"temperature must be >= {LOG2E / SHIFT_MAX:.4g} for backend='triton' "
+                         f"(its base-2 logits, up to log2(e) / temperature, must stay finite in "
+                         f"float32), got {1.0 / scale:.4g}")
     return shift, 2 * shift <= FIXED_SHIFT_MAX
+
+
+def _logit_factors(row_inv, col_inv, shift: float, fixed: bool):
+    """The per-row and per-column factors (fp32) by which ``_scale`` multiplies a tile's
+    products, in that order, into base-2 logits: shift / |r| and 1 / |c|. Past the fixed shift
+    (up to 1.4e38 at fp32's smallest temperature) the partial product (r . c) shift / |r| =
+    |c| cos shift can overflow though the logit cos shift cannot, and so can shift / |r| itself
+    for rows below the norm floor (1 / eps = 1e12): inf, then inf - inf = NaN. There shift is
+    split instead, a power of two a ~ sqrt(shift) on the rows (exact) and shift / a on the
+    columns."""
+    if fixed:
+        return (row_inv * shift).float(), col_inv.float()
+    row_part = 2.0 ** math.floor(0.5 * math.log2(shift))
+    return (row_inv * row_part).float(), (col_inv * (shift / row_part)).float()
 
 
 def _merge(part_max: torch.Tensor, part_sum: torch.Tensor) -> torch.Tensor:
@@ -508,9 +546,10 @@ def _launch_forward(rows, row_inv, cols, col_inv, excl_offset, scale, with_cols)
     col_shape = (groups, n_cols) if with_cols else (0,)
     col_max = torch.full(col_shape, shift if fixed else -shift, **f32)
     col_sum = torch.zeros(col_shape, **f32)
+    row_factor, col_factor = _logit_factors(row_inv, col_inv, shift, fixed)
     _forward_kernel[(groups, splits)](
-        launch.rows, launch.row_stride_vec, (row_inv * shift).float(), launch.cols,
-        launch.col_stride_vec, col_inv.float(), row_max, row_sum, col_max, col_sum, n_rows,
+        launch.rows, launch.row_stride_vec, row_factor, launch.cols,
+        launch.col_stride_vec, col_factor, row_max, row_sum, col_max, col_sum, n_rows,
         n_cols, excl_offset, blocks_per_group, tiles_per_split, shift, WITH_COLS=with_cols,
         **launch.constexprs)
     row_lse = _merge(row_max, row_sum)
@@ -559,11 +598,13 @@ def _launch_backward(rows, row_inv, cols, col_inv, col_fold, pairing, scale, row
     out = grad if direct else torch.empty((splits, n_rows, dim), dtype=torch.float32,
                                           device=rows.device)
     (row_coef, row_lse2, row_wg), (col_coef, col_lse2, col_wg) = row_terms, col_terms
+    row_factor, col_factor = _logit_factors(row_inv, col_inv, shift, fixed)
     _backward_kernel[(row_blocks, splits)](
-        launch.rows, launch.row_stride_vec, row_inv * shift, launch.cols, launch.col_stride_vec,
-        col_inv, col_fold, row_coef, col_coef, row_lse2, col_lse2, row_wg, col_wg, out,
+        launch.rows, launch.row_stride_vec, row_factor, launch.cols, launch.col_stride_vec,
+        col_factor, col_fold, row_coef, col_coef, row_lse2, col_lse2, row_wg, col_wg, out,
         out_scale, n_rows, n_cols, pairing.offset, pairing.half, pairing.excl_offset,
-        tiles_per_split, shift, D_PAD=max(16, triton.next_power_of_2(dim)), **launch.constexprs)
+        tiles_per_split, shift, D_PAD=max(16, triton.next_power_of_2(dim)),
+        CLAMPED=shift >= CLAMPED_SHIFT_MIN, **launch.constexprs)
     if not direct:
         torch.sum(out, 0, out=grad)
 
@@ -596,13 +637,15 @@ def _panel_backward(rows, row_inv, row_fold, cols, col_inv, col_fold, pairing, s
     g_cols = rows.new_empty((panel_rows, n_cols)) if with_grad_cols else g_rows
     grad_cols.zero_()  # the panels add to it
     (row_coef, row_lse2, row_wg), (col_coef, col_lse2, col_wg) = row_terms, col_terms
+    row_factor, col_factor = _logit_factors(row_inv, col_inv, shift, fixed)
     for begin in range(0, n_rows, panel_rows):
         count = min(panel_rows, n_rows - begin)
         _g_panel_kernel[(triton.cdiv(count, block_m), triton.cdiv(n_cols, block_n))](
-            rows, launch.row_stride_vec, row_inv * shift, row_fold, cols, launch.col_stride_vec,
-            col_inv, col_fold, row_coef, col_coef, row_lse2, col_lse2, row_wg, col_wg, g_rows,
+            rows, launch.row_stride_vec, row_factor, row_fold, cols, launch.col_stride_vec,
+            col_factor, col_fold, row_coef, col_coef, row_lse2, col_lse2, row_wg, col_wg, g_rows,
             g_cols, n_rows, n_cols, begin, pairing.offset, pairing.half, pairing.excl_offset,
-            shift, WITH_COLS=with_grad_cols, **launch.constexprs)
+            shift, WITH_COLS=with_grad_cols, CLAMPED=shift >= CLAMPED_SHIFT_MIN,
+            **launch.constexprs)
         grad_rows[begin:begin + count] = _mm(g_rows[:count], cols)
         if with_grad_cols:
             grad_cols += _mm(g_cols[:count].T, rows[begin:begin + count])

@@ -7,6 +7,16 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Property tests (tests/*/test_properties.py): CI's run is a fixed set of examples (derandomized,
+# so no example database either) within its time budget; HYPOTHESIS_PROFILE=long searches more,
+# randomly, keeping what fails in .hypothesis/ (git-ignored) to replay it first.
+settings.register_profile("ci", max_examples=100, deadline=None, derandomize=True,
+                          print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=2000, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(autouse=True)

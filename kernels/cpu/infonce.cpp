@@ -65,6 +65,16 @@ void mask_excluded(at::Tensor& tile, const int64_t* excl, int64_t row0, int64_t 
 }
 
 
+// dots (unit dot products, |dots| <= 1 up to rounding) -> logits, scale * dots, in place. Near the
+// temperature's bound scale is near the dtype's max, where a dot rounded above 1 would overflow
+// to inf (then inf - inf = NaN in the softmax): there the dots are clamped to [-1, 1] first.
+void scale_dots(at::Tensor& dots, double scale) {
+  const double largest = dots.scalar_type() == at::kFloat ? std::numeric_limits<float>::max()
+                                                          : std::numeric_limits<double>::max();
+  if (scale > 0.5 * largest) dots.clamp_(-1.0, 1.0);
+  dots.mul_(scale);
+}
+
 // ----------------------------------------------------------------------------- fixed shift (fp32)
 // Rows and columns are unit (or zero) vectors, so every logit lies in [-scale, scale]: exp(S -
 // scale) is in [exp(-2 scale), 1] and needs no running max while exp(-2 scale) stays a normal
@@ -274,7 +284,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lse_forward(
         auto logits = logits_buf.narrow(0, 0, rows_here);
         auto exps = exp_buf.narrow(0, 0, rows_here);
         at::mm_out(logits, rows.narrow(0, row0, rows_here), col_block.t());
-        logits.mul_(scale);
+        scale_dots(logits, scale);
         AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "lse_forward_positives", [&] {
           const auto* data = logits.data_ptr<scalar_t>();
           auto* pos_out = pos_logit.data_ptr<scalar_t>();
@@ -355,7 +365,7 @@ void grad_tile(at::Tensor& dots, at::Tensor& grad, int64_t row0, int64_t col0, d
                       static_cast<float>(scale), row.coef.data_ptr<float>() + row0,
                       col ? col->coef.data_ptr<float>() + col0 : nullptr);
   } else {
-    dots.mul_(scale);
+    scale_dots(dots, scale);
     AT_DISPATCH_FLOATING_TYPES(dots.scalar_type(), "lse_backward_mask", [&] {
       mask_excluded<scalar_t>(dots, excl_ptr, row0, col0);
     });

@@ -121,14 +121,13 @@ def test_temperatures(temperature):
     assert_rel_close(g1, ref_g1, 1e-4, "grad z1")
 
 
-@pytest.mark.parametrize("variant,backend", [
-    ("cross", "cpu"), ("ntxent", "cpu"), ("cross", "triton"),
-    pytest.param("ntxent", "triton", marks=pytest.mark.xfail(
-        strict=True, reason="issue 26: the Triton ntxent kernels give NaN rows at tau 1e-38"))])
+@pytest.mark.parametrize("variant", ["cross", "ntxent"])
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_the_mean_of_huge_per_pair_losses_stays_finite(variant, backend):
     """temperature 1e-38 (allowed in fp32: 1/t fits): per-pair losses near 1e38, each finite, and
     their mean fits too; summed in fp32 they overflowed to inf (issue 26), and so did the sum of a
-    pair's two directions before it was halved."""
+    pair's two directions before it was halved. Triton: shift / |r| and |c| shift / |r| overflowed
+    fp32 in the tiles (NaN rows) until shift was split between rows and columns."""
     z1, z2 = make_views(16, 8)
     z1, z2 = z1.detach(), z2.detach()
     ref = infonce_reference(z1.double(), z2.double(), 4, 1e-38, variant)
@@ -138,6 +137,44 @@ def test_the_mean_of_huge_per_pair_losses_stays_finite(variant, backend):
     assert_rel_close(per_pair, ref, 1e-5, "per-pair loss")
     loss = infonce(z1, z2, dim=4, temperature=1e-38, variant=variant, backend=backend)
     assert_rel_close(loss, ref.mean(), 1e-5, "loss")
+
+
+@pytest.mark.parametrize("variant", ["cross", "ntxent"])
+def test_gradient_at_the_smallest_temperatures_is_exact(variant):
+    """temperature 1e-38: the gradient w.r.t. a unit row is 1/tau (G K_hat), up to 1/tau (|w| +
+    N |w|) when a row is every other row's nearest (here z1's first, at the centre of a cone),
+    past fp32's max with unit weights (the sum's gradient), so it was inf and its radial part
+    NaN; the gradient w.r.t. z, the tangential part over |v| (here |v| ~ 1e4), is finite."""
+    z1, z2 = make_views(64, 64)
+    with torch.no_grad():
+        centre = torch.ones(64)
+        z1.copy_(1e3 * (centre + 0.5 * z1))
+        z2.copy_(1e3 * (centre + 0.5 * z2))
+        z1[0] = 1e3 * centre
+    weights = torch.ones(64)
+    ours = loss_and_grads(z1, z2, reduction="none", weights=weights, dim=64, temperature=1e-38,
+                          variant=variant)
+    exact = reference_loss_and_grads(z1, z2, reduction="none", weights=weights, dim=64,
+                                     temperature=1e-38, variant=variant)
+    assert_fp32_exact(ours, exact)
+
+
+@pytest.mark.parametrize("variant", ["cross", "ntxent"])
+def test_logits_stay_finite_at_the_smallest_temperature(variant):
+    """1/tau at fp32's max (tau 2.9e-39, the bound): a unit row's product with itself rounds
+    above 1 about as often as not, and 1/tau times that overflowed to inf, then inf - inf = NaN
+    in the LSEs; the products are clamped to [-1, 1] at such scales. Triton's bound is 8.5e-39
+    (its base-2 logits reach log2(e) / tau), below which it says so."""
+    tau = math.nextafter(1 / torch.finfo(torch.float32).max, 1.0)
+    z1 = make_views(10, 8)[0].detach()
+    z2 = z1.clone()
+    ours = loss_and_grads(z1, z2, reduction="none", weights=torch.ones(10), dim=8,
+                          temperature=tau, variant=variant)
+    exact = reference_loss_and_grads(z1, z2, reduction="none", weights=torch.ones(10), dim=8,
+                                     temperature=tau, variant=variant)
+    assert_fp32_exact(ours, exact, atol=8 * torch.finfo(torch.float32).eps / tau)
+    with pytest.raises(ValueError, match="temperature must be >= 8.479e-39 for backend='triton'"):
+        infonce(z1, z2, dim=8, temperature=tau, variant=variant, backend="triton")
 
 
 @pytest.mark.parametrize("variant", ["cross", "ntxent"])
