@@ -16,17 +16,16 @@ Layers, top to bottom:
 * ``infonce_reference``: the plain PyTorch formula, which builds the N x N matrix; tests and
   benchmarks compare against it.
 
-Numerics: fp32 accumulation for fp16/bf16/fp32 inputs (float64 stays float64); the loss comes
-back in that working dtype, gradients in the input dtype, exactly zero beyond ``dim``. Inputs of
-any finite scale give the exact loss and gradient (for tau >= 1e-5 in fp32: docs/loss.md): rows
-with max |u| >= 2^16 are divided by a power of two before their norms are taken
-(``scaling.scaled_rows``), so norms and products never overflow. A row
-of zeros is normalized to zero (finite loss) and gets a zero gradient, since the norm has no
-derivative there; so does any row with |u| < eps (F.normalize's floor). Non-finite inputs give a
-NaN loss (never an error, so no device sync). One pair alone (N = 1 without a group) has the loss
-0 exactly (the positive is the only term of each LSE) and a zero gradient; otherwise each pair's
-loss is clamped at 0 from below (its exact value is >= 0; fp32 rounding may dip under), the
-gradient being the formula's own.
+Numerics: fp32 accumulation for fp16/bf16/fp32 inputs (float64 stays float64); the loss comes back
+in that working dtype, gradients in the input dtype, exactly zero beyond ``dim``. Inputs of any
+finite scale give the exact loss and gradient (for tau >= 1e-5 in fp32: docs/loss.md): rows with max
+|u| >= 2^16 are divided by a power of two before their norms are taken (``scaling.scaled_rows``), so
+norms and products never overflow. A row of zeros is normalized to zero (finite loss) and gets a
+zero gradient, since the norm has no derivative there; so does any row with |u| < eps (F.normalize's
+floor). Non-finite inputs give a NaN loss (never an error, so no device sync). One pair alone (N = 1
+without a group) has the loss 0 exactly (the positive is the only term of each LSE) and a zero
+gradient; otherwise each pair's loss is clamped at 0 from below (its exact value is >= 0; fp32
+rounding may dip under), the gradient being the formula's own.
 """
 from __future__ import annotations
 
