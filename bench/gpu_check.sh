@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
-# The GPU check, one command, under 6 minutes by construction on one H200 benchmark host:
+# The GPU check, one command, under 8 minutes by construction on one H200 benchmark host:
 #
 #     bash bench/gpu_check.sh [OUT_DIR]          # default OUT_DIR: bench/results
 #
 # That host runs a fixed image (its own python3 with torch 2.11 and Triton 3.6, no DALI, no
 # package index), so nothing is installed or built: the CUDA path of directclr needs no native
-# extension. Every step runs under a time budget (seconds below, 345 in all, each cut to what is
+# extension. Every step runs under a time budget (seconds below, 455 in all, each cut to what is
 # left of DEADLINE_S) and writes its rows as each case ends, so a timeout loses one case, not the
-# step. The budgets come from the static report's H200 estimates (python -m directclr.gpu_report,
-# docs/kernels.md): fused fwd+bwd at N = 65,536 ~20 ms, the eager reference ~60 ms, so the loss
-# cases cost seconds each beyond Triton's first compile (~10 s a process, cached on disk after).
+# step. The loss cases are the static report's estimates (python -m directclr.gpu_report,
+# docs/kernels.md: H200 bands at N = 4,096, 16,384, 65,536 for cross and ntxent at dim 128, 360
+# and 2048, fused / eager / torch.compile), so the first GPU run gives the measured column beside
+# each band; every case is a fresh process of a few seconds beyond Triton's first compile (~10 s,
+# cached on disk after) and torch.compile's (tens of seconds: so at the smaller N only).
 #   0. which modules import here (torch, triton, pytest, numpy, torchvision, PIL, nvidia.dali):
 #      a step that needs a missing one is skipped with one line saying so
 #   1. environment facts                                   -> OUT_DIR/gpu_env.json
 #   2. the GPU tests (CUDA cases of the loss and spectrum tests)  -> OUT_DIR/gpu_tests.xml
-#   3. the loss benchmark, bf16, dim 360, N = 4096 ... 262144: fused / eager / torch.compile,
-#      this GPU's bf16 matmul peak measured in the same run  -> OUT_DIR/bench_loss.jsonl
+#   3. the loss benchmark, bf16, N = 4096, 16384, 65536, cross and ntxent: dim 360 first (fused /
+#      eager / torch.compile up to N = 16384, this GPU's bf16 matmul peak measured in the same
+#      run), then dims 128 and 2048 (fused / eager; torch.compile at N = 4096)
+#                                                          -> OUT_DIR/bench_loss.jsonl
 #   4. the spectrum benchmark, bf16, 65,536 x 2048, vs torch.cov -> OUT_DIR/bench_spectrum.jsonl
 #   5. the training benchmark, resnet50, 224 px, batch 256, bf16, the model alone on batches in
 #      memory (the whole loop too where DALI imports)      -> OUT_DIR/bench_train.jsonl
@@ -27,7 +31,7 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TRITON_INTERPRET=0
-DEADLINE_S=${DEADLINE_S:-350}
+DEADLINE_S=${DEADLINE_S:-470}
 start=$(date +%s)
 
 # left BUDGET: the seconds a step may take, its budget cut to what is left before the deadline.
@@ -70,14 +74,18 @@ if needs "GPU tests" torch triton pytest numpy; then
   tests_rc=${PIPESTATUS[0]}
 fi
 
+# loss_bench BUDGET DIM COMPILED_MAX_N [EXTRA...]: the static report's cases at one dim.
+loss_bench() {
+  local budget; budget=$(left "$1")
+  timeout "$budget" "$PY" bench/bench_loss.py --device cuda --dtype bfloat16 --dim "$2" \
+    --n 4096 16384 65536 --ntxent-max-n 65536 --compiled-max-n "$3" "${@:4}" \
+    --repeats 3 --budget "$(( budget - 10 ))" --min-case-s 15 --timeout 60 --results-dir "$OUT"
+}
 bench_rc=0
 if needs "loss bench" torch triton; then
-  budget=$(left 150)
-  timeout "$budget" "$PY" bench/bench_loss.py --device cuda --dtype bfloat16 \
-    --n 4096 16384 65536 262144 --ntxent-max-n 65536 --compiled-max-n 16384 \
-    --repeats 3 --matmul-peak --budget "$(( budget - 10 ))" --min-case-s 15 --timeout 60 \
-    --results-dir "$OUT"
-  bench_rc=$?
+  loss_bench 140 360 16384 --matmul-peak || bench_rc=$?
+  loss_bench 60 128 4096 || bench_rc=$?
+  loss_bench 60 2048 4096 || bench_rc=$?
 fi
 
 spectrum_rc=0

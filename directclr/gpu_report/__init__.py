@@ -21,13 +21,16 @@ Then, in a subprocess under TRITON_INTERPRET=1 with the GPU tile configurations,
 ``tl.dot`` multiply-adds and ``exp2``s of one forward + backward at a small N (plus the cuBLAS
 products of the wide-subvector path), in GEMM-equivalents (1 = 2 R C dim FLOPs, R x C logits).
 
-The H200 time estimate (`cost`; ``--n``, default 65,536, bf16) sums, per launch, the largest of
-its tensor time (SASS multiply-adds at TRITON_TENSOR_EFFICIENCY of the bf16 peak), its issue
-time, its exp2 time and its compulsory HBM traffic; cuBLAS products and O(N dim) host-side
-tensor ops add their own. The eager reference is the same model applied to its aten ops, traced
-on meta tensors: matrix products at CUBLAS_EFFICIENCY of the peak, every other op reading its
-inputs and writing its outputs once through HBM. Assumptions, not measurements:
-bench/gpu_check.sh measures what a lent GPU can.
+The H200 estimates (`cost`, at N = 4,096, 16,384 and 65,536, bf16) cost every launch by its
+SASS: per tile, tensor time plus issue time plus exp2 time (the sum the tutorials' kernels fit),
+in waves of the programs an SM holds, with the pipeline fill each program pays, or its
+compulsory HBM traffic where that is longer; cuBLAS products in their own waves; eager PyTorch
+as its aten ops traced on meta tensors (products by cuBLAS, every other op through HBM once),
+and a torch.compile-like fusion as those products plus one pass over the logits per direction.
+The constants are fitted to published Hopper timings of kernels others wrote, re-implemented in
+`references` and compiled and read like ours; each estimate is a band, the model's spread of
+predicted / measured over those references. Estimates from counts, not measurements:
+bench/gpu_check.sh measures the same cases where a GPU is lent.
 
 Importing the package imports no triton (directclr works without it); what needs it imports it.
 """

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from .cost import SMS
+from .cost import H200
 
 COUNT_N = 256  # interpreter counts: every tile full (multiples of 128), as at large N
 
@@ -57,10 +57,36 @@ class _CompileOnlyDriver:
 
 
 @contextlib.contextmanager
+def compile_only_driver(arch: int):
+    """Triton's driver, inside, is one that compiles for `arch` and launches nothing."""
+    from triton.runtime import driver
+    previous = driver._active  # None until something asked for the real driver
+    driver.set_active(_CompileOnlyDriver(arch))
+    try:
+        yield
+    finally:
+        driver._active = previous
+
+
+def compile_launch(fn, grid: tuple, args: tuple, arch: int, num_warps: int, num_stages: int,
+                   **constexprs) -> Launch:
+    """One kernel compiled for `arch` as the JIT specializes these arguments, not run."""
+    with compile_only_driver(arch):
+        compiled = fn.warmup(*args, grid=grid, num_warps=num_warps, num_stages=num_stages,
+                             **constexprs)
+    names = [p.name for p in fn.params]
+    values = {k: v for k, v in zip(names, args)
+              if isinstance(v, (int, float, bool)) and not isinstance(v, type)}
+    fn.device_caches.clear()
+    return Launch(fn.fn.__name__, tuple(grid), dict(constexprs), num_warps, num_stages,
+                  compiled.metadata.shared, compiled.asm["ptx"], compiled.asm["cubin"], values,
+                  compiled.asm.get("ttgir", ""))
+
+
+@contextlib.contextmanager
 def compile_only(arch: int, launches: list):
     """Every Triton launch inside compiles for `arch` (the JIT's own specialization of the real
     arguments) and is recorded instead of run; cuBLAS products return empty results."""
-    from triton.runtime import driver
     from triton.runtime.jit import JITFunction
     kernels = importlib.import_module("directclr.kernels.infonce")
     run, mm, wanted = JITFunction.run, kernels._mm, kernels._programs_wanted
@@ -83,16 +109,14 @@ def compile_only(arch: int, launches: list):
                                                  "N": b.shape[1]}, 0, 0, 0, "", b""))
         return torch.empty((a.shape[0], b.shape[1]), dtype=torch.float32)
 
-    previous = driver._active  # None until something asked for the real driver
-    driver.set_active(_CompileOnlyDriver(arch))
     JITFunction.run = record
     kernels._mm = empty_mm
-    kernels._programs_wanted = lambda device: kernels.PROGRAMS_PER_SM * SMS
+    kernels._programs_wanted = lambda device: kernels.PROGRAMS_PER_SM * H200.sms
     try:
-        yield
+        with compile_only_driver(arch):
+            yield
     finally:
         JITFunction.run, kernels._mm, kernels._programs_wanted = run, mm, wanted
-        driver._active = previous
         for fn in _jit_functions():
             fn.device_caches.clear()  # the next arch builds its own
 
