@@ -36,6 +36,10 @@ log = logging.getLogger("directclr.train")
 CHECKPOINT_GLOB = "ckpt_*.pt"
 KEEP_CHECKPOINTS = 2
 CHECKPOINT_KEYS = ("model", "optimizer", "loader", "step", "config", "run")
+# What a run leaves in --out besides its checkpoints, moved aside together by --no-resume (a
+# W&B run id left behind would make the new run log into the old W&B run).
+RUN_FILES = ("metrics.jsonl", "backbone.pt", "config.toml", "wandb-run-id", "wandb",
+             "tensorboard")
 
 
 def save_checkpoint(out: Path, step: int, state: dict, keep_every: int | None = None) -> None:
@@ -157,7 +161,7 @@ def claim_out(out: Path, resume: bool) -> FolderLock:
     for path in remove_stale_temporaries(out):
         log.warning("removed %s, left by a killed writer", path.name)
     previous = sorted(out.glob(CHECKPOINT_GLOB)) + [
-        out / name for name in ("metrics.jsonl", "backbone.pt") if (out / name).exists()]
+        out / name for name in RUN_FILES if (out / name).exists()]
     if not resume and previous:
         keep = out / time.strftime("previous-%Y%m%d-%H%M%S")
         keep.mkdir()

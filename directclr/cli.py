@@ -77,7 +77,7 @@ class Parser(argparse.ArgumentParser):
                          if isinstance(action, argparse._SubParsersAction)), {})
         command = commands.get(next((arg for arg in argv if not arg.startswith("-")), None))
         if command is not None and CONFIG_FLAG in command._option_string_actions:
-            found = argparse.ArgumentParser(add_help=False)
+            found = Parser(prog=command.prog, add_help=False)
             found.add_argument(CONFIG_FLAG, type=Path)
             path = found.parse_known_args(argv)[0].config
             if path is not None:
@@ -199,7 +199,7 @@ def lost_a_rank(err: RuntimeError) -> bool:
     """Whether `err` is a collective that failed because a peer process is gone (gloo's and
     NCCL's words for it), under a launcher."""
     import torch.distributed as dist
-    return "RANK" in os.environ and (isinstance(err, dist.DistError) or any(
+    return "RANK" in os.environ and (isinstance(err, dist.DistNetworkError) or any(
         words in str(err) for words in PEER_GONE))
 
 

@@ -288,7 +288,10 @@ def join_deadline(rank: int, world: int, timeout: float):
     and each waiting rank checks in at the rendezvous store, so that the error can count the
     ranks that never arrived."""
     joined = threading.Event()
-    watcher = threading.Thread(target=_watch_join, args=(rank, world, timeout, joined),
+    # Held by the watcher from its last look to os._exit, and by this thread to mark the join
+    # done: a join that ends while the watcher decides cannot be cut off after it returned.
+    decision = threading.Lock()
+    watcher = threading.Thread(target=_watch_join, args=(rank, world, timeout, joined, decision),
                                name="directclr-join", daemon=True)
     watcher.start()
     try:
@@ -298,7 +301,8 @@ def join_deadline(rank: int, world: int, timeout: float):
         raise ConnectionError(f"rank {rank} of {world}: the ranks could not join at {where}: "
                               f"{str(err).splitlines()[0]}") from None
     finally:
-        joined.set()
+        with decision:
+            joined.set()
 
 
 class JoinCensus:
@@ -325,7 +329,8 @@ class JoinCensus:
             return
 
 
-def _watch_join(rank: int, world: int, timeout: float, joined: threading.Event) -> None:
+def _watch_join(rank: int, world: int, timeout: float, joined: threading.Event,
+                decision: threading.Lock) -> None:
     host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     where = f"{host}:{port}"
     deadline = time.monotonic() + timeout
@@ -349,9 +354,11 @@ def _watch_join(rank: int, world: int, timeout: float, joined: threading.Event) 
             log.info("rank %d: %s of %d ranks at %s, %.0f s left", rank,
                      "?" if census.present is None else census.present, world, where,
                      deadline - time.monotonic())
-    if joined.is_set():
-        return
     census.look(JOIN_POLL)
+    decision.acquire()  # kept until os._exit: the join cannot be marked done meanwhile
+    if joined.is_set():
+        decision.release()
+        return
     if census.present is None:
         missing = (f"rank {rank} of {world} found nothing listening at {where} within "
                    f"{timeout:g} s: rank 0 hosts the rendezvous there (not started, or not "

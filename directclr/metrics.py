@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .checkpoint import on_rank0
 from .config import Config
 from .preemption import Diverged, divergence, probe_limit
 from .spectrum import SpectrumAccumulator
@@ -90,19 +91,23 @@ class MetricsLog:
         self.progress.close()
 
 
-def open_metrics(out: Path, cfg: Config, master: bool, world: int, num_classes: int,
+def open_metrics(out: Path, cfg: Config, rank: int, world: int, num_classes: int,
                  last_step: int, step: int) -> MetricsLog:
     """The run's MetricsLog from `step` on: files, TensorBoard, W&B and the bar on rank 0 only
-    (every rank still flushes, for the all-reduce of the losses and the divergence guard)."""
-    sinks = []
-    if cfg.tensorboard and master:
-        from .plot import TensorBoardWriter
-        sinks.append(TensorBoardWriter(out / "tensorboard", purge_step=step))
-    if cfg.wandb and master:
-        from .wandb_writer import WandbWriter
-        sinks.append(WandbWriter(out, cfg))
+    (every rank still flushes, for the all-reduce of the losses and the divergence guard). A sink
+    that cannot start stops every rank with its error, not rank 0 alone."""
+    def sinks() -> list:
+        opened = []
+        if cfg.tensorboard:
+            from .plot import TensorBoardWriter
+            opened.append(TensorBoardWriter(out / "tensorboard", purge_step=step))
+        if cfg.wandb:
+            from .wandb_writer import WandbWriter
+            opened.append(WandbWriter(out, cfg))
+        return opened
+    master = rank == 0
     return MetricsLog(out / "metrics.jsonl" if master else None, cfg, world, num_classes,
-                      progress_bar(master, last_step, step), sinks)
+                      progress_bar(master, last_step, step), on_rank0(sinks, rank, world) or [])
 
 
 def progress_bar(enabled: bool, total: int, initial: int):
@@ -167,7 +172,7 @@ class EpochStats:
             seen, correct = int(state["seen"]), int(state["correct"])
             for name, acc in self.spectra.items():
                 acc.load_state_dict(state["spectra"][name], self.correct.device)
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
             self.spectra = {name: SpectrumAccumulator(acc.dim, dtype=acc.dtype)
                             for name, acc in self.spectra.items()}
             log.warning("epoch %d's row will cover the images after the resume only: the "

@@ -145,8 +145,7 @@ def _remove_classifier(model: nn.Module) -> None:
     head = linears[-1]
     container = head.rpartition(".")[0]
     dropouts = [name for name, module in model.named_modules()
-                if isinstance(module, nn.Dropout) and container
-                and name.rpartition(".")[0] == container]
+                if isinstance(module, nn.Dropout) and name.rpartition(".")[0] == container]
     for name in [head, *dropouts]:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, nn.Identity())

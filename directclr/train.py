@@ -99,6 +99,14 @@ def image_size_of(cfg: Config) -> int:
     return cfg.image_size or (SMALL_IMAGE_SIZE if cfg.data == "fashion-mnist" else 224)
 
 
+def absolute_paths(cfg: Config) -> dict[str, str]:
+    """--data, --out and --cache as absolute paths (a shard pattern's braces stay as they are)."""
+    paths = {"out": cfg.out, "cache": cfg.cache}
+    if cfg.data != "fashion-mnist":
+        paths["data"] = cfg.data
+    return {name: str(Path(value).expanduser().absolute()) for name, value in paths.items()}
+
+
 def check_config(cfg: Config, world: int) -> int:
     """Clear errors, each naming its flag, before any work (nothing is created or read);
     returns the backbone's representation width."""
@@ -269,9 +277,11 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, out: Path,
     step = 0 if state is None else restore_checkpoint(state, last_step, model, optimizer, loader)
     if master and state is not None:
         log.info("resumed from step %d (epoch %d)", step, loader.epoch)
-    if master:  # once the resume has accepted them: the settings the run goes on with
-        write_settings(out / WRITTEN_NAME, {f.name: getattr(cfg, f.name) for f in fields(cfg)
-                                            if f.name not in INVOCATION_FIELDS})
+    # Once the resume has accepted them: the settings the run goes on with, its paths absolute
+    # (the file repeats the run from any directory).
+    on_rank0(lambda: write_settings(out / WRITTEN_NAME, {
+        f.name: absolute_paths(cfg).get(f.name, getattr(cfg, f.name)) for f in fields(cfg)
+        if f.name not in INVOCATION_FIELDS}), rank, world)
     if master:
         log.info("%d images in %d classes from %s; %d steps of %d pairs per epoch, %d steps in "
                  "all; %s loader, %d process(es) on %s; %s on %s, d0 = %d", len(loader.index),
@@ -290,7 +300,7 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, out: Path,
     if cfg.compile and master:
         log.info("--compile: the first step waits for torch.compile (minutes on CPU)")
     votes = stop_group(world, device)
-    metrics = open_metrics(out, cfg, master, world, len(loader.classes), last_step, step)
+    metrics = open_metrics(out, cfg, rank, world, len(loader.classes), last_step, step)
     stats = EpochStats(loader.epoch, model.probe.in_features, cfg.dim, device)
     stats.resume(None if state is None else state.get("epoch_stats"), rank)
     checkpoints = Checkpointer(

@@ -34,9 +34,12 @@ class WandbWriter:
         else:
             run_id = uuid.uuid4().hex[:12]  # W&B's ids: letters and digits
             atomic_write(id_file, lambda tmp: write_bytes_durably(tmp, run_id.encode()))
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", DEFAULT_PROJECT),
-                              name=out.resolve().name, id=run_id, resume="allow", dir=out,
-                              config=asdict(cfg))
+        try:  # W&B's own errors (login, network) are of its own types
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", DEFAULT_PROJECT),
+                                  name=out.resolve().name, id=run_id, resume="allow", dir=out,
+                                  config=asdict(cfg))
+        except Exception as err:
+            raise ValueError(f"--wandb: W&B could not start its run ({err})") from err
 
     def write(self, row: dict) -> None:
         """One metrics row; an epoch row once metrics.jsonl holds it (its figures read it)."""

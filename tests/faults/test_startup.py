@@ -135,20 +135,6 @@ def test_stop_signal_during_start_up(work, name, sig, when, launcher, rerun):
         assert steps(out) == list(range(1, RUN_STEPS + 1))
 
 
-@pytest.mark.xfail(strict=True, reason="Python imports the package and directclr.cli, torch with "
-                   "them (seconds), before main() runs: a signal then meets the default handler "
-                   "(exit 143)")
-def test_sigterm_while_the_package_imports(work):
-    out = fresh(work / "sigterm-0.3s-after-launch")
-    proc = subprocess.Popen([sys.executable, *pretrain_args(work, out, steps=RUN_STEPS)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=ENV_ONE_THREAD)
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == EXIT_PREEMPTED, f"exit {proc.returncode}: {err[-3000:]}"
-
-
 def test_other_commands_get_a_signal_as_before(tmp_path, monkeypatch, capsys):
     """Commands other than pretrain keep the default handling: a stop signal that came while
     their command line was read reaches the handler it would have met (here a recorder; the

@@ -17,7 +17,8 @@ BACKBONES = [("torchvision:vit_b_16", 32, 768),  # built for 32 px: 4 patches of
              ("torchvision:efficientnet_b0", 32, 1280),  # dropout before its classifier
              ("torchvision:resnet18", 32, 512),  # the CIFAR stem applies
              ("timm:vit_tiny_patch16_224", 32, 192),
-             ("timm:resnet18", 64, 512)]
+             ("timm:resnet18", 64, 512),
+             ("torchvision:googlenet", 64, 1024)]  # dropout beside a top-level fc
 
 
 @pytest.mark.parametrize("arch, size, width", BACKBONES, ids=[b[0] for b in BACKBONES])
@@ -31,6 +32,8 @@ def test_a_named_backbone_returns_its_representation(arch, size, width):
                 if isinstance(module, nn.Linear) and module.out_features == 1000], "head kept"
     if arch == "torchvision:efficientnet_b0":  # its dropout would drop representation features
         assert all(isinstance(module, nn.Identity) for module in model.classifier)
+    if arch == "torchvision:googlenet":
+        assert isinstance(model.dropout, nn.Identity) and isinstance(model.fc, nn.Identity)
 
 
 def test_the_cifar_stem_applies_to_resnets_only():

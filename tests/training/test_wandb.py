@@ -47,3 +47,7 @@ def test_a_run_and_its_resume_log_the_metrics_rows_to_one_wandb_run(tiny, tmp_pa
     assert isinstance(epoch_end["plots/rank"], wandb.Image)
     config = logged[-1][3]
     assert (config["arch"], config["dim"], config["max_steps"]) == ("resnet18-w16", 22, 6)
+    # --no-resume starts a new W&B run: the old id moves aside with the old run's files
+    assert main([*args[:-1], "1", "--no-resume"]) == 0
+    assert (out / "wandb-run-id").read_text().strip() != run_id
+    assert [p.read_text().strip() for p in out.glob("previous-*/wandb-run-id")] == [run_id]
