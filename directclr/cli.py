@@ -468,7 +468,9 @@ def main(argv=None) -> int:
         except SystemExit as done:  # --help, --version, or a bad flag (one line printed)
             args = done
         if isinstance(args, argparse.Namespace) and args.command == "pretrain":
-            return _run(args, argv)
+            code = _run(args, argv)
+            start_up.ignore_after()  # the run is over, checkpointed or done
+            return code
     start_up.hand_back()
     return args.code if isinstance(args, SystemExit) else _run(args, argv)
 

@@ -78,6 +78,12 @@ class StopSignals:
             signal.signal(sig, handler)
         self.previous = {}
 
+    def ignore_after(self) -> None:
+        """Within the block: on leaving it, the stop signals are ignored instead of handed back.
+        For a run that is done: a scheduler's late SIGTERM during the seconds Python takes to
+        shut down would otherwise turn its exit 0 into a kill."""
+        self.previous = dict.fromkeys(self.previous, signal.SIG_IGN)
+
     def hand_back(self) -> None:
         """After __exit__: the signal received, if any, to the handlers it had replaced, as if it
         came now (the default ones end the process as they would have)."""

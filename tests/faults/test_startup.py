@@ -255,3 +255,24 @@ def test_kill_9_while_the_forkserver_imports_leaves_no_process(work):
     args, _ = loader_args(work, "kill-9-forkserver-importing")
     kill_9_then_wait(args, lambda proc: forkserver_importing(proc.pid),
                      GONE_WITHIN_FORKSERVER_IMPORT)
+
+
+def test_a_stop_signal_while_a_finished_run_exits_keeps_exit_0(work):
+    """A scheduler's late SIGUSR1 during the seconds a finished run's Python takes to shut down
+    (after its last line): exit 0, not a kill (it was -10, 4 of 4 tries; found by the soak)."""
+    out = fresh(work / "signal-after-the-end")
+    proc = subprocess.Popen([sys.executable, *pretrain_args(work, out, steps=RUN_STEPS)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**ENV_ONE_THREAD, "PYTHONUNBUFFERED": "1"})
+    try:
+        for line in proc.stdout:
+            if line.startswith("metrics:"):  # the last line: backbone.pt is written
+                break
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGUSR1)
+        proc.stdout.read()
+        assert proc.wait(timeout=300) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert (out / "backbone.pt").exists()
