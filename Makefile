@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: test build bench bench-plot gpu-report pretrain theory reproduce clean
+.PHONY: test build bench bench-plot gpu-report pretrain theory reproduce soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,13 @@ pretrain: build
 	  --data fashion-mnist --epochs 2 --limit 2000 $(PROBE_ARGS)
 	@echo "metrics (one JSON row per step, epoch rows with spectra): runs/fashion-mnist/metrics.jsonl"
 	@echo "probe result: runs/fashion-mnist/probe-backbone.json"
+
+# The chaos soak (docs/reliability.md): tiny runs killed and signalled at random moments,
+# relaunched, and compared bit for bit with the same runs left alone; summary in
+# runs/soak/summary.json, exit 1 on any inexact or failed cycle. SOAK_ARGS="--minutes 5 --seed 2".
+SOAK_ARGS ?= --minutes 30
+soak: build
+	$(BIN)/python -m directclr.soak $(SOAK_ARGS)
 
 # The paper's linear-network theory (Sections 3-4): three simulations, JSON + PNG in docs/theory.
 theory: build
