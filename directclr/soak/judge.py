@@ -59,7 +59,8 @@ def judge(record: Launch, fault: Fault | None, ranks: int, finished: bool) -> No
     # torchrun: exit 1 when a rank failed or it was signalled itself, -9 when it was killed
     # torchrun signalled itself ends its ranks without reporting their exit codes
     ranks_killed = fault.target == "torchrun" or any(c < 0 for c in record.rank_exits)
-    if fault.target == "torchrun" and code == default_death and all_of("peer lost"):
+    # torchrun still importing has no handlers: SIGINT ends it by a KeyboardInterrupt
+    if fault.target == "torchrun" and code == default_death and all_of("peer lost", "interrupt"):
         return verdict("ok", "torchrun ended by the signal" if stop else "killed")
     if code == 1 and not stop and all_of("torchrun", "peer lost"):
         return verdict("ok", "a rank was killed; torchrun stopped the other")

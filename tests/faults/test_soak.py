@@ -145,18 +145,20 @@ def test_judge_torchrun():
     """Under torchrun (exit 1 after any rank fails): a rank's own error fails beside torchrun's
     report, and so does a lost peer after a stop signal mid-step; a lost peer after kill -9 of a
     rank does not. SIGINT to torchrun while its ranks import (torchrun reports no rank exits
-    then) is the known deviation."""
+    then) is the known deviation; while torchrun itself imports, it ends torchrun by a
+    KeyboardInterrupt (exit -2), as SIGTERM would by exit -15."""
     kill = Fault("kill-9", "mid-step", "rank 0", 0, 0)
     stop = Fault("SIGTERM", "mid-step", "rank 1", 0, 0)
     interrupt_at_resume = Fault("SIGINT", "resume", "torchrun", 0, 0)
-    cases = [(kill, PEER_LOST + CHILD_FAILED, (-9, -15), "ok"),
-             (stop, CHILD_FAILED, (75, 75), "ok"),
-             (stop, traceback(OUR_ERROR, "[rank0]: ") + CHILD_FAILED, (1, 75), "failure"),
-             (stop, PEER_LOST + CHILD_FAILED, (-15, -15), "failure"),
-             (interrupt_at_resume, traceback("KeyboardInterrupt") + TORCHRUN_INTERRUPTED, (),
+    cases = [(kill, 1, PEER_LOST + CHILD_FAILED, (-9, -15), "ok"),
+             (stop, 1, CHILD_FAILED, (75, 75), "ok"),
+             (stop, 1, traceback(OUR_ERROR, "[rank0]: ") + CHILD_FAILED, (1, 75), "failure"),
+             (stop, 1, PEER_LOST + CHILD_FAILED, (-15, -15), "failure"),
+             (interrupt_at_resume, 1, traceback("KeyboardInterrupt") + TORCHRUN_INTERRUPTED, (),
               "known"),
-             (Fault("SIGINT", "mid-step", "torchrun", 0, 0),
+             (interrupt_at_resume, -2, traceback("KeyboardInterrupt"), (), "ok"),
+             (Fault("SIGINT", "mid-step", "torchrun", 0, 0), 1,
               traceback("KeyboardInterrupt") + TORCHRUN_INTERRUPTED, (), "failure")]
-    for fault, log, rank_exits, verdict in cases:
-        record = judged(1, log, fault, ranks=2, rank_exits=rank_exits)
+    for fault, exit_code, log, rank_exits, verdict in cases:
+        record = judged(exit_code, log, fault, ranks=2, rank_exits=rank_exits)
         assert record.verdict == verdict, (fault, rank_exits, record.reason)
