@@ -1,8 +1,9 @@
 """The `directclr` command (also `python -m directclr`).
 
-At start-up only the package (torch and the loss), directclr.config and directclr.preemption are
-imported: each command imports the rest (torchvision, the data stack) when it runs, so `--help`, a
-bad flag and `directclr info` work even where torchvision does not match torch.
+At start-up it imports only the standard library's modules (directclr.config, .config_file,
+.stop_signals; the package's own names load on first use): main() catches the stop signals before
+anything imports torch. Each command imports the rest (torchvision, the data stack) when it runs,
+so `--help`, a bad flag and `directclr info` work even where torchvision does not match torch.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from .config import (
     path_type,
 )
 from .config_file import CONFIG_FLAG, WRITTEN_NAME, apply_settings, read_settings
-from .preemption import StopSignals
+from .stop_signals import StopSignals
 
 POSITIVE = bounded(int, low=1)
 NON_NEGATIVE = bounded(int, low=0)
@@ -169,7 +170,7 @@ def _add_prepare(commands) -> None:
 def _pretrain(args) -> int:
     import logging
 
-    from .preemption import RunStopped
+    from .stop_signals import RunStopped
     from .train import pretrain
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

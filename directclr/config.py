@@ -3,8 +3,8 @@ range and choices; from them come `directclr pretrain`'s flags, their checks and
 (`add_config_flags`), the check of a Config built in Python (`check_fields`), and the argv that
 other code builds to launch a run (`pretrain_argv`).
 
-This module imports no torchvision or data stack (directclr's package imports torch and the
-loss): `directclr --help` and the checks of a bad flag work where torchvision does not match.
+This module imports only the standard library: `directclr --help` and the checks of a bad flag
+answer without importing torch, and work where torchvision does not match it.
 """
 from __future__ import annotations
 

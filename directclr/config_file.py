@@ -20,8 +20,6 @@ import argparse
 import math
 from pathlib import Path
 
-from .files import atomic_write, write_bytes_durably
-
 CONFIG_FLAG = "--config"
 WRITTEN_NAME = "config.toml"  # what pretrain writes into --out
 
@@ -120,6 +118,7 @@ def write_settings(path: Path, settings: dict) -> None:
         if value is not None:
             lines.append(f"{name.replace('_', '-')} = {_toml(value)}")
     data = ("\n".join(lines) + "\n").encode()
+    from .files import atomic_write, write_bytes_durably  # imports torch: not at start-up
     atomic_write(path, lambda tmp: write_bytes_durably(tmp, data))
 
 

@@ -74,7 +74,8 @@ from .models import (
     stem_for,
     sync_batchnorm,
 )
-from .preemption import Preempted, StopSignals, agreed_stop, stop_group
+from .preemption import agreed_stop, stop_group
+from .stop_signals import Preempted, StopSignals
 
 log = logging.getLogger("directclr.train")
 SMALL_IMAGE_SIZE = 32  # Fashion-MNIST padded to 32 px: CIFAR stem and the "small" recipe

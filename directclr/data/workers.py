@@ -37,12 +37,12 @@ import os
 import signal
 import sys
 
-from ..preemption import STOP_SIGNALS
+from ..stop_signals import STOP_SIGNALS
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # A terminal's Ctrl-C and a scheduler's preemption (srun signals every process of a job) reach
 # the workers and the forkserver too, while the trainer finishes its step and writes a checkpoint
-# (directclr.preemption.StopSignals): they ignore them and end with the trainer instead. At the
+# (directclr.stop_signals.StopSignals): they ignore them and end with the trainer instead. At the
 # trainer's exit, multiprocessing would stop its daemon children with SIGTERM and wait for them,
 # forever; so this process kills them first (_kill_workers_at_exit). STOP_SIGNALS: those.
 PRELOAD = "directclr.data.forkserver_preload"

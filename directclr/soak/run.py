@@ -40,7 +40,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ..preemption import STOP_SIGNALS
+from ..stop_signals import STOP_SIGNALS
 from .judge import KNOWN_DEVIATION, differences, judge
 from .plan import IMAGE_SIDE_PX, KINDS, Configuration, describe, plan_cycle
 from .processes import RunFolder, Trigger, kill_all, launch, run_environment

@@ -23,7 +23,8 @@ from directclr.checkpoint import (
 from directclr.config import RESUME_FIELDS, Config, flag
 from directclr.data.loader import dali_available
 from directclr.files import FolderLock
-from directclr.preemption import EXIT_DIVERGED, EXIT_PREEMPTED
+from directclr.preemption import EXIT_DIVERGED
+from directclr.stop_signals import EXIT_PREEMPTED
 from tests.faults.helpers import (
     DDP_STEPS,
     STEPS,

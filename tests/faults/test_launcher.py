@@ -23,7 +23,8 @@ from directclr.distributed import (
     join_timeout,
 )
 from directclr.files import TEMPORARY_GLOB
-from directclr.preemption import StopSignals, agreed_stop
+from directclr.preemption import agreed_stop
+from directclr.stop_signals import StopSignals
 from tests.faults.helpers import (
     DDP_STEPS,
     Work,

@@ -14,7 +14,7 @@ import pytest
 from directclr import cli
 from directclr.checkpoint import checkpoint_step
 from directclr.files import TEMPORARY_GLOB
-from directclr.preemption import EXIT_PREEMPTED
+from directclr.stop_signals import EXIT_PREEMPTED, STOP_SIGNALS
 from tests.faults.helpers import (
     Work,
     children,
@@ -91,11 +91,21 @@ def assert_nothing_lost(out: Path, text: str, sig: signal.Signals) -> None:
     assert not list(out.glob(TEMPORARY_GLOB))
 
 
-# (case, signal, when, launcher, rerun). When: seconds after the command began to import the
+def imports_torch(pid: int) -> bool:
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+# (case, signal, when, launcher, rerun). When: "handlers", as soon as the command handles the
+# stop signals, before it has loaded torch; seconds after the command began to import the
 # training stack (then come train.py's imports, the lock on --out, the data); "data", once its
 # log says the data is loaded (the model, the metrics and the first step come next). The same
 # command is rerun after a start-up stop and after the one with a checkpoint (~10 s each here).
-STOPS = [("sigterm-importing", signal.SIGTERM, 0.0, "module", True),
+STOPS = [("sigterm-before-torch", signal.SIGTERM, "handlers", "module", False),
+         ("sigint-before-torch", signal.SIGINT, "handlers", "script", False),
+         ("sigterm-importing", signal.SIGTERM, 0.0, "module", True),
          ("sigint-0.3s-later", signal.SIGINT, 0.3, "script", False),
          ("sigusr1-1s-later", signal.SIGUSR1, 1.0, "module", False),
          ("sigterm-data-loaded", signal.SIGTERM, "data", "module", True)]
@@ -112,7 +122,10 @@ def test_stop_signal_during_start_up(work, name, sig, when, launcher, rerun):
         proc = subprocess.Popen(command(args, launcher), stdout=f, stderr=subprocess.STDOUT,
                                 env=ENV_ONE_THREAD)
         try:
-            if when == "data":
+            if when == "handlers":
+                wait_until(lambda: handles(proc.pid, *STOP_SIGNALS), proc, "it handled them")
+                assert not imports_torch(proc.pid), "torch was loaded before the handlers"
+            elif when == "data":
                 wait_until(lambda: "images in" in log.read_text(), proc, "the data was loaded")
             else:
                 wait_until(lambda: imports_the_training_stack(proc.pid), proc,
@@ -126,7 +139,7 @@ def test_stop_signal_during_start_up(work, name, sig, when, launcher, rerun):
     text = log.read_text()
     assert code == EXIT_PREEMPTED, f"exit {code} after {sig.name} ({when}): {text[-3000:]}"
     assert "Traceback" not in text, text[-3000:]
-    if when == 0.0:
+    if when in ("handlers", 0.0):
         assert f"stopped by {sig.name} during start-up" in text, text[-3000:]
     assert_nothing_lost(out, text, sig)
     if rerun:
