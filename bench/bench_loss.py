@@ -29,7 +29,12 @@ if __package__:  # imported as bench.bench_loss (the tests)
 else:  # run as a script, python bench/bench_loss.py: bench/ is sys.path[0]
     import common
 
-PROVIDERS = ("fused", "reference", "compiled")
+# fused: the op as a user gets it, which keeps its dot products for the backward where they fit
+# the default budget (directclr.fused.keeps_dots); fused-keep and fused-recompute force one path.
+PROVIDERS = ("fused", "fused-keep", "fused-recompute", "reference", "compiled")
+PATH_BUDGET_MB = {"fused-keep": "1e9", "fused-recompute": "0"}  # DIRECTCLR_KEEP_DOTS_MB
+# fused-keep holds M x C (fp32: 4 GiB for cross at N = 32,768): not run beyond this.
+KEEP_MAX_BYTES = 2 << 30
 # The fused op with a learnable temperature (a 0-d tensor requiring grad): its cost over "fused"
 # (vs_fused) is that of the temperature's gradient. Not in the default sweep.
 LEARNED_TAU = "fused-learned-tau"
@@ -67,7 +72,7 @@ def make_loss(provider: str, variant: str, dim: int):
 
     from directclr import infonce, infonce_reference
 
-    if provider == "fused":
+    if provider in ("fused", *PATH_BUDGET_MB):
         return lambda z1, z2: infonce(z1, z2, dim=dim, variant=variant)
     if provider == LEARNED_TAU:
         tau = torch.tensor(0.1, requires_grad=True)
@@ -99,7 +104,13 @@ def matmul_peak_tflops(device: str, dtype: str, size: int = 8192, repeats: int =
 
 def run_case(provider, variant, n, width, dim, dtype, device, repeats) -> dict:
     """Times fwd+bwd in this process (meant to be a fresh one); returns one result row."""
+    import os
+
     import torch
+
+    from directclr import fused
+    if provider in PATH_BUDGET_MB:
+        os.environ[fused.KEEP_DOTS_ENV] = PATH_BUDGET_MB[provider]
 
     torch.manual_seed(0)
     torch_dtype = getattr(torch, dtype)
@@ -142,9 +153,25 @@ def run_case(provider, variant, n, width, dim, dtype, device, repeats) -> dict:
         "variant": variant, "N": n, "D": width, "dim": dim, "dtype": dtype,
         "device": device, "fwd_bwd_ms": 1e3 * median, "repeats": repeats,
         "tflops": matmul_flops(variant, n, dim) / median / 1e12,
+        "path": path_of(provider, variant, n, torch_dtype, cuda),
         "peak_mem_mb": max(peak, 0) / 2**20, "grad_mb": 2 * n * width * DTYPES[dtype] / 2**20,
         "status": "ok",
     }
+
+
+def path_of(provider: str, variant: str, n: int, dtype, cuda: bool) -> str | None:
+    """A fused row's path: "keep" (three products) or "recompute" (four)."""
+    if provider not in ("fused", *PATH_BUDGET_MB, LEARNED_TAU):
+        return None
+    from directclr import fused
+    keeps = fused.keeps_dots("triton" if cuda else "cpu", n, variant, 1, dtype,
+                             fused.keep_dots_bytes())
+    return "keep" if keeps else "recompute"
+
+
+def kept_bytes(variant: str, n: int, dtype: str) -> int:
+    rows = n if variant == "cross" else 2 * n
+    return rows * rows * DTYPES[dtype]
 
 
 # glibc's mmap threshold for the live-peak process: buffers above it are mapped on their own.
@@ -172,14 +199,15 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--n", type=int, nargs="+", default=[2048, 8192, 32768])
+    parser.add_argument("--n", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 32768])
     parser.add_argument("--ntxent-max-n", type=int, default=8192,
                         help="largest N for the ntxent variant (it has 4x the work of cross)")
     parser.add_argument("--width", type=int, default=2048, help="D, the embedding width")
     parser.add_argument("--dim", type=int, default=360)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS),
-                        choices=(*PROVIDERS, LEARNED_TAU))
+    parser.add_argument("--providers", nargs="+", default=None,
+                        choices=(*PROVIDERS, LEARNED_TAU),
+                        help="default: all; on CUDA without the CPU op's two paths")
     parser.add_argument("--repeats", type=int, default=None, help="default: by size")
     parser.add_argument("--compiled-max-n", type=int, default=None,
                         help="largest N for torch.compile(reference) (its compile time grows)")
@@ -195,6 +223,9 @@ def main(argv=None) -> list[dict]:
     if args is None:
         return []
 
+    if args.providers is None:
+        args.providers = [p for p in PROVIDERS
+                          if args.device == "cpu" or p not in PATH_BUDGET_MB]
     rows = []
     deadline = time.monotonic() + args.budget if args.budget else None
     path = args.results_dir / "bench_loss.jsonl"
@@ -213,6 +244,10 @@ def main(argv=None) -> list[dict]:
                 if provider in ("reference", "compiled") and need > 0.8 * available_bytes(
                         args.device):
                     row = {**case, "status": f"skipped: needs ~{need / 2**30:.0f} GiB"}
+                elif provider == "fused-keep" and kept_bytes(variant, n, args.dtype) > \
+                        KEEP_MAX_BYTES:
+                    row = {**case, "status": "skipped: would keep "
+                           f"{kept_bytes(variant, n, args.dtype) / 2**30:.0f} GiB of dots"}
                 elif left < args.min_case_s:
                     row = {**case, "status": f"skipped: {left:.0f} s of the budget left"}
                 else:
@@ -238,7 +273,7 @@ def main(argv=None) -> list[dict]:
                                                   "vs_reference", "vs_compiled", "vs_fused",
                                                   "pct_of_peak", "status")} for row in rows]}
     common.append_rows(common.stamp([summary], args.device), "bench_loss", args.results_dir)
-    print(common.format_table(rows, ["variant", "N", "dtype", "provider", "fwd_bwd_ms",
+    print(common.format_table(rows, ["variant", "N", "dtype", "provider", "path", "fwd_bwd_ms",
                                      "vs_reference", "vs_compiled", "vs_fused", "tflops",
                                      "pct_of_peak",
                                      "peak_mem_mb", "live_peak_mb", "grad_mb", "status"]))

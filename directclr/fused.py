@@ -2,13 +2,15 @@
 the public API): the subvectors and their normalization, the row/column ``Layout`` of each
 variant, the collectives (``directclr.distributed``; none without a group), and the primitive
 contract every backend keeps: rows Q against columns K, one positive and an optional excluded
-column per row -> row LSE (and column LSE); the backward recomputes tiles from the LSEs.
+column per row -> row LSE (and column LSE); the backward recomputes tiles from the LSEs, or (CPU,
+small batches: ``keeps_dots``) reads them from the dot products its forward kept.
 ``cpu``: ``kernels/cpu/primitive.py`` (C++ built on first use by ``native``, else plain
 PyTorch); ``triton``: ``kernels/infonce.py``.
 """
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple
 
 import torch
@@ -23,6 +25,12 @@ RADIAL_CHUNK = 1024  # rows per temporary in the backward's row dot products
 # log2 of the largest 1/tau whose gradients w.r.t. the unit rows the backward computes as they are
 # (see ``weight_exponent``).
 UNIT_GRAD_MAX_LOG2 = 64
+# The largest M x C matrix of unit dot products (MiB) that a backend with KEEPS_DOTS keeps from
+# the forward for the backward, which then computes three matrix products instead of four; the
+# environment variable sets it per call, 0 never keeps. 64 MiB: fp32 cross up to N = 4096, ntxent
+# up to N = 2048 on one process.
+KEEP_DOTS_MB = 64
+KEEP_DOTS_ENV = "DIRECTCLR_KEEP_DOTS_MB"
 
 
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -68,13 +76,17 @@ def backend_primitive(backend: str):
         dtype (row_inv, col_inv unused), or as v in z's dtype, any strides.
     STRIDED_OUT: whether buffers of any row stride (z's gradients' own first columns) cost no
         copy; else contiguous ones, several row blocks consecutive in one buffer.
-    lse_forward(layout, scale, with_cols) -> (row_lse, pos_logit, col_max, col_sum): each row's
-        LSE and S_i,pos_i; with_cols, each column's (max, sum exp(S - max)) over these rows, which
-        ``merge_col_lse`` merges across ranks (else both empty).
-    lse_backward(layout, scale, row_lse, row_w, col_lse, col_w, out_rows, out_cols) -> None: the
-        gradient w.r.t. Q_hat, K_hat of sum_i row_w_i (row_lse_i - S_i,pos_i) + sum_j col_w_j
+    KEEPS_DOTS: whether lse_forward can keep Q_hat K_hat^T for the backward (else keep is
+        always False and kept always empty).
+    lse_forward(layout, scale, with_cols, keep) -> (row_lse, pos_logit, col_max, col_sum, kept):
+        each row's LSE and S_i,pos_i; with_cols, each column's (max, sum exp(S - max)) over these
+        rows, which ``merge_col_lse`` merges across ranks (else both empty); keep: the (M, C) unit
+        dot products, which the backward then reads instead of recomputing (else (0, 0)).
+    lse_backward(layout, scale, row_lse, row_w, col_lse, col_w, kept, out_rows, out_cols) -> None:
+        the gradient w.r.t. Q_hat, K_hat of sum_i row_w_i (row_lse_i - S_i,pos_i) + sum_j col_w_j
         (col_lse_j - S_pos^-1(j),j) (no column term if col_lse is empty) overwrites out_rows
-        (consecutive row blocks covering the rows, one per view) and, if it has rows, out_cols.
+        (consecutive row blocks covering the rows, one per view) and, if it has rows, out_cols;
+        kept: the forward's, read instead of recomputing its tiles where not empty.
         Written, not returned: so no backend copies an N x dim gradient (the CPU kernels write
         into z's gradients, the Triton kernels where they would allocate)."""
     if backend == "cpu":
@@ -136,25 +148,60 @@ def rank_layout(sub, inv, variant: str, group) -> Layout:
                   Pairing(rank * 2 * n, n, rank * 2 * n))
 
 
+def keep_dots_bytes() -> int:
+    """The budget of ``keeps_dots`` in bytes: $DIRECTCLR_KEEP_DOTS_MB, else KEEP_DOTS_MB."""
+    value = os.environ.get(KEEP_DOTS_ENV, "").strip()
+    if not value:
+        return KEEP_DOTS_MB << 20
+    try:
+        megabytes = float(value)
+    except ValueError:
+        megabytes = math.nan
+    if not megabytes >= 0 or math.isinf(megabytes):
+        raise ValueError(f"{KEEP_DOTS_ENV} must be a number of MiB >= 0, got {value!r}")
+    return int(megabytes * (1 << 20))
+
+
+def dots_shape(n: int, variant: str, world: int) -> tuple[int, int]:
+    """(M, C) of one rank's primitive: its rows against the gathered columns."""
+    return (n, n * world) if variant == "cross" else (2 * n, 2 * n * world)
+
+
+def keeps_dots(backend: str, n: int, variant: str, world: int, dtype: torch.dtype,
+               keep_bytes: int) -> bool:
+    """Whether the forward keeps its (M, C) unit dot products for the backward: on a backend that
+    can, where they fit ``keep_bytes``. One choice per shape, which the op's fake (the shape of
+    what it returns) repeats."""
+    if n == 1 and world == 1:  # one_pair: no primitive at all
+        return False
+    if not backend_primitive(backend).KEEPS_DOTS:
+        return False
+    rows, cols = dots_shape(n, variant, world)
+    return rows * cols * torch.finfo(working_dtype(dtype)).bits // 8 <= keep_bytes
+
+
 def one_pair(z1, z2, dim, variant):
-    """N = 1 on one process: (loss, row LSE, column LSE) with the loss 0 exactly, since each LSE
-    has the positive as its only term (NaN where the subvectors hold NaN or inf, as for any N;
-    no host read); the LSEs are unused (``backward`` gives zeros)."""
+    """N = 1 on one process: (loss, row LSE, column LSE, kept dots) with the loss 0 exactly,
+    since each LSE has the positive as its only term (NaN where the subvectors hold NaN or inf,
+    as for any N; no host read); the LSEs are unused (``backward`` gives zeros)."""
     work = working_dtype(z1.dtype)
     finite = torch.isfinite(z1[:, :dim]).all() & torch.isfinite(z2[:, :dim]).all()
     loss = torch.zeros(1, dtype=work, device=z1.device).masked_fill_(~finite, math.nan)
     return (loss, loss.new_zeros(1 if variant == "cross" else 2),
-            loss.new_zeros(1 if variant == "cross" else 0))
+            loss.new_zeros(1 if variant == "cross" else 0), loss.new_zeros((0, 0)))
 
 
-def forward(z1, z2, dim, temperature, variant, backend, group):
-    """Per-pair losses of this rank's rows, and the LSEs that backward needs."""
-    if z1.shape[0] == 1 and rank_and_world(group)[1] == 1:
+def forward(z1, z2, dim, temperature, variant, backend, group, keep_bytes):
+    """Per-pair losses of this rank's rows, and the LSEs (and kept dots, ``keeps_dots``) that
+    backward needs."""
+    world = rank_and_world(group)[1]
+    if z1.shape[0] == 1 and world == 1:
         return one_pair(z1, z2, dim, variant)
     primitive = backend_primitive(backend)
     sub, inv, _, _ = subvectors(z1, z2, dim, primitive.UNIT_ROWS)
-    row_lse, pos_logit, col_max, col_sum = primitive.lse_forward(
-        rank_layout(sub, inv, variant, group), 1.0 / temperature, variant == "cross")
+    keep = keeps_dots(backend, z1.shape[0], variant, world, z1.dtype, keep_bytes)
+    row_lse, pos_logit, col_max, col_sum, kept = primitive.lse_forward(
+        rank_layout(sub, inv, variant, group), 1.0 / temperature, variant == "cross", keep)
     n = z1.shape[0]
     # Each LSE and logit halved before any difference: at tiny temperatures (|S| up to 1/tau,
     # near fp32's max) a difference of two can overflow where its half, or the pair's loss, fits.
@@ -171,10 +218,10 @@ def forward(z1, z2, dim, temperature, variant, backend, group):
     # Each exact loss is >= 0 (the positive is one of its LSE's terms); rounding (fp32's fixed
     # shift by 1/tau) can leave it a few ulp under. Clamped here only: the gradient stays the
     # formula's.
-    return loss.clamp_min_(0.0), row_lse, col_lse
+    return loss.clamp_min_(0.0), row_lse, col_lse, kept
 
 
-def backward(grad, z1, z2, row_lse, col_lse, dim, temperature, variant, backend, group):
+def backward(grad, z1, z2, row_lse, col_lse, kept, dim, temperature, variant, backend, group):
     """Gradients w.r.t. z1, z2 of sum_i grad_i * loss_i, summed over all ranks' losses, and
     w.r.t. the temperature (0-d, working dtype; with a group, this rank's share, see below)."""
     n, work = z1.shape[0], working_dtype(z1.dtype)
@@ -208,8 +255,8 @@ def backward(grad, z1, z2, row_lse, col_lse, dim, temperature, variant, backend,
         out_cols = grads[1] if world == 1 else sub.new_empty((world * n, dim), dtype=work)
     else:  # G + G^T on local rows is complete (S symmetric): no column gradient
         out_rows, out_cols = grads, sub.new_empty((0, dim), dtype=work)
-    primitive.lse_backward(layout, 1.0 / temperature, row_lse, row_w, col_lse, col_w, out_rows,
-                           out_cols)
+    primitive.lse_backward(layout, 1.0 / temperature, row_lse, row_w, col_lse, col_w, kept,
+                           out_rows, out_cols)
     if views == 1:
         grads.append(reduce_scatter_rows(out_cols, group))
     radial = []

@@ -170,29 +170,35 @@ def _triton_interpreted() -> bool:
 # One op pair for one process (group_name "") and for a process group (its name): the group
 # travels as a str, which dynamo and the dispatcher pass through as a constant, so
 # torch.compile(fullgraph=True) sees one opaque op whose body runs the collectives eagerly.
-def _fake_outputs(z1: Tensor, variant: str, group_name: str) -> tuple[Tensor, Tensor, Tensor]:
+def _fake_outputs(z1: Tensor, variant: str, backend: str, group_name: str, keep_bytes: int
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     n = z1.shape[0]
     work = fused.working_dtype(z1.dtype)
+    world = rank_and_world(resolve_group(group_name))[1]
     rows = n if variant == "cross" else 2 * n
-    cols = n * rank_and_world(resolve_group(group_name))[1] if variant == "cross" else 0
+    cols = n * world if variant == "cross" else 0
+    kept = (fused.dots_shape(n, variant, world)
+            if fused.keeps_dots(backend, n, variant, world, z1.dtype, keep_bytes) else (0, 0))
     return (z1.new_empty(n, dtype=work), z1.new_empty(rows, dtype=work),
-            z1.new_empty(cols, dtype=work))
+            z1.new_empty(cols, dtype=work), z1.new_empty(kept, dtype=work))
 
 
 @torch.library.custom_op("directclr::infonce", mutates_args=())
 def _infonce_op(z1: Tensor, z2: Tensor, dim: int, temperature: Tensor, temperature_value: float,
-                variant: str, backend: str, group_name: str = "") -> tuple[Tensor, Tensor, Tensor]:
-    """Fused InfoNCE of this process's rows: (per-pair loss, row LSE, column LSE). With a
-    ``group_name``, the rows are this rank's block of the group's global batch (every rank of the
-    group calls it with the same N, checked once per (N, group)); with "", the batch is z1, z2.
-    temperature: 0-d, any float dtype and device; temperature_value: its value where the caller
-    knows it, NaN where it is to be read here (``_temperature_value``)."""
+                variant: str, backend: str, group_name: str = "", keep_bytes: int = 0
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fused InfoNCE of this process's rows: (per-pair loss, row LSE, column LSE, kept dots).
+    With a ``group_name``, the rows are this rank's block of the group's global batch (every rank
+    of the group calls it with the same N, checked once per (N, group)); with "", the batch is
+    z1, z2. temperature: 0-d, any float dtype and device; temperature_value: its value where the
+    caller knows it, NaN where it is to be read here (``_temperature_value``). keep_bytes: the
+    budget of ``fused.keeps_dots`` (0: the backward recomputes every tile)."""
     tau = _temperature_value(temperature, temperature_value)
     _check_temperature(tau, z1.dtype)
     group = resolve_group(group_name)
     if group is not None:
         check_equal_batches(z1.shape[0], z1.device, group_name)
-    return fused.forward(z1, z2, dim, tau, variant, backend, group)
+    return fused.forward(z1, z2, dim, tau, variant, backend, group, keep_bytes)
 
 
 def _temperature_value(temperature: Tensor, known: float) -> float:
@@ -203,23 +209,24 @@ def _temperature_value(temperature: Tensor, known: float) -> float:
 
 
 @_infonce_op.register_fake
-def _(z1, z2, dim, temperature, temperature_value, variant, backend, group_name=""):
-    return _fake_outputs(z1, variant, group_name)
+def _(z1, z2, dim, temperature, temperature_value, variant, backend, group_name="", keep_bytes=0):
+    return _fake_outputs(z1, variant, backend, group_name, keep_bytes)
 
 
 @torch.library.custom_op("directclr::infonce_backward", mutates_args=())
 def _infonce_backward_op(grad: Tensor, z1: Tensor, z2: Tensor, row_lse: Tensor, col_lse: Tensor,
-                         dim: int, temperature: Tensor, temperature_value: float, variant: str,
-                         backend: str, group_name: str = "") -> tuple[Tensor, Tensor, Tensor]:
+                         kept: Tensor, dim: int, temperature: Tensor, temperature_value: float,
+                         variant: str, backend: str, group_name: str = ""
+                         ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients w.r.t. z1, z2 and the temperature (0-d, in the working dtype on z's device);
     with a group, of the sum over all its ranks' losses (the temperature's: this rank's share)."""
-    return fused.backward(grad, z1, z2, row_lse, col_lse, dim,
+    return fused.backward(grad, z1, z2, row_lse, col_lse, kept, dim,
                           _temperature_value(temperature, temperature_value), variant, backend,
                           resolve_group(group_name))
 
 
 @_infonce_backward_op.register_fake
-def _(grad, z1, z2, row_lse, col_lse, dim, temperature, temperature_value, variant, backend,
+def _(grad, z1, z2, row_lse, col_lse, kept, dim, temperature, temperature_value, variant, backend,
       group_name=""):
     return (torch.empty(z1.shape, dtype=z1.dtype, device=z1.device),
             torch.empty(z2.shape, dtype=z2.dtype, device=z2.device),
@@ -234,24 +241,26 @@ NO_VMAP = ("directclr::infonce (the fused InfoNCE op) has no vmap batching rule;
 
 
 def _setup_context(ctx, inputs, output):
-    z1, z2, dim, temperature, temperature_value, variant, backend, group_name = inputs
-    _, row_lse, col_lse = output
-    ctx.save_for_backward(z1, z2, temperature, row_lse, col_lse)
+    z1, z2, dim, temperature, temperature_value, variant, backend, group_name, keep_bytes = inputs
+    _, row_lse, col_lse, kept = output
+    ctx.save_for_backward(z1, z2, temperature, row_lse, col_lse, kept)
     ctx.args = (dim, temperature_value, variant, backend, group_name)
-    ctx.mark_non_differentiable(row_lse, col_lse)
+    ctx.mark_non_differentiable(row_lse, col_lse, kept)
+    # Autograd would pass zeros of each output's shape as its gradient: M x C of them for kept.
+    ctx.set_materialize_grads(False)
 
 
-def _op_backward(ctx, grad_loss, _grad_row_lse, _grad_col_lse):
-    z1, z2, temperature, row_lse, col_lse = ctx.saved_tensors
+def _op_backward(ctx, grad_loss, _grad_row_lse, _grad_col_lse, _grad_kept):
+    z1, z2, temperature, row_lse, col_lse, kept = ctx.saved_tensors
     dim, temperature_value, variant, backend, group_name = ctx.args
     grad_z1, grad_z2, grad_temperature = _InfoNCEBackward.apply(
-        grad_loss, z1, z2, row_lse, col_lse, dim, temperature, temperature_value, variant, backend,
-        group_name)
+        grad_loss, z1, z2, row_lse, col_lse, kept, dim, temperature, temperature_value, variant,
+        backend, group_name)
     if ctx.needs_input_grad[3]:  # a CPU temperature with GPU rows: this copy is a host sync
         grad_temperature = grad_temperature.to(temperature.device, temperature.dtype)
     else:
         grad_temperature = None
-    return grad_z1, grad_z2, None, grad_temperature, None, None, None, None
+    return grad_z1, grad_z2, None, grad_temperature, None, None, None, None, None
 
 
 def _no_double_backward(ctx, *grads):
@@ -271,9 +280,10 @@ _infonce_backward_op.register_autograd(_no_double_backward,
 # cotangents and whose backward names the missing double backward.
 class _InfoNCE(torch.autograd.Function):
     @staticmethod
-    def forward(z1, z2, dim, temperature, temperature_value, variant, backend, group_name):
+    def forward(z1, z2, dim, temperature, temperature_value, variant, backend, group_name,
+                keep_bytes):
         return torch.ops.directclr.infonce(z1, z2, dim, temperature, temperature_value, variant,
-                                           backend, group_name)
+                                           backend, group_name, keep_bytes)
 
     setup_context = staticmethod(_setup_context)
     backward = staticmethod(_op_backward)
@@ -285,9 +295,9 @@ class _InfoNCE(torch.autograd.Function):
 
 class _InfoNCEBackward(torch.autograd.Function):
     @staticmethod
-    def forward(grad, z1, z2, row_lse, col_lse, dim, temperature, temperature_value, variant,
-                backend, group_name):
-        return torch.ops.directclr.infonce_backward(grad, z1, z2, row_lse, col_lse, dim,
+    def forward(grad, z1, z2, row_lse, col_lse, kept, dim, temperature, temperature_value,
+                variant, backend, group_name):
+        return torch.ops.directclr.infonce_backward(grad, z1, z2, row_lse, col_lse, kept, dim,
                                                     temperature, temperature_value, variant,
                                                     backend, group_name)
 
@@ -384,8 +394,12 @@ def infonce(z1: Tensor, z2: Tensor, dim: int | None = 360, temperature: float | 
             # torch.tensor would specialize the graph to each value (torch 2.14)
             temperature = torch.ones((), dtype=torch.float64) * temperature
         group_name = "" if group is None else group.group_name
+        # Dots kept for a backward only where one will run (no_grad: nothing to keep them for)
+        wants_grad = torch.is_grad_enabled() and (z1.requires_grad or z2.requires_grad or (
+            isinstance(temperature, Tensor) and temperature.requires_grad))
+        keep_bytes = fused.keep_dots_bytes() if wants_grad else 0
         loss = _InfoNCE.apply(z1, z2, dim, temperature, temperature_value, variant, backend,
-                              group_name)[0]
+                              group_name, keep_bytes)[0]
     if reduction == "mean":  # summed in float64: N losses below fp32's max can add up past it
         return loss.mean(dtype=torch.float64).to(loss.dtype)
     return loss.sum() if reduction == "sum" else loss

@@ -82,6 +82,7 @@ PANEL_BYTES = 512 * 2**20
 # are several blocks, which then take no copy.
 UNIT_ROWS = False
 STRIDED_OUT = False
+KEEPS_DOTS = False  # its fused kernels recompute tiles on chip: kept M x C dots would cost HBM
 
 
 class Config:
@@ -659,19 +660,22 @@ def _positive_logits(rows, row_inv, cols, col_inv, pos, scale):
     return (rows.float() * paired).sum(1) * row_inv * col_inv.index_select(0, pos) * scale
 
 
-def lse_forward(layout, scale: float, with_cols: bool):
+def lse_forward(layout, scale: float, with_cols: bool, keep: bool):
     """The contract's forward (directclr.fused.backend_primitive). Column partials come as (max,
-    sum) = (lse, 1), which ranks merge like the CPU kernel's."""
+    sum) = (lse, 1), which ranks merge like the CPU kernel's. Keeps no dots (KEEPS_DOTS)."""
+    if keep:
+        raise ValueError("the Triton kernels keep no dot products (KEEPS_DOTS is False)")
     rows, row_inv, cols, col_inv, pairing = layout
     _check(rows, cols)
     row_lse, col_lse = _launch_forward(rows, row_inv, cols, col_inv, pairing.excl_offset, scale,
                                        with_cols)
     pos = pairing.positives(rows.shape[0], rows.device)
     pos_logit = _positive_logits(rows, row_inv.float(), cols, col_inv.float(), pos, scale)
+    kept = row_lse.new_empty((0, 0))
     if not with_cols:
         empty = row_lse.new_empty(0)
-        return row_lse, pos_logit, empty, empty
-    return row_lse, pos_logit, col_lse, torch.ones_like(col_lse)
+        return row_lse, pos_logit, empty, empty, kept
+    return row_lse, pos_logit, col_lse, torch.ones_like(col_lse), kept
 
 
 def _joined(blocks: list[torch.Tensor]) -> torch.Tensor | None:
@@ -691,9 +695,10 @@ def _joined(blocks: list[torch.Tensor]) -> torch.Tensor | None:
                             (first.shape[1], 1))
 
 
-def lse_backward(layout, scale: float, row_lse, row_w, col_lse, col_w, out_rows, out_cols):
+def lse_backward(layout, scale: float, row_lse, row_w, col_lse, col_w, kept, out_rows, out_cols):
     """The contract's backward (directclr.fused.backend_primitive), into fp32 buffers: no copy where
-    they are contiguous (several row blocks: consecutive in one buffer)."""
+    they are contiguous (several row blocks: consecutive in one buffer). `kept` is always empty
+    here (KEEPS_DOTS)."""
     rows, row_inv, cols, col_inv, pairing = layout
     _check(rows, cols)
     row_w, col_w = row_w.float(), col_w.float()

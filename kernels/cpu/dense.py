@@ -9,28 +9,34 @@ from torch import Tensor
 
 
 def _logits(rows: Tensor, cols: Tensor, excl: Tensor, scale: float) -> Tensor:
-    logits = (rows @ cols.T).mul_(scale)
-    kept = excl >= 0
-    logits[torch.arange(rows.shape[0])[kept], excl[kept]] = float("-inf")
+    return _masked((rows @ cols.T).mul_(scale), excl)
+
+
+def _masked(logits: Tensor, excl: Tensor) -> Tensor:
+    excluding = excl >= 0
+    logits[torch.arange(logits.shape[0])[excluding], excl[excluding]] = float("-inf")
     return logits
 
 
-def lse_forward(rows, cols, pos, excl, scale, with_cols):
+def lse_forward(rows, cols, pos, excl, scale, with_cols, keep):
     """torch.ops.directclr_cpu.lse_forward."""
     logits = _logits(rows, cols, excl, scale)
     pos_logit = logits[torch.arange(rows.shape[0]), pos]
+    kept = rows @ cols.T if keep else logits.new_empty((0, 0))
     if not with_cols:
         empty = logits.new_empty(0)
-        return torch.logsumexp(logits, 1), pos_logit, empty, empty
+        return torch.logsumexp(logits, 1), pos_logit, empty, empty, kept
     col_max = logits.amax(0)
-    return torch.logsumexp(logits, 1), pos_logit, col_max, (logits - col_max).exp().sum(0)
+    return (torch.logsumexp(logits, 1), pos_logit, col_max, (logits - col_max).exp().sum(0),
+            kept)
 
 
-def lse_backward(rows, cols, pos, excl, scale, row_lse, row_w, col_lse, col_w, grad_rows,
+def lse_backward(rows, cols, pos, excl, scale, row_lse, row_w, col_lse, col_w, kept, grad_rows,
                  grad_cols):
     """torch.ops.directclr_cpu.lse_backward: overwrites grad_rows and, if it has rows,
     grad_cols."""
-    logits = _logits(rows, cols, excl, scale)
+    logits = _logits(rows, cols, excl, scale) if not kept.numel() else _masked(
+        kept * scale, excl)
     row_w, col_w = row_w.to(rows.dtype), col_w.to(rows.dtype)
     grad_logits = (logits - row_lse.to(rows.dtype).unsqueeze(1)).exp() * row_w.unsqueeze(1)
     positive = row_w

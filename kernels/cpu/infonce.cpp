@@ -9,6 +9,11 @@
 // the saved LSEs. Neither ever holds more than one row tile x column tile of S per thread, so the
 // memory is O((M + C) * d + threads * tile).
 //
+// Or, where the caller's budget holds M x C (small batches, where the products dominate less and
+// one of four is worth its memory): the forward keeps the unit dot products Q K^T, one matrix
+// product, and returns them; the backward reads its tiles from there instead of recomputing
+// them, so three products instead of four (ntxent on one process: two instead of about 2.25).
+//
 // Tiles go through ATen's BLAS (at::mm_out into a per-thread buffer) and ATen's vectorized
 // elementwise ops, so the exp/sum passes run on a tile while it is still in cache.
 #include <ATen/ATen.h>
@@ -51,6 +56,22 @@ void check_inputs(const at::Tensor& rows, const at::Tensor& cols, const at::Tens
               "pos and excl must be int64");
   TORCH_CHECK(pos.numel() == rows.size(0) && excl.numel() == rows.size(0),
               "pos and excl need one entry per row");
+}
+
+// A tile of unit dot products: rows row0.. of `row_block` against `col_block` (columns col0..),
+// from `kept` (the forward's M x C product) where it is given, else one product.
+void tile_dots(at::Tensor& out, const at::Tensor& kept, const at::Tensor& row_block,
+               int64_t row0, int64_t col0, const at::Tensor& col_block) {
+  if (kept.numel() > 0) {
+    out.copy_(kept.narrow(0, row0, out.size(0)).narrow(1, col0, out.size(1)));
+  } else {
+    at::mm_out(out, row_block, col_block.t());
+  }
+}
+
+// The forward's M x C unit dot products when `keep`, in one product (else an empty 0 x 0).
+at::Tensor kept_dots(const at::Tensor& rows, const at::Tensor& cols, bool keep) {
+  return keep ? at::mm(rows, cols.t()) : at::empty({0, 0}, rows.options());
 }
 
 // Removes each row's excluded column from the tile (exp(-inf) = 0 in both softmaxes).
@@ -191,7 +212,7 @@ void for_each_block(const at::Tensor& t, int64_t block_rows, Body&& body) {
 // the block's rows their column sums in the same pass, so about half the forward's products.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lse_forward_fixed_shift(
     const at::Tensor& rows, const at::Tensor& cols, const int64_t* pos_ptr,
-    const int64_t* excl_ptr, double scale, bool with_cols) {
+    const int64_t* excl_ptr, double scale, bool with_cols, const at::Tensor& kept) {
   const int64_t n_rows = rows.size(0), n_cols = cols.size(0);
   const auto opts = rows.options();
   const float shift = static_cast<float>(scale);
@@ -220,7 +241,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lse_forward_fixed_shi
         const bool mirror = symmetric && row0 + rows_here <= col0;
         float* col_acc = with_cols || mirror ? thread_col_sum[tid].data_ptr<float>() : nullptr;
         auto dots = dots_buf.narrow(0, 0, rows_here);
-        at::mm_out(dots, rows.narrow(0, row0, rows_here), col_block.t());
+        tile_dots(dots, kept, rows.narrow(0, row0, rows_here), row0, col0, col_block);
         float* data = dots.data_ptr<float>();
         for (int64_t i = 0; i < rows_here; ++i) {
           const int64_t j = pos_ptr[row0 + i] - col0;
@@ -245,13 +266,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lse_forward_fixed_shi
   return {row_sum.log_().add_(scale), pos_logit, col_max, col_sum};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lse_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lse_forward(
     const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& pos, const at::Tensor& excl,
-    double scale, bool with_cols) {
+    double scale, bool with_cols, bool keep) {
   check_inputs(rows, cols, pos, excl);
+  const auto kept = kept_dots(rows, cols, keep);
   if (fixed_shift(rows, scale)) {
-    return lse_forward_fixed_shift(rows, cols, pos.data_ptr<int64_t>(), excl.data_ptr<int64_t>(),
-                                   scale, with_cols);
+    const auto [row_lse, pos_logit, col_max, col_sum] = lse_forward_fixed_shift(
+        rows, cols, pos.data_ptr<int64_t>(), excl.data_ptr<int64_t>(), scale, with_cols, kept);
+    return {row_lse, pos_logit, col_max, col_sum, kept};
   }
   const int64_t n_rows = rows.size(0), n_cols = cols.size(0);
   const auto opts = rows.options();
@@ -283,7 +306,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lse_forward(
         const int64_t rows_here = std::min(row_tile, n_rows - row0);
         auto logits = logits_buf.narrow(0, 0, rows_here);
         auto exps = exp_buf.narrow(0, 0, rows_here);
-        at::mm_out(logits, rows.narrow(0, row0, rows_here), col_block.t());
+        tile_dots(logits, kept, rows.narrow(0, row0, rows_here), row0, col0, col_block);
         scale_dots(logits, scale);
         AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "lse_forward_positives", [&] {
           const auto* data = logits.data_ptr<scalar_t>();
@@ -325,7 +348,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lse_forward(
     }
   });
   auto row_lse = row_max + row_sum.log();
-  return {row_lse, pos_logit, col_max, col_sum};
+  return {row_lse, pos_logit, col_max, col_sum, kept};
 }
 
 // An output the backward writes: n_rows x width in the working dtype with unit column stride (any
@@ -391,10 +414,12 @@ void grad_tile(at::Tensor& dots, at::Tensor& grad, int64_t row0, int64_t col0, d
   });
 }
 
-// G tile by tile from the rows' and a column block's unit vectors, recomputed: what both backward
-// kernels share. Each thread calls scratch() once per column block for its own buffers.
+// G tile by tile from the rows' and a column block's unit vectors, recomputed (or read from the
+// forward's kept dots): what both backward kernels share. Each thread calls scratch() once per
+// column block for its own buffers.
 struct GradTiles {
   const at::Tensor& rows;
+  const at::Tensor& kept;
   int64_t row_tile;
   double scale;
   bool shifted;
@@ -417,7 +442,7 @@ struct GradTiles {
     const auto row_block = rows.narrow(0, row0, std::min(row_tile, rows.size(0) - row0));
     auto logits = s.logits.narrow(0, 0, row_block.size(0));
     auto grad = s.grad.narrow(0, 0, row_block.size(0));
-    at::mm_out(logits, row_block, col_block.t());
+    tile_dots(logits, kept, row_block, row0, col0, col_block);
     grad_tile(logits, grad, row0, col0, scale, shifted, row_terms, col_terms, pos_ptr, excl_ptr);
     return {row_block, grad};
   }
@@ -431,6 +456,15 @@ int64_t grad_col_tile_size(int64_t width) {
                              kMinColTile, kColTile);
 }
 
+// The forward's kept dots, if any, cover these rows and columns.
+void check_kept(const at::Tensor& kept, const at::Tensor& rows, int64_t n_rows, int64_t n_cols) {
+  if (kept.numel() == 0) return;
+  TORCH_CHECK(kept.dim() == 2 && kept.size(0) == n_rows && kept.size(1) == n_cols &&
+                  kept.is_contiguous() && kept.scalar_type() == rows.scalar_type(),
+              "kept must be the forward's contiguous ", n_rows, " x ", n_cols,
+              " dots in the working dtype, got ", kept.sizes());
+}
+
 // dL/dS as in grad_tile; the column term is present only when col_lse is non-empty. Writes dQ =
 // scale G K into grad_rows and, if grad_cols has rows, dK = scale G^T Q into grad_cols (both
 // overwritten, so they can be the caller's gradients themselves: no M x d copies). (ntxent over
@@ -440,8 +474,9 @@ int64_t grad_col_tile_size(int64_t width) {
 void lse_backward(const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& pos,
                   const at::Tensor& excl, double scale, const at::Tensor& row_lse,
                   const at::Tensor& row_w, const at::Tensor& col_lse, const at::Tensor& col_w,
-                  at::Tensor grad_rows, at::Tensor grad_cols) {
+                  const at::Tensor& kept, at::Tensor grad_rows, at::Tensor grad_cols) {
   check_inputs(rows, cols, pos, excl);
+  check_kept(kept, rows, rows.size(0), cols.size(0));
   const int64_t n_rows = rows.size(0), n_cols = cols.size(0), width = rows.size(1);
   const bool with_cols = col_lse.numel() > 0;
   const bool with_grad_cols = grad_cols.size(0) > 0;
@@ -462,7 +497,7 @@ void lse_backward(const at::Tensor& rows, const at::Tensor& cols, const at::Tens
   const int64_t* pos_ptr = pos.data_ptr<int64_t>();
   const int64_t* excl_ptr = excl.data_ptr<int64_t>();
 
-  const GradTiles tiles{rows, row_tile, scale, shifted, row_terms,
+  const GradTiles tiles{rows, kept, row_tile, scale, shifted, row_terms,
                         with_cols ? &col_terms : nullptr, pos_ptr, excl_ptr};
 
   const int64_t grad_col_tile = grad_col_tile_size(width);
@@ -508,10 +543,12 @@ void for_each_piece(at::TensorList blocks, int64_t row0, int64_t count, Fn&& fn)
 // the full sweep's products and half its exponentials. Writes the gradient into grad_blocks,
 // consecutive row blocks covering the rows (one per view; any row stride).
 void lse_backward_symmetric(const at::Tensor& rows, const at::Tensor& pos, double scale,
-                            const at::Tensor& lse, const at::Tensor& w, at::TensorList grad_blocks) {
+                            const at::Tensor& lse, const at::Tensor& w, const at::Tensor& kept,
+                            at::TensorList grad_blocks) {
   const int64_t n_rows = rows.size(0), width = rows.size(1);
   const auto diagonal = at::arange(n_rows, pos.options());
   check_inputs(rows, rows, pos, diagonal);
+  check_kept(kept, rows, n_rows, n_rows);
   TORCH_CHECK(lse.numel() == n_rows && w.numel() == n_rows, "lse/w: one per row");
   int64_t covered = 0;
   for (const auto& block : grad_blocks) {
@@ -531,7 +568,7 @@ void lse_backward_symmetric(const at::Tensor& rows, const at::Tensor& pos, doubl
   const int64_t* pos_ptr = pos.data_ptr<int64_t>();
   const int64_t* excl_ptr = diagonal.data_ptr<int64_t>();
 
-  const GradTiles tiles{rows, row_tile, scale, shifted, terms, &terms, pos_ptr, excl_ptr};
+  const GradTiles tiles{rows, kept, row_tile, scale, shifted, terms, &terms, pos_ptr, excl_ptr};
 
   for_each_block(rows, col_tile_max, [&](int64_t col0, int64_t col_tile, const auto& col_block) {
     const int64_t tiles_here = row_tiles_before_end(n_row_tiles, row_tile, col0 + col_tile);
@@ -559,15 +596,16 @@ void lse_backward_symmetric(const at::Tensor& rows, const at::Tensor& pos, doubl
 
 TORCH_LIBRARY(directclr_cpu, m) {
   m.def(
-      "lse_forward(Tensor rows, Tensor cols, Tensor pos, Tensor excl, float scale, bool with_cols)"
-      " -> (Tensor, Tensor, Tensor, Tensor)");
+      "lse_forward(Tensor rows, Tensor cols, Tensor pos, Tensor excl, float scale, bool with_cols,"
+      " bool keep) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "lse_backward(Tensor rows, Tensor cols, Tensor pos, Tensor excl, float scale, Tensor row_lse,"
-      " Tensor row_w, Tensor col_lse, Tensor col_w, Tensor(a!) grad_rows, Tensor(b!) grad_cols)"
+      " Tensor row_w, Tensor col_lse, Tensor col_w, Tensor kept, Tensor(a!) grad_rows,"
+      " Tensor(b!) grad_cols)"
       " -> ()");
   m.def(
       "lse_backward_symmetric(Tensor rows, Tensor pos, float scale, Tensor lse, Tensor w,"
-      " Tensor(a!)[] grad_blocks) -> ()");
+      " Tensor kept, Tensor(a!)[] grad_blocks) -> ()");
   m.impl("lse_forward", c10::DispatchKey::CPU, TORCH_FN(lse_forward));
   m.impl("lse_backward", c10::DispatchKey::CPU, TORCH_FN(lse_backward));
   m.impl("lse_backward_symmetric", c10::DispatchKey::CPU, TORCH_FN(lse_backward_symmetric));

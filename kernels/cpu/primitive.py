@@ -18,6 +18,7 @@ from . import dense
 
 UNIT_ROWS = True
 STRIDED_OUT = True
+KEEPS_DOTS = True
 
 
 def _ops():
@@ -36,11 +37,12 @@ def _columns(layout):
     return pairing.positives(n_rows, device), excluded
 
 
-def lse_forward(layout, scale, with_cols):
-    return _ops().lse_forward(layout.rows, layout.cols, *_columns(layout), scale, with_cols)
+def lse_forward(layout, scale, with_cols, keep):
+    return _ops().lse_forward(layout.rows, layout.cols, *_columns(layout), scale, with_cols,
+                              keep)
 
 
-def lse_backward(layout, scale, row_lse, row_w, col_lse, col_w, out_rows, out_cols):
+def lse_backward(layout, scale, row_lse, row_w, col_lse, col_w, kept, out_rows, out_cols):
     """Row blocks are independent (each row's LSE and weight are given), so a block at a time
     costs no extra products; but ntxent on one process (the columns are the rows, the column
     terms the row terms) goes in one call over all blocks, which skips the mirror tiles of its
@@ -50,7 +52,7 @@ def lse_backward(layout, scale, row_lse, row_w, col_lse, col_w, out_rows, out_co
     symmetric = (cols is rows and col_lse is row_lse and col_w is row_w
                  and pairing.offset == pairing.excl_offset == 0 and not out_cols.shape[0])
     if symmetric and native.available():  # ntxent on one process: G is symmetric
-        torch.ops.directclr_cpu.lse_backward_symmetric(rows, pos, scale, row_lse, row_w,
+        torch.ops.directclr_cpu.lse_backward_symmetric(rows, pos, scale, row_lse, row_w, kept,
                                                        out_rows)
         return
     if len(out_rows) > 1 and out_cols.shape[0]:
@@ -62,4 +64,5 @@ def lse_backward(layout, scale, row_lse, row_w, col_lse, col_w, out_rows, out_co
         mine = slice(first, first + block.shape[0])
         first = mine.stop
         kernel(rows[mine], cols, pos[mine], excl[mine], scale, row_lse[mine], row_w[mine],
-               col_lse, col_w, block, out_cols if index == 0 else out_cols[:0])
+               col_lse, col_w, kept[mine] if kept.numel() else kept, block,
+               out_cols if index == 0 else out_cols[:0])

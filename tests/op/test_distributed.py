@@ -3,14 +3,18 @@ import pytest
 import torch
 
 from directclr import infonce
+from directclr.fused import KEEP_DOTS_ENV
 from tests.helpers import assert_rel_close, run_worker
+from tests.op.conftest import PATH_BUDGETS
 from tests.workers.loss_ddp import DIM, IN_FEATURES, WIDTH
 
 
 # "triton": the GPU kernels under the interpreter (conftest's TRITON_INTERPRET=1 reaches the
 # workers), with rank 1's positives and excluded columns off the main diagonal.
-@pytest.mark.parametrize("backend", ["auto", "triton"])
-def test_two_process_gloo_matches_single_process(tmp_path, backend):
+@pytest.mark.parametrize("backend,path", [("auto", "keep"), ("auto", "recompute"),
+                                          ("triton", "recompute")])
+def test_two_process_gloo_matches_single_process(tmp_path, backend, path, monkeypatch):
+    monkeypatch.setenv(KEEP_DOTS_ENV, PATH_BUDGETS[path])  # the workers' CPU op, and this one
     out = tmp_path / "dist.pt"
     run_worker("loss_ddp", "--out", out, "--backend", backend)
     saved = torch.load(out, weights_only=True)

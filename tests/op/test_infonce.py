@@ -30,7 +30,7 @@ def _shapes():
 
 
 @pytest.mark.parametrize("variant,n,width,dim", list(_shapes()))
-def test_matches_float64_reference(variant, n, width, dim):
+def test_matches_float64_reference(variant, n, width, dim, dots_path):
     z1, z2 = make_views(n, width, layout="strided" if n % 2 else "transposed")
     before = (z1.detach().clone(), z2.detach().clone())
     loss, g1, g2 = loss_and_grads(z1, z2, dim=dim, variant=variant)
@@ -82,7 +82,7 @@ def test_low_precision_within_pytorch_error(dtype, variant, n, width, dim):
 @pytest.mark.parametrize("variant", ["cross", "ntxent"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("rescaled", [False, True])
-def test_gradcheck_float64(variant, reduction, rescaled):
+def test_gradcheck_float64(variant, reduction, rescaled, dots_path):
     """rescaled: z1's rows times 1 to 3e100 inside the function, so the op rescales rows (max
     |u| >= 2^16) and its backward must undo that exactly."""
     z1, z2 = make_views(5, 9, dtype=torch.float64, layout="strided")
@@ -113,7 +113,7 @@ def test_positive_pairs_lower_the_loss():
 
 
 @pytest.mark.parametrize("temperature", [0.01, 0.5, 2.0])
-def test_temperatures(temperature):
+def test_temperatures(temperature, dots_path):
     z1, z2 = make_views(65, 32)
     loss, g1, g2 = loss_and_grads(z1, z2, dim=20, temperature=temperature)
     ref_loss, ref_g1, ref_g2 = reference_loss_and_grads(z1, z2, dim=20, temperature=temperature)
@@ -140,7 +140,7 @@ def test_the_mean_of_huge_per_pair_losses_stays_finite(variant, backend):
 
 
 @pytest.mark.parametrize("variant", ["cross", "ntxent"])
-def test_gradient_at_the_smallest_temperatures_is_exact(variant):
+def test_gradient_at_the_smallest_temperatures_is_exact(variant, dots_path):
     """temperature 1e-38: the gradient w.r.t. a unit row is 1/tau (G K_hat), up to 1/tau (|w| +
     N |w|) when a row is every other row's nearest (here z1's first, at the centre of a cone),
     past fp32's max with unit weights (the sum's gradient), so it was inf and its radial part
@@ -237,21 +237,25 @@ def test_reference_backend_is_the_formula():
     assert torch.equal(infonce(z1, z2, dim=5, backend="reference"), expected)
 
 
+@pytest.mark.parametrize("keep_bytes", [0, 1 << 20])  # recompute, keep the dots
 @pytest.mark.parametrize("known", [0.1, math.nan])  # the value given, or read from the tensor
-def test_opcheck(known):
+def test_opcheck(known, keep_bytes):
     tau = torch.tensor(0.1, dtype=torch.float64)
     for variant in ("cross", "ntxent"):
         z1, z2 = make_views(7, 12)
         torch.library.opcheck(torch.ops.directclr.infonce.default,
-                              (z1, z2, 5, tau, known, variant, "cpu"))
+                              (z1, z2, 5, tau, known, variant, "cpu", "", keep_bytes))
         grad = torch.randn(7)
-        _, row_lse, col_lse = torch.ops.directclr.infonce(z1, z2, 5, tau, known, variant, "cpu")
+        _, row_lse, col_lse, kept = torch.ops.directclr.infonce(z1, z2, 5, tau, known, variant,
+                                                                "cpu", "", keep_bytes)
+        assert kept.shape == ((0, 0) if not keep_bytes else (7, 7) if variant == "cross"
+                              else (14, 14))
         torch.library.opcheck(torch.ops.directclr.infonce_backward.default,
-                              (grad, z1.detach(), z2.detach(), row_lse, col_lse, 5, tau, known,
-                               variant, "cpu"))
+                              (grad, z1.detach(), z2.detach(), row_lse, col_lse, kept, 5, tau,
+                               known, variant, "cpu"))
 
 
-def test_torch_compile_fullgraph():
+def test_torch_compile_fullgraph(dots_path):
     torch._dynamo.reset()
 
     def step(z1, z2):
@@ -355,7 +359,7 @@ def test_bad_input_raises_clear_error(case):
         call()
 
 
-def test_many_threads_narrow_column_tiles():
+def test_many_threads_narrow_column_tiles(dots_path):
     """64 threads x width 2048 shrink the backward's column tiles (bounded per-thread partials)."""
     before = torch.get_num_threads()
     torch.set_num_threads(64)
@@ -371,7 +375,7 @@ def test_many_threads_narrow_column_tiles():
 
 
 @pytest.mark.parametrize("threads", [1, 3, 16])
-def test_ntxent_mirror_tiles_give_every_row_its_loss(threads):
+def test_ntxent_mirror_tiles_give_every_row_its_loss(threads, dots_path):
     """ntxent's fp32 forward computes only the tiles that start before each 1024-column block
     ends and takes the others' row sums and positives from their mirror tiles: 2 x 1100 rows
     span three column blocks; these thread counts give row tiles of 256, 256 and 128 rows."""
@@ -389,7 +393,7 @@ def test_ntxent_mirror_tiles_give_every_row_its_loss(threads):
 @pytest.mark.parametrize("threads", [1, 3, 16])
 @pytest.mark.parametrize("dtype,temperature,rtol", [(torch.float32, 0.1, 1e-5),
                                                     (torch.float64, 0.02, 1e-12)])
-def test_ntxent_symmetric_backward(threads, dtype, temperature, rtol, monkeypatch):
+def test_ntxent_symmetric_backward(threads, dtype, temperature, rtol, monkeypatch, dots_path):
     """ntxent's backward on one process computes only the tiles that start before each column
     block ends; a tile wholly before the block also gives the block's rows their G^T Y. 2 x 700
     rows span two blocks and the views' boundary falls inside a row tile; fp32 at tau 0.1 takes

@@ -265,17 +265,19 @@ def test_backends_keep_one_contract(variant, dim):
         primitive = fused.backend_primitive(backend)
         sub, inv, _, _ = fused.subvectors(z1.detach(), z2.detach(), dim, primitive.UNIT_ROWS)
         layout = fused.rank_layout(sub, inv, variant, None)
-        row_lse, pos_logit, col_max, col_sum = primitive.lse_forward(layout, scale, cross)
+        row_lse, pos_logit, col_max, col_sum, kept = primitive.lse_forward(layout, scale, cross,
+                                                                            False)
         col_lse = col_max + col_sum.log() if cross else row_lse
         row_w = weights[:layout.rows.shape[0]]
         col_w = weights[n:] if cross else row_w
         apart = [torch.empty(n, dim + 3)[:, :dim] for _ in range(1 if cross else 2)]
         out_cols = torch.empty(n if cross else 0, dim)
-        primitive.lse_backward(layout, scale, row_lse, row_w, col_lse, col_w, apart, out_cols)
+        primitive.lse_backward(layout, scale, row_lse, row_w, col_lse, col_w, kept, apart,
+                               out_cols)
         seen[backend] = (row_lse, pos_logit, col_lse, torch.cat(apart), out_cols)
         if backend == "triton":
             joined = torch.empty(len(apart) * n, dim)
-            primitive.lse_backward(layout, scale, row_lse, row_w, col_lse, col_w,
+            primitive.lse_backward(layout, scale, row_lse, row_w, col_lse, col_w, kept,
                                    list(joined.split(n)), out_cols.clone())
             assert torch.equal(joined, torch.cat(apart))
     names = ("row LSE", "positive logit", "column LSE", "row gradient", "column gradient")

@@ -10,6 +10,7 @@
 
 Every rank builds the same global batch from the seed and keeps its block of rows (ROWS each).
 """
+import itertools
 import sys
 import time
 import traceback
@@ -93,16 +94,16 @@ def cases(out: Path):
             lambda: loss_and_grads(torch.compile(step, fullgraph=True), z1, z2))
     # The ops with a process group: schema, fake (shapes across the group) and autograd.
     results["opcheck"] = {}
-    for variant in VARIANTS:
+    for variant, keep_bytes in itertools.product(VARIANTS, (0, 1 << 20)):  # recompute, keep
         args = (z1, z2, DIM, torch.tensor(0.1, dtype=torch.float64), 0.1, variant, "cpu",
-                pair_group.group_name)
-        _, row_lse, col_lse = torch.ops.directclr.infonce(*args)
-        backward_args = (torch.randn(ROWS, dtype=torch.float64), z1, z2, row_lse, col_lse,
-                         *args[2:])
+                pair_group.group_name, keep_bytes)
+        _, row_lse, col_lse, kept = torch.ops.directclr.infonce(*args)
+        backward_args = (torch.randn(ROWS, dtype=torch.float64), z1, z2, row_lse, col_lse, kept,
+                         *args[2:-1])
         for name, op, op_args in (("infonce", torch.ops.directclr.infonce.default, args),
                                   ("infonce_backward", torch.ops.directclr.infonce_backward.default,
                                    backward_args)):
-            results["opcheck"][f"{name}/{variant}"] = recorded(
+            results["opcheck"][f"{name}/{variant}/keep {keep_bytes}"] = recorded(
                 lambda: torch.library.opcheck(op, op_args) and None)
     results["errors"] = {
         "group+gather=False": error_of(lambda: infonce(z1, z2, dim=DIM, group=pair_group,
