@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .distributed import all_gather_rows, merge_col_lse, rank_and_world, reduce_scatter_rows
+from .collectives import all_gather_rows, merge_col_lse, rank_and_world, reduce_scatter_rows
 from .kernels.cpu import primitive as cpu_primitive
 from .scaling import scaled_rows
 

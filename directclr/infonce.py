@@ -37,13 +37,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import fused
-from .config import VARIANTS
-from .distributed import (
+from .collectives import (
     check_equal_batches,
     loss_group,
     rank_and_world,
     resolve_group,
 )
+from .config import VARIANTS
 from .fused import NORM_EPS
 from .scaling import scaled_rows
 
@@ -358,7 +358,7 @@ def infonce(z1: Tensor, z2: Tensor, dim: int | None = 360, temperature: float | 
             With gather, *every rank of the group must call infonce, with the same N*: it runs
             collectives (a rank that does not call it leaves the others waiting). Equal N is
             checked the first time a process sees an N (what that catches:
-            ``directclr.distributed.check_equal_batches``).
+            ``directclr.collectives.check_equal_batches``).
 
     Returns:
         Without gather, the loss of the N pairs (``"mean"``, ``"sum"``) or their N losses

@@ -7,8 +7,8 @@ from torch import nn
 from torchvision import models as tv_models
 from torchvision.models.resnet import BasicBlock
 
+from .collectives import sum_over_ranks
 from .config import ARCHS, MODES, PAPER_SIMCLR_OUT
-from .distributed import sum_over_ranks
 
 SMALL_IMAGE_MAX = 64  # pixels; up to this size a ResNet gets the CIFAR stem
 RESNET_NAMES = ("resnet", "wide_resnet", "resnext")  # torchvision's ResNet family
