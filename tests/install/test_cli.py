@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from directclr import cli, plot, train
+from directclr import cli, commands, plot, train
 from directclr.config import Config, config_from_args, pretrain_argv
 
 
@@ -88,9 +88,10 @@ def no_run(monkeypatch):
     """Every command's work replaced by Ran: a case that reaches it was not refused."""
     def ran(args):
         raise Ran(args.command)
-    for name in ("_prepare", "_pretrain", "_probe", "_spectrum", "_theory", "_reproduce",
-                 "_info"):
+    for name in ("_prepare", "_pretrain", "_info"):
         monkeypatch.setattr(cli, name, ran)
+    for name in ("_probe", "_spectrum", "_theory", "_reproduce"):
+        monkeypatch.setattr(commands, name, ran)
     monkeypatch.setattr(plot, "_plot", ran)
 
 
