@@ -251,6 +251,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _op_backward(ctx, grad_loss, _grad_row_lse, _grad_col_lse, _grad_kept):
+    if grad_loss is None:  # no gradient reached the loss (grads are not materialized)
+        return (None,) * 9
     z1, z2, temperature, row_lse, col_lse, kept = ctx.saved_tensors
     dim, temperature_value, variant, backend, group_name = ctx.args
     grad_z1, grad_z2, grad_temperature = _InfoNCEBackward.apply(

@@ -9,7 +9,15 @@ from torch import Tensor
 
 
 def _logits(rows: Tensor, cols: Tensor, excl: Tensor, scale: float) -> Tensor:
-    return _masked((rows @ cols.T).mul_(scale), excl)
+    return _masked(_scaled(rows @ cols.T, scale), excl)
+
+
+def _scaled(dots: Tensor, scale: float) -> Tensor:
+    """scale_dots of infonce.cpp: near the dtype's max scale, a dot rounded above 1 would
+    overflow to inf, so the dots are clamped to [-1, 1] there first."""
+    if scale > 0.5 * torch.finfo(dots.dtype).max:
+        dots = dots.clamp(-1.0, 1.0)
+    return dots.mul_(scale)
 
 
 def _masked(logits: Tensor, excl: Tensor) -> Tensor:
@@ -36,7 +44,7 @@ def lse_backward(rows, cols, pos, excl, scale, row_lse, row_w, col_lse, col_w, k
     """torch.ops.directclr_cpu.lse_backward: overwrites grad_rows and, if it has rows,
     grad_cols."""
     logits = _logits(rows, cols, excl, scale) if not kept.numel() else _masked(
-        kept * scale, excl)
+        _scaled(kept.clone(), scale), excl)
     row_w, col_w = row_w.to(rows.dtype), col_w.to(rows.dtype)
     grad_logits = (logits - row_lse.to(rows.dtype).unsqueeze(1)).exp() * row_w.unsqueeze(1)
     positive = row_w

@@ -11,8 +11,9 @@
 //
 // Or, where the caller's budget holds M x C (small batches, where the products dominate less and
 // one of four is worth its memory): the forward keeps the unit dot products Q K^T, one matrix
-// product, and returns them; the backward reads its tiles from there instead of recomputing
-// them, so three products instead of four (ntxent on one process: two instead of about 2.25).
+// product, and returns them (under the fixed shift with the excluded entries -inf); the backward
+// reads its tiles there instead of recomputing them: three products instead of four (ntxent on
+// one process: two instead of about 2.25).
 //
 // Tiles go through ATen's BLAS (at::mm_out into a per-thread buffer) and ATen's vectorized
 // elementwise ops, so the exp/sum passes run on a tile while it is still in cache.
@@ -58,15 +59,16 @@ void check_inputs(const at::Tensor& rows, const at::Tensor& cols, const at::Tens
               "pos and excl need one entry per row");
 }
 
-// A tile of unit dot products: rows row0.. of `row_block` against `col_block` (columns col0..),
-// from `kept` (the forward's M x C product) where it is given, else one product.
-void tile_dots(at::Tensor& out, const at::Tensor& kept, const at::Tensor& row_block,
-               int64_t row0, int64_t col0, const at::Tensor& col_block) {
-  if (kept.numel() > 0) {
-    out.copy_(kept.narrow(0, row0, out.size(0)).narrow(1, col0, out.size(1)));
-  } else {
-    at::mm_out(out, row_block, col_block.t());
-  }
+// A tile of unit dot products, rows row0.. (`row_block`) against columns col0.. (`col_block`),
+// shaped as `scratch`: one product into scratch, or where `kept` (the forward's M x C product) is
+// given, its tile: the view itself when the caller only masks the tile's excluded entries and
+// reads it (the fixed shift: masking is idempotent, so the kept dots stay valid for another
+// backward), else a copy in scratch (the running max scales the tile in place).
+at::Tensor tile_dots(at::Tensor& scratch, const at::Tensor& kept, const at::Tensor& row_block,
+                     int64_t row0, int64_t col0, const at::Tensor& col_block, bool in_place) {
+  if (kept.numel() == 0) return at::mm_out(scratch, row_block, col_block.t());
+  auto tile = kept.narrow(0, row0, scratch.size(0)).narrow(1, col0, scratch.size(1));
+  return in_place ? tile : scratch.copy_(tile);
 }
 
 // The forward's M x C unit dot products when `keep`, in one product (else an empty 0 x 0).
@@ -78,10 +80,10 @@ at::Tensor kept_dots(const at::Tensor& rows, const at::Tensor& cols, bool keep) 
 template <typename scalar_t>
 void mask_excluded(at::Tensor& tile, const int64_t* excl, int64_t row0, int64_t col0) {
   auto* data = tile.data_ptr<scalar_t>();
-  const int64_t n_rows = tile.size(0), n_cols = tile.size(1);
+  const int64_t n_rows = tile.size(0), n_cols = tile.size(1), ld = tile.stride(0);
   for (int64_t i = 0; i < n_rows; ++i) {
     const int64_t j = excl[row0 + i] - col0;
-    if (j >= 0 && j < n_cols) data[i * n_cols + j] = -std::numeric_limits<scalar_t>::infinity();
+    if (j >= 0 && j < n_cols) data[i * ld + j] = -std::numeric_limits<scalar_t>::infinity();
   }
 }
 
@@ -148,12 +150,13 @@ inline float shifted_exp_row(const float* dots, int64_t n, float scale, float* c
   return total;
 }
 
-// dots (a tile of unit dot products, -inf where masked) -> grad = exp(scale dots - scale)
-// (row_coef_i + col_coef_j); col_coef may be null (no column term).
-inline void shifted_grad_tile(const float* dots, float* grad, int64_t n_rows, int64_t n_cols,
-                              float scale, const float* row_coef, const float* col_coef) {
+// dots (a tile of unit dot products, -inf where masked; rows dots_ld apart) -> grad (contiguous)
+// = exp(scale dots - scale) (row_coef_i + col_coef_j); col_coef may be null (no column term).
+inline void shifted_grad_tile(const float* dots, int64_t dots_ld, float* grad, int64_t n_rows,
+                              int64_t n_cols, float scale, const float* row_coef,
+                              const float* col_coef) {
   for (int64_t i = 0; i < n_rows; ++i) {
-    const float* d = dots + i * n_cols;
+    const float* d = dots + i * dots_ld;
     float* g = grad + i * n_cols;
     const float a = row_coef[i];
     if (col_coef) {
@@ -240,22 +243,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lse_forward_fixed_shi
         const int64_t rows_here = std::min(row_tile, n_rows - row0);
         const bool mirror = symmetric && row0 + rows_here <= col0;
         float* col_acc = with_cols || mirror ? thread_col_sum[tid].data_ptr<float>() : nullptr;
-        auto dots = dots_buf.narrow(0, 0, rows_here);
-        tile_dots(dots, kept, rows.narrow(0, row0, rows_here), row0, col0, col_block);
+        auto scratch = dots_buf.narrow(0, 0, rows_here);
+        at::Tensor dots =
+            tile_dots(scratch, kept, rows.narrow(0, row0, rows_here), row0, col0, col_block, true);
         float* data = dots.data_ptr<float>();
+        const int64_t ld = dots.stride(0);
         for (int64_t i = 0; i < rows_here; ++i) {
           const int64_t j = pos_ptr[row0 + i] - col0;
-          if (j >= 0 && j < col_tile) pos_ptr_out[row0 + i] = data[i * col_tile + j] * shift;
+          if (j >= 0 && j < col_tile) pos_ptr_out[row0 + i] = data[i * ld + j] * shift;
         }
         if (mirror) {  // the block's rows do not reach these columns: S[c, pos c] = S[pos c, c]
           for (int64_t j = 0; j < col_tile; ++j) {
             const int64_t i = pos_ptr[col0 + j] - row0;
-            if (i >= 0 && i < rows_here) pos_ptr_out[col0 + j] = data[i * col_tile + j] * shift;
+            if (i >= 0 && i < rows_here) pos_ptr_out[col0 + j] = data[i * ld + j] * shift;
           }
         }
         mask_excluded<float>(dots, excl_ptr, row0, col0);
         for (int64_t i = 0; i < rows_here; ++i) {
-          row_sum_ptr[row0 + i] += shifted_exp_row(data + i * col_tile, col_tile, shift, col_acc);
+          row_sum_ptr[row0 + i] += shifted_exp_row(data + i * ld, col_tile, shift, col_acc);
         }
       }
     });
@@ -306,7 +311,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lse_forwa
         const int64_t rows_here = std::min(row_tile, n_rows - row0);
         auto logits = logits_buf.narrow(0, 0, rows_here);
         auto exps = exp_buf.narrow(0, 0, rows_here);
-        tile_dots(logits, kept, rows.narrow(0, row0, rows_here), row0, col0, col_block);
+        tile_dots(logits, kept, rows.narrow(0, row0, rows_here), row0, col0, col_block, false);
         scale_dots(logits, scale);
         AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "lse_forward_positives", [&] {
           const auto* data = logits.data_ptr<scalar_t>();
@@ -375,8 +380,8 @@ SoftmaxTerms softmax_terms(const at::Tensor& lse, const at::Tensor& w, const at:
   return terms;
 }
 
-// One tile of G = dL/dS (rows row0.., columns col0..) from its unit dot products `dots`
-// (overwritten): G_ij = row_w_i (P^row_ij - [j = pos_i]) + col_w_j (P^col_ij - [j = pos_i]), the
+// One tile of G = dL/dS (rows row0.., columns col0..) into `grad` (contiguous) from its unit dot
+// products `dots` (any row stride; masked in place under the fixed shift, else overwritten): G_ij = row_w_i (P^row_ij - [j = pos_i]) + col_w_j (P^col_ij - [j = pos_i]), the
 // column term only where `col` is given.
 void grad_tile(at::Tensor& dots, at::Tensor& grad, int64_t row0, int64_t col0, double scale,
                bool shifted, const SoftmaxTerms& row, const SoftmaxTerms* col,
@@ -384,8 +389,8 @@ void grad_tile(at::Tensor& dots, at::Tensor& grad, int64_t row0, int64_t col0, d
   const int64_t rows_here = dots.size(0), col_tile = dots.size(1);
   if (shifted) {
     mask_excluded<float>(dots, excl_ptr, row0, col0);
-    shifted_grad_tile(dots.data_ptr<float>(), grad.data_ptr<float>(), rows_here, col_tile,
-                      static_cast<float>(scale), row.coef.data_ptr<float>() + row0,
+    shifted_grad_tile(dots.data_ptr<float>(), dots.stride(0), grad.data_ptr<float>(), rows_here,
+                      col_tile, static_cast<float>(scale), row.coef.data_ptr<float>() + row0,
                       col ? col->coef.data_ptr<float>() + col0 : nullptr);
   } else {
     scale_dots(dots, scale);
@@ -440,9 +445,9 @@ struct GradTiles {
                                                const at::Tensor& col_block) const {
     const int64_t row0 = t * row_tile;
     const auto row_block = rows.narrow(0, row0, std::min(row_tile, rows.size(0) - row0));
-    auto logits = s.logits.narrow(0, 0, row_block.size(0));
+    auto scratch = s.logits.narrow(0, 0, row_block.size(0));
     auto grad = s.grad.narrow(0, 0, row_block.size(0));
-    tile_dots(logits, kept, row_block, row0, col0, col_block);
+    at::Tensor logits = tile_dots(scratch, kept, row_block, row0, col0, col_block, shifted);
     grad_tile(logits, grad, row0, col0, scale, shifted, row_terms, col_terms, pos_ptr, excl_ptr);
     return {row_block, grad};
   }
