@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 namespace directclr {
 namespace {
@@ -491,7 +492,9 @@ void lse_backward(const at::Tensor& rows, const at::Tensor& cols, const at::Tens
   check_output(grad_rows, rows, n_rows, "grad_rows");
   if (with_grad_cols) check_output(grad_cols, rows, n_cols, "grad_cols");
   const auto opts = rows.options();
-  grad_rows.zero_();  // accumulated over the column tiles; grad_cols is written once per tile
+  // grad_rows is accumulated over the column blocks, its first one written with beta 0 (nothing
+  // to zero first); grad_cols is written once per block.
+  if (n_cols == 0) grad_rows.zero_();
   const bool shifted = fixed_shift(rows, scale);
   const auto row_terms = softmax_terms(row_lse, row_w, rows, shifted, scale);
   const auto col_terms = with_cols ? softmax_terms(col_lse, col_w, rows, shifted, scale)
@@ -507,20 +510,31 @@ void lse_backward(const at::Tensor& rows, const at::Tensor& cols, const at::Tens
 
   const int64_t grad_col_tile = grad_col_tile_size(width);
   for_each_block(cols, grad_col_tile, [&](int64_t col0, int64_t col_tile, const auto& col_block) {
+    // Each thread's partial is written with beta 0 by its first tile; one that got no tile is
+    // zeroed after (no n_threads x col_tile x width fill before every block).
     auto thread_grad_cols =
-        with_grad_cols ? at::zeros({n_threads, col_tile, width}, opts) : at::Tensor();
+        with_grad_cols ? at::empty({n_threads, col_tile, width}, opts) : at::Tensor();
+    std::vector<uint8_t> thread_wrote(n_threads, 0);
+    const double grad_rows_beta = col0 == 0 ? 0.0 : 1.0;
 
     at::parallel_for(0, n_row_tiles, 1, [&](int64_t first, int64_t last) {
       auto scratch = tiles.scratch(col_tile);
-      auto grad_cols_acc = with_grad_cols ? thread_grad_cols[at::get_thread_num()] : at::Tensor();
+      const int64_t tid = at::get_thread_num();
+      auto grad_cols_acc = with_grad_cols ? thread_grad_cols[tid] : at::Tensor();
       for (int64_t t = first; t < last; ++t) {
         const auto [row_block, grad_logits] = tiles(scratch, t, col0, col_block);
         auto grad_rows_here = grad_rows.narrow(0, t * row_tile, row_block.size(0));
-        grad_rows_here.addmm_(grad_logits, col_block, 1.0, scale);
-        if (with_grad_cols) grad_cols_acc.addmm_(grad_logits.t(), row_block, 1.0, scale);
+        grad_rows_here.addmm_(grad_logits, col_block, grad_rows_beta, scale);
+        if (with_grad_cols) {
+          grad_cols_acc.addmm_(grad_logits.t(), row_block, thread_wrote[tid] ? 1.0 : 0.0, scale);
+          thread_wrote[tid] = 1;
+        }
       }
     });
     if (with_grad_cols) {
+      for (int64_t tid = 0; tid < n_threads; ++tid) {
+        if (!thread_wrote[tid]) thread_grad_cols[tid].zero_();
+      }
       auto grad_cols_here = grad_cols.narrow(0, col0, col_tile);
       at::sum_out(grad_cols_here, thread_grad_cols, 0);
     }
