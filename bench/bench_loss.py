@@ -191,8 +191,13 @@ def run_in_subprocess(case: dict, timeout: float) -> dict:
 
 
 def repeats_for(n: int, variant: str) -> int:
+    """Timed steps: at least ~0.3 s of them on 2 CPU cores at the small sizes, whose medians a
+    shared machine's noise moves most."""
     rows = n if variant == "cross" else 2 * n
-    return 5 if rows <= 8192 else 3 if rows <= 16384 else 1
+    for most_rows, repeats in ((1024, 31), (2048, 15), (4096, 9), (8192, 5), (16384, 3)):
+        if rows <= most_rows:
+            return repeats
+    return 1
 
 
 def main(argv=None) -> list[dict]:
