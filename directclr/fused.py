@@ -28,8 +28,14 @@ UNIT_GRAD_MAX_LOG2 = 64
 # The largest M x C matrix of unit dot products (MiB) that a backend with KEEPS_DOTS keeps from
 # the forward for the backward, which then computes three matrix products instead of four; the
 # environment variable sets it per call, 0 never keeps. 64 MiB: fp32 cross up to N = 4096, ntxent
-# up to N = 2048 on one process.
+# up to N = 1024 on one process (SYMMETRIC_KEEP_SHARE).
 KEEP_DOTS_MB = 64
+# ntxent on one process recomputes only the tiles of its symmetric S that start before each column
+# block ends, about half the forward's product, which its keeping path computes whole: the two
+# paths then cost about the same products, and keeping pays only while the tiles are too few to
+# keep the cores busy. It keeps within this share of the budget (measured, Intel Xeon 2 cores, fp32:
+# N = 1024 keeping 0.72x the recomputing time, N = 2048 1.13x).
+SYMMETRIC_KEEP_SHARE = 0.25
 KEEP_DOTS_ENV = "DIRECTCLR_KEEP_DOTS_MB"
 
 
@@ -176,6 +182,8 @@ def keeps_dots(backend: str, n: int, variant: str, world: int, dtype: torch.dtyp
         return False
     if not backend_primitive(backend).KEEPS_DOTS:
         return False
+    if variant == "ntxent" and world == 1:
+        keep_bytes = int(keep_bytes * SYMMETRIC_KEEP_SHARE)
     rows, cols = dots_shape(n, variant, world)
     return rows * cols * torch.finfo(working_dtype(dtype)).bits // 8 <= keep_bytes
 

@@ -34,6 +34,8 @@ def test_both_sides_of_the_budget_edge_are_exact(variant, dtype, monkeypatch):
     z1, z2 = make_views(N, WIDTH, dtype=dtype, layout="strided")
     rows, cols = fused.dots_shape(N, variant, 1)
     edge = rows * cols * torch.finfo(dtype).bits // 8
+    if variant == "ntxent":  # one process: symmetric S, a share of the budget
+        edge = int(edge / fused.SYMMETRIC_KEEP_SHARE)
     results = {}
     for budget, keeps in ((edge, True), (edge - 1, False)):
         assert kept_shape(z1, z2, variant, budget) == ((rows, cols) if keeps else (0, 0))
@@ -70,7 +72,9 @@ def test_the_default_budget_keeps_small_batches_only(monkeypatch):
     fp32 = torch.float32
     assert fused.keeps_dots("cpu", 4096, "cross", 1, fp32, budget)
     assert not fused.keeps_dots("cpu", 4097, "cross", 1, fp32, budget)
-    assert fused.keeps_dots("cpu", 2048, "ntxent", 1, fp32, budget)
+    assert fused.keeps_dots("cpu", 1024, "ntxent", 1, fp32, budget)  # a quarter: symmetric S
+    assert not fused.keeps_dots("cpu", 1025, "ntxent", 1, fp32, budget)
+    assert fused.keeps_dots("cpu", 1024, "ntxent", 2, fp32, budget)  # 2048 x 4096 x 4 B
     assert fused.keeps_dots("cpu", 2048, "cross", 2, torch.float64, budget)  # 2048 x 4096 x 8 B
     assert not fused.keeps_dots("cpu", 2049, "cross", 2, torch.float64, budget)
     assert not fused.keeps_dots("triton", 16, "cross", 1, fp32, budget)
