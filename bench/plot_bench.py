@@ -40,6 +40,8 @@ FILE = "bench_loss.jsonl"
 # provider in the rows: (name on the plot, colour, marker)
 PROVIDERS = {
     "fused": ("fused (directclr)", "tab:blue", "o"),
+    # the CPU op's other path where "fused" keeps its dots (small N): no N x N at all
+    "fused-recompute": ("fused, recomputing tiles", "tab:purple", "v"),
     "reference": ("eager reference", "tab:orange", "s"),
     "compiled": ("torch.compile(reference)", "tab:green", "^"),
 }

@@ -33,8 +33,8 @@ KEEP_DOTS_MB = 64
 # ntxent on one process recomputes only the tiles of its symmetric S that start before each column
 # block ends, about half the forward's product, which its keeping path computes whole: the two
 # paths then cost about the same products, and keeping pays only while the tiles are too few to
-# keep the cores busy. It keeps within this share of the budget (measured, Intel Xeon 2 cores, fp32:
-# N = 1024 keeping 0.72x the recomputing time, N = 2048 1.13x).
+# keep the cores busy. It keeps within this share of the budget (bench/results rows of 3e841d1,
+# Intel Xeon 2 cores, fp32: keeping takes 0.76x the recomputing time at N = 1024, 1.10x at 2048).
 SYMMETRIC_KEEP_SHARE = 0.25
 KEEP_DOTS_ENV = "DIRECTCLR_KEEP_DOTS_MB"
 
