@@ -156,6 +156,7 @@ def run_case(provider, variant, n, width, dim, dtype, device, repeats) -> dict:
         "path": path_of(provider, variant, n, torch_dtype, cuda),
         "peak_mem_mb": max(peak, 0) / 2**20, "grad_mb": 2 * n * width * DTYPES[dtype] / 2**20,
         "status": "ok",
+        "malloc_env": {k: v for k, v in os.environ.items() if k in MALLOC_ENV["retain"]},
     }
 
 
@@ -176,12 +177,20 @@ def kept_bytes(variant: str, n: int, dtype: str) -> int:
 
 # glibc's mmap threshold for the live-peak process: buffers above it are mapped on their own.
 LIVE_PEAK_MMAP_THRESHOLD_BYTES = 128 * 1024
+# --malloc retain: glibc keeps freed memory for the next step (buffers up to 32 MiB from its
+# heaps, no trimming below 1 GiB free) instead of returning it and faulting it back in, as
+# jemalloc or tcmalloc would; every provider's timed process alike.
+MALLOC_ENV = {"default": {},
+              "retain": {"MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+                         "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}}
 
 
-def run_in_subprocess(case: dict, timeout: float) -> dict:
-    """The timed row; on CPU with `live_peak_mb` from a second, one-step process (see above)."""
+def run_in_subprocess(case: dict, timeout: float, malloc: str = "default") -> dict:
+    """The timed row (its process under the `malloc` settings); on CPU with `live_peak_mb` from
+    a second, one-step process (see above)."""
     started = time.monotonic()
-    row = common.run_child(__file__, case, timeout)
+    row = common.run_child(__file__, case, timeout, MALLOC_ENV[malloc])
+    row["malloc"] = malloc
     if row["status"] == "ok" and case["device"] == "cpu":
         env = {"MALLOC_MMAP_THRESHOLD_": str(LIVE_PEAK_MMAP_THRESHOLD_BYTES)}
         left = timeout - (time.monotonic() - started)
@@ -224,6 +233,9 @@ def main(argv=None) -> list[dict]:
                              "covers its timeout's floor (--min-case-s), and its timeout is "
                              "cut to what is left")
     parser.add_argument("--min-case-s", type=float, default=30.0)
+    parser.add_argument("--malloc", choices=sorted(MALLOC_ENV), default="default",
+                        help="retain: glibc keeps freed memory between steps (no page faults "
+                             "for the step's large buffers), for every provider alike")
     args = common.parse_or_run_child(parser, argv, lambda case: run_case(**case))
     if args is None:
         return []
@@ -256,7 +268,7 @@ def main(argv=None) -> list[dict]:
                 elif left < args.min_case_s:
                     row = {**case, "status": f"skipped: {left:.0f} s of the budget left"}
                 else:
-                    row = run_in_subprocess(case, min(args.timeout, left))
+                    row = run_in_subprocess(case, min(args.timeout, left), args.malloc)
                 row.setdefault("N", n)
                 # Appended as each case ends: a later timeout or kill loses nothing before it.
                 row = common.stamp([row], args.device)[0]
@@ -274,6 +286,7 @@ def main(argv=None) -> list[dict]:
                 row["pct_of_peak"] = 100 * row["tflops"] / peak
     # The same run's ratios (and peak) as one summary row: the case rows are already written.
     summary = {"op": "infonce", "kind": "summary", "device": args.device, "dtype": args.dtype,
+               "malloc": args.malloc,
                "cases": [{k: row.get(k) for k in ("variant", "N", "provider", "fwd_bwd_ms",
                                                   "vs_reference", "vs_compiled", "vs_fused",
                                                   "pct_of_peak", "status")} for row in rows]}

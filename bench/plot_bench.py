@@ -143,6 +143,8 @@ def sweeps(rows: list[dict]) -> list[Sweep]:
         summary = row.get("kind") == "summary"
         if not (summary or _is_case(row)) or not row.get("device") or not row.get("commit"):
             continue
+        if row.get("malloc", "default") != "default":  # another experiment: tuned allocator
+            continue
         key = (row["device"], row.get("machine") or "?", row.get("dtype") or "?",
                _base(row["commit"]), row.get("date") or "?")
         sweep = found.setdefault(key, Sweep(*key))

@@ -36,6 +36,14 @@ def test_bench_loss_writes_rows(tmp_path):
     assert len(learned) == 2 and all(r["vs_fused"] > 0 and r["backend"] == "auto" for r in learned)
 
 
+def test_bench_loss_retain_malloc_reaches_the_timed_process(tmp_path):
+    rows = bench_loss.main(["--n", "32", "--width", "48", "--dim", "20", "--repeats", "1",
+                            "--variants", "cross", "--providers", "fused", "--malloc", "retain",
+                            "--results-dir", str(tmp_path)])
+    assert [(r["status"], r["malloc"]) for r in rows] == [("ok", "retain")], rows
+    assert rows[0]["malloc_env"] == bench_loss.MALLOC_ENV["retain"]
+
+
 def test_bench_loss_budget_skips_what_cannot_start(tmp_path):
     rows = bench_loss.main(["--n", "32", "--width", "48", "--dim", "20", "--repeats", "1",
                             "--variants", "cross", "--providers", "fused", "reference",
