@@ -1,6 +1,6 @@
 """The algorithm behind directclr::infonce (directclr/infonce.py holds the op, its autograd and
 the public API): the subvectors and their normalization, the row/column ``Layout`` of each
-variant, the collectives (``directclr.distributed``; none without a group), and the primitive
+variant, the collectives (``directclr.collectives``; none without a group), and the primitive
 contract every backend keeps: rows Q against columns K, one positive and an optional excluded
 column per row -> row LSE (and column LSE); the backward recomputes tiles from the LSEs, or (CPU,
 small batches: ``keeps_dots``) reads them from the dot products its forward kept.
