@@ -13,7 +13,7 @@
 // one of four is worth its memory): the forward keeps the unit dot products Q K^T, one matrix
 // product, and returns them (under the fixed shift with the excluded entries -inf); the backward
 // reads its tiles there instead of recomputing them: three products instead of four (ntxent on
-// one process: two instead of about 2.25).
+// one process keeps about two, as its recomputing path, which skips half of the symmetric S).
 //
 // Tiles go through ATen's BLAS (at::mm_out into a per-thread buffer) and ATen's vectorized
 // elementwise ops, so the exp/sum passes run on a tile while it is still in cache.
