@@ -147,9 +147,10 @@ def capture_loss(variant: str, dim: int, dtype: str, precision: str, arch: int, 
     torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     try:
         with compile_only(arch, launches):
-            _, row_lse, col_lse = fused.forward(z1, z2, dim, 0.1, variant, "triton", None)
-            fused.backward(torch.ones(n), z1, z2, row_lse, col_lse, dim, 0.1, variant, "triton",
-                         None)
+            _, row_lse, col_lse, kept = fused.forward(z1, z2, dim, 0.1, variant, "triton",
+                                                      None, 0)
+            fused.backward(torch.ones(n), z1, z2, row_lse, col_lse, kept, dim, 0.1, variant,
+                           "triton", None)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     return launches
@@ -208,8 +209,9 @@ def count_in_interpreter(cases, n: int) -> dict:
     for variant, dim, dtype in cases:
         counts.update(macs=0, exp2=0, cublas_macs=0)
         z1, z2 = (z[:, :max(dim, 16) * 2].contiguous() for z in _inputs(n, dim, dtype))
-        _, row_lse, col_lse = fused.forward(z1, z2, dim, 0.1, variant, "triton", None)
-        fused.backward(torch.ones(n), z1, z2, row_lse, col_lse, dim, 0.1, variant, "triton", None)
+        _, row_lse, col_lse, kept = fused.forward(z1, z2, dim, 0.1, variant, "triton", None, 0)
+        fused.backward(torch.ones(n), z1, z2, row_lse, col_lse, kept, dim, 0.1, variant, "triton",
+                       None)
         rows = n if variant == "cross" else 2 * n
         unit = rows * rows * dim  # multiply-adds of one product over the logits
         out[f"{variant}:{dim}:{dtype}"] = {
