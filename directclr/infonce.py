@@ -2,7 +2,8 @@
 
 Layers, top to bottom:
 
-* ``infonce`` / ``DirectCLRLoss``: the public functional API and its thin module; argument checks.
+* ``infonce`` / ``DirectCLRLoss``: the public functional API and its thin module; the argument
+  checks are in ``directclr/loss_args.py``.
 * ``directclr::infonce`` / ``directclr::infonce_backward`` (torch.library custom ops, with fake
   and autograd registered): one op for one process (``group_name=""``) and for a process group
   (its name), so ``torch.compile(fullgraph=True)`` sees one opaque op either way; the collectives
@@ -30,7 +31,6 @@ rounding may dip under), the gradient being the formula's own.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -43,12 +43,9 @@ from .collectives import (
     rank_and_world,
     resolve_group,
 )
-from .config import VARIANTS
 from .fused import NORM_EPS
+from .loss_args import check_args, check_options, check_temperature, resolve_backend
 from .scaling import scaled_rows
-
-REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = ("auto", "cpu", "triton", "reference")
 
 
 # --------------------------------------------------------------------------- reference formula
@@ -68,102 +65,6 @@ def infonce_reference(z1: Tensor, z2: Tensor, dim: int | None = 360,
     logits = (views @ views.T / temperature).fill_diagonal_(float("-inf"))
     per_view = F.cross_entropy(logits, torch.cat([target + n, target]), reduction="none")
     return 0.5 * (per_view[:n] + per_view[n:])
-
-
-# --------------------------------------------------------------------------- argument checks
-def _check_options(dim, temperature, variant, reduction, backend) -> None:
-    """The checks that need no input (``DirectCLRLoss`` runs them at construction): types, the
-    choices, and a Python number's temperature (finite, > 0). A tensor temperature's value is
-    checked inside the op, where it is concrete; so is a float that torch.compile(dynamic=True)
-    made symbolic (``math.isfinite`` cannot take it)."""
-    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int)):
-        raise TypeError(f"dim must be an int or None, got {type(dim).__name__}")
-    if dim is not None and dim < 1:
-        raise ValueError(f"dim must be >= 1 (at most the width of z1), got {dim}")
-    if isinstance(temperature, Tensor):
-        if not temperature.dtype.is_floating_point:
-            raise TypeError(f"temperature must be a floating-point tensor, got {temperature.dtype}")
-        if temperature.dim() != 0:
-            raise ValueError(f"temperature must be a float or a 0-d tensor, got shape "
-                             f"{tuple(temperature.shape)}")
-    elif isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a float or a 0-d tensor, got "
-                        f"{type(temperature).__name__}")
-    elif not torch.compiler.is_compiling():  # under dynamic=True a float may be a SymFloat
-        _check_temperature(temperature, torch.float64)
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-
-
-def _check_temperature(temperature: float, dtype: torch.dtype) -> None:
-    """A concrete temperature: finite, > 0, and 1/temperature finite in the working dtype of
-    ``dtype`` inputs (the kernels scale every logit by it)."""
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
-    work = fused.working_dtype(dtype)
-    if temperature * torch.finfo(work).max < 1.0:
-        raise ValueError(f"temperature must be >= {1.0 / torch.finfo(work).max:.4g} for {dtype} "
-                         f"input (its inverse must be finite in {work}), got {temperature}")
-
-
-def _check_args(z1, z2, dim, temperature, variant, reduction, backend
-                ) -> tuple[Tensor, Tensor, int]:
-    """Validates everything before any kernel runs; returns z1, z2 as (N, D) (trailing dims
-    flattened, as lightly does: z.flatten(1)) and the resolved subvector width."""
-    _check_options(dim, temperature, variant, reduction, backend)
-    for name, z in (("z1", z1), ("z2", z2)):
-        if not isinstance(z, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
-        if z.dim() < 2:
-            raise ValueError(f"{name} must have at least 2 dims (N, D, ...), got shape "
-                             f"{tuple(z.shape)}")
-        if not z.dtype.is_floating_point:
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {z.dtype}")
-    if z1.shape != z2.shape:
-        raise ValueError(f"z1 and z2 must have the same shape, got {tuple(z1.shape)} and "
-                         f"{tuple(z2.shape)}")
-    if z1.dtype != z2.dtype:
-        raise TypeError(f"z1 and z2 must have the same dtype, got {z1.dtype} and {z2.dtype}")
-    if z1.device != z2.device:
-        raise ValueError(f"z1 and z2 must be on the same device, got {z1.device} and {z2.device}")
-    z1, z2 = z1.flatten(1), z2.flatten(1)
-    n, width = z1.shape
-    if n < 1:
-        raise ValueError("z1 must hold at least one row")
-    if dim is None:
-        dim = width
-    if not 1 <= dim <= width:
-        raise ValueError(f"dim must be in [1, {width}] (the width of z1), got {dim}")
-    if isinstance(temperature, (int, float)) and not torch.compiler.is_compiling():
-        _check_temperature(temperature, z1.dtype)
-    return z1, z2, dim
-
-
-def _resolve_backend(backend: str, z: Tensor) -> str:
-    device = z.device
-    if backend == "auto":
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"backend='auto' has no kernel for device {device}; "
-                             "use backend='reference'")
-        backend = "cpu" if device.type == "cpu" else "triton"
-    if backend == "cpu" and device.type != "cpu":
-        raise ValueError(f"backend='cpu' needs CPU tensors, z1 is on {device}")
-    if backend == "triton":
-        if device.type != "cuda" and not (device.type == "cpu" and _triton_interpreted()):
-            raise ValueError(f"backend='triton' needs CUDA tensors (or CPU tensors with "
-                             f"TRITON_INTERPRET=1), z1 is on {device}")
-        if z.dtype == torch.float64:
-            raise TypeError("backend='triton' takes float32/bfloat16/float16 z1, got float64; "
-                            "use backend='cpu' or 'reference' for float64")
-    return backend
-
-
-def _triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # --------------------------------------------------------------------------- torch.library ops
@@ -194,7 +95,7 @@ def _infonce_op(z1: Tensor, z2: Tensor, dim: int, temperature: Tensor, temperatu
     caller knows it, NaN where it is to be read here (``_temperature_value``). keep_bytes: the
     budget of ``fused.keeps_dots`` (0: the backward recomputes every tile)."""
     tau = _temperature_value(temperature, temperature_value)
-    _check_temperature(tau, z1.dtype)
+    check_temperature(tau, z1.dtype)
     group = resolve_group(group_name)
     if group is not None:
         check_equal_batches(z1.shape[0], z1.device, group_name)
@@ -375,15 +276,15 @@ def infonce(z1: Tensor, z2: Tensor, dim: int | None = 360, temperature: float | 
     Autograd: ``torch.func.grad``, ``vjp`` and ``jacrev`` work; ``vmap`` and higher-order
     gradients do not (a RuntimeError saying so): use ``backend="reference"`` for those.
     """
-    z1, z2, dim = _check_args(z1, z2, dim, temperature, variant, reduction, backend)
+    z1, z2, dim = check_args(z1, z2, dim, temperature, variant, reduction, backend)
     group = loss_group(gather, group)
-    backend = _resolve_backend(backend, z1)
+    backend = resolve_backend(backend, z1)
     if backend == "reference":
         if group is not None:
             raise ValueError("backend='reference' is single-process: pass gather=False for this "
                              "rank's rows alone, or use backend='auto' to gather")
         if isinstance(temperature, Tensor) and not torch.compiler.is_compiling():
-            _check_temperature(temperature.item(), z1.dtype)  # the op checks it inside
+            check_temperature(temperature.item(), z1.dtype)  # the op checks it inside
         loss = infonce_reference(z1, z2, dim, temperature, variant)
     else:
         # A float travels as a tensor too (one op schema; under torch.compile one graph for every
@@ -425,7 +326,7 @@ class DirectCLRLoss(torch.nn.Module):
         if isinstance(temperature, Tensor):
             raise TypeError("temperature must be a float (learn_temperature=True makes it a "
                             "parameter)")
-        _check_options(dim, temperature, variant, reduction, backend)
+        check_options(dim, temperature, variant, reduction, backend)
         if not isinstance(learn_temperature, bool):
             raise TypeError(f"learn_temperature must be a bool, got {learn_temperature!r}")
         if not (gather is None or isinstance(gather, bool)) or (gather is False
@@ -447,7 +348,7 @@ class DirectCLRLoss(torch.nn.Module):
 
     @temperature.setter
     def temperature(self, value: float) -> None:
-        _check_options(self.dim, value, self.variant, self.reduction, self.backend)
+        check_options(self.dim, value, self.variant, self.reduction, self.backend)
         if self.log_temperature is not None:
             with torch.no_grad():
                 self.log_temperature.fill_(math.log(value))
