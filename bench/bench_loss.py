@@ -45,15 +45,25 @@ DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
 REFERENCE_NN_BUFFERS = 6
 
 
+def logit_rows(variant: str, n: int) -> int:
+    """Rows (and columns) of the logits: N for cross, 2N for ntxent."""
+    return n if variant == "cross" else 2 * n
+
+
 def matmul_flops(variant: str, n: int, dim: int) -> float:
     """FLOPs of the reference's matrix products, forward + backward (3 products)."""
-    rows = n if variant == "cross" else 2 * n
+    rows = logit_rows(variant, n)
     return 3 * 2.0 * rows * rows * dim
 
 
+def logits_bytes(variant: str, n: int, dtype: str) -> int:
+    """One N x N (ntxent: 2N x 2N) matrix: the dots fused-keep holds, a sixth of the reference."""
+    rows = logit_rows(variant, n)
+    return rows * rows * DTYPES[dtype]
+
+
 def reference_bytes(variant: str, n: int, dtype: str) -> int:
-    rows = n if variant == "cross" else 2 * n
-    return REFERENCE_NN_BUFFERS * rows * rows * DTYPES[dtype]
+    return REFERENCE_NN_BUFFERS * logits_bytes(variant, n, dtype)
 
 
 def available_bytes(device: str) -> int:
@@ -170,11 +180,6 @@ def path_of(provider: str, variant: str, n: int, dtype, cuda: bool) -> str | Non
     return "keep" if keeps else "recompute"
 
 
-def kept_bytes(variant: str, n: int, dtype: str) -> int:
-    rows = n if variant == "cross" else 2 * n
-    return rows * rows * DTYPES[dtype]
-
-
 # glibc's mmap threshold for the live-peak process: buffers above it are mapped on their own.
 LIVE_PEAK_MMAP_THRESHOLD_BYTES = 128 * 1024
 # --malloc retain: glibc keeps freed memory for the next step (buffers up to 32 MiB from its
@@ -202,7 +207,7 @@ def run_in_subprocess(case: dict, timeout: float, malloc: str = "default") -> di
 def repeats_for(n: int, variant: str) -> int:
     """Timed steps: at least ~0.3 s of them on 2 CPU cores at the small sizes, whose medians a
     shared machine's noise moves most."""
-    rows = n if variant == "cross" else 2 * n
+    rows = logit_rows(variant, n)
     for most_rows, repeats in ((1024, 31), (2048, 15), (4096, 9), (8192, 5), (16384, 3)):
         if rows <= most_rows:
             return repeats
@@ -257,14 +262,13 @@ def main(argv=None) -> list[dict]:
                             dim=args.dim, dtype=args.dtype, device=args.device,
                             repeats=args.repeats or repeats_for(n, variant))
                 need = reference_bytes(variant, n, args.dtype)
+                kept = logits_bytes(variant, n, args.dtype)
                 left = deadline - time.monotonic() if deadline else args.timeout
                 if provider in ("reference", "compiled") and need > 0.8 * available_bytes(
                         args.device):
                     row = {**case, "status": f"skipped: needs ~{need / 2**30:.0f} GiB"}
-                elif provider == "fused-keep" and kept_bytes(variant, n, args.dtype) > \
-                        KEEP_MAX_BYTES:
-                    row = {**case, "status": "skipped: would keep "
-                           f"{kept_bytes(variant, n, args.dtype) / 2**30:.0f} GiB of dots"}
+                elif provider == "fused-keep" and kept > KEEP_MAX_BYTES:
+                    row = {**case, "status": f"skipped: would keep {kept / 2**30:.0f} GiB of dots"}
                 elif left < args.min_case_s:
                     row = {**case, "status": f"skipped: {left:.0f} s of the budget left"}
                 else:
