@@ -30,6 +30,11 @@ from tests.faults.helpers import (
 from tests.helpers import ENV_ONE_THREAD
 
 RUN_STEPS = 2  # a short run, still of several steps
+# A stop signal sent seconds into start-up must land before the run ends even when this machine
+# is loaded and the test's own sleep overshoots: a case that is not rerun runs this many steps
+# (it is stopped at the first of them at the latest, so they cost nothing).
+UNREACHABLE_STEPS = 1000
+UNREACHABLE_EPOCHS = "200"  # 5 steps an epoch on the tiny dataset
 CONSOLE_SCRIPT = Path(sys.executable).with_name("directclr")  # pyproject's [project.scripts]
 # Seconds that every process of a run may outlive the trainer's kill -9; with the forkserver
 # still importing torch, until that import ends (several seconds on this loaded machine).
@@ -116,7 +121,9 @@ def test_stop_signal_during_start_up(work, name, sig, when, launcher, rerun):
     """Exit 75, no traceback, nothing lost or half-written; then the same command finishes the
     run (so nothing holds --out)."""
     out = fresh(work / name)
-    args = pretrain_args(work, out, steps=RUN_STEPS)
+    args = pretrain_args(work, out, steps=RUN_STEPS if rerun else UNREACHABLE_STEPS)
+    if not rerun:
+        set_arg(args, "--epochs", UNREACHABLE_EPOCHS)
     log = work / f"{name}.log"
     with open(log, "w") as f:
         proc = subprocess.Popen(command(args, launcher), stdout=f, stderr=subprocess.STDOUT,
