@@ -46,10 +46,13 @@ def lse_backward(rows, cols, pos, excl, scale, row_lse, row_w, col_lse, col_w, k
     logits = _logits(rows, cols, excl, scale) if not kept.numel() else _masked(
         _scaled(kept.clone(), scale), excl)
     row_w, col_w = row_w.to(rows.dtype), col_w.to(rows.dtype)
-    grad_logits = (logits - row_lse.to(rows.dtype).unsqueeze(1)).exp() * row_w.unsqueeze(1)
+    # clamped at 0 as in infonce.cpp's grad_tile: P <= 1 whatever the logits' rounding
+    grad_logits = ((logits - row_lse.to(rows.dtype).unsqueeze(1)).clamp_max(0.0).exp()
+                   * row_w.unsqueeze(1))
     positive = row_w
     if col_lse.numel():
-        grad_logits += (logits - col_lse.to(rows.dtype).unsqueeze(0)).exp() * col_w.unsqueeze(0)
+        grad_logits += ((logits - col_lse.to(rows.dtype).unsqueeze(0)).clamp_max(0.0).exp()
+                        * col_w.unsqueeze(0))
         positive = row_w + col_w[pos]
     grad_logits[torch.arange(rows.shape[0]), pos] -= positive
     torch.mm(grad_logits, cols, out=grad_rows).mul_(scale)

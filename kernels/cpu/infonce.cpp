@@ -398,11 +398,17 @@ void grad_tile(at::Tensor& dots, at::Tensor& grad, int64_t row0, int64_t col0, d
     AT_DISPATCH_FLOATING_TYPES(dots.scalar_type(), "lse_backward_mask", [&] {
       mask_excluded<scalar_t>(dots, excl_ptr, row0, col0);
     });
+    // S - lse <= 0 exactly, but a recomputed S carries other roundings than the forward's
+    // (other tiles; the mirror's dot product in ntxent), a few ulp of scale: from scale ~ 2^16
+    // on that can exceed the LSE by enough to make P > 1, and inf near fp32's max (then
+    // inf - inf = NaN). Clamped at 0: P <= 1 as it exactly is.
     at::sub_out(grad, dots, row.lse.narrow(0, row0, rows_here).unsqueeze(1))
+        .clamp_max_(0.0)
         .exp_()
         .mul_(row.weight.narrow(0, row0, rows_here).unsqueeze(1));
     if (col) {
       dots.sub_(col->lse.narrow(0, col0, col_tile).unsqueeze(0))
+          .clamp_max_(0.0)
           .exp_()
           .mul_(col->weight.narrow(0, col0, col_tile).unsqueeze(0));
       grad.add_(dots);
