@@ -18,10 +18,8 @@ from torch import Tensor
 
 from .collectives import all_gather_rows, merge_col_lse, rank_and_world, reduce_scatter_rows
 from .kernels.cpu import primitive as cpu_primitive
-from .scaling import scaled_rows
+from .rows import NORM_EPS, working_dtype  # noqa: F401 (NORM_EPS: the op's floor, re-exported)
 
-NORM_EPS = 1e-12  # same floor as F.normalize
-RADIAL_CHUNK = 1024  # rows per temporary in the backward's row dot products
 # log2 of the largest 1/tau whose gradients w.r.t. the unit rows the backward computes as they are
 # (see ``weight_exponent``).
 UNIT_GRAD_MAX_LOG2 = 64
@@ -37,10 +35,6 @@ KEEP_DOTS_MB = 64
 # Intel Xeon 2 cores, fp32: keeping takes 0.76x the recomputing time at N = 1024, 1.10x at 2048).
 SYMMETRIC_KEEP_SHARE = 0.25
 KEEP_DOTS_ENV = "DIRECTCLR_KEEP_DOTS_MB"
-
-
-def working_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # --------------------------------------------------------------------------- the primitive
@@ -80,6 +74,10 @@ def backend_primitive(backend: str):
 
     UNIT_ROWS: whether the layout's rows and columns come normalized, contiguous, in the working
         dtype (row_inv, col_inv unused), or as v in z's dtype, any strides.
+    subvectors(z1, z2, dim) -> (sub, inv_norm, inv_grad, scale): ``directclr.rows.subvectors``
+        with unit = UNIT_ROWS (the CPU backend's in C++, one pass).
+    finish_rows(grad_unit, sub, sub_inv_norm, inv_grad, divisor, z_grad) -> per-row radial:
+        ``directclr.rows.finish_rows`` (the CPU backend's in C++, one pass; its sub is unit).
     STRIDED_OUT: whether buffers of any row stride (z's gradients' own first columns) cost no
         copy; else contiguous ones, several row blocks consecutive in one buffer.
     KEEPS_DOTS: whether lse_forward can keep Q_hat K_hat^T for the backward (else keep is
@@ -104,44 +102,6 @@ def backend_primitive(backend: str):
 
 
 # --------------------------------------------------------------------------- the algorithm
-def subvectors(z1: Tensor, z2: Tensor, dim: int, unit: bool
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Both views' v = u / s for u = z[:, :dim], in one new (2N, dim) tensor (z1's rows, then
-    z2's: ntxent's rows as they are, cross's rows and columns its halves), with s a power of two
-    per row that keeps |v| in range; 1/max(|v|, eps) for the forward, the 1/|v| the backward uses,
-    and s. unit: v / max(|v|, eps) instead of v, in the working dtype, normalized in place (the
-    CPU kernels take unit rows: no second copy); else v in z's dtype (the Triton kernels
-    normalize in their tiles). v / |v| is u's unit row; rows that meet the eps floor are never
-    rescaled (s = 1), so the floor is F.normalize's. The backward's 1/|v| is 0 where |v| < eps,
-    since the norm has no derivative at 0 (this keeps fp16 gradients of zero rows finite)."""
-    work = working_dtype(z1.dtype)
-    n = z1.shape[0]
-    sub = torch.empty((2 * n, dim), dtype=work if unit else z1.dtype, device=z1.device)
-    scale = torch.cat([scaled_rows(z1[:, :dim], work, out=sub[:n])[1],
-                       scaled_rows(z2[:, :dim], work, out=sub[n:])[1]])
-    norm = torch.linalg.vector_norm(sub, dim=1, dtype=work)
-    inv_norm = 1.0 / norm.clamp_min(NORM_EPS)
-    if unit:
-        sub.mul_(inv_norm.unsqueeze(1))
-    return sub, inv_norm, torch.where(norm >= NORM_EPS, inv_norm, torch.zeros_like(norm)), scale
-
-
-def remove_radial(grad_unit: Tensor, sub: Tensor, sub_inv_norm: Tensor | float,
-                   inv_norm_grad: Tensor) -> Tensor:
-    """grad_unit <- (g - v_hat (v_hat . g)) / |v| in place (fp32/fp64, any row stride): from the
-    gradient w.r.t. v_hat to the one w.r.t. v, for one view's rows of ``subvectors``: sub is v
-    with sub_inv_norm 1/|v|, or already v_hat with sub_inv_norm 1. Returns sum_i v_hat_i . g_i
-    (0-d), from which ``backward`` gets the temperature's gradient."""
-    # v_hat . g without materializing v_hat, RADIAL_CHUNK rows at a time: an N x dim product
-    # here would be the backward's only temporary of that size.
-    radial = torch.cat([(grad_chunk * sub_chunk).sum(1) for grad_chunk, sub_chunk
-                        in zip(grad_unit.split(RADIAL_CHUNK), sub.split(RADIAL_CHUNK))])
-    radial *= sub_inv_norm
-    grad_unit.addcmul_(sub, (radial * sub_inv_norm).unsqueeze(1), value=-1.0)
-    grad_unit.mul_(inv_norm_grad.unsqueeze(1))
-    return radial.sum()
-
-
 def rank_layout(sub, inv, variant: str, group) -> Layout:
     """One rank's rows and gathered columns, from ``subvectors``' tensors. ntxent: rank r's block
     of the gathered columns is [a_r; b_r]."""
@@ -206,7 +166,7 @@ def forward(z1, z2, dim, temperature, variant, backend, group, keep_bytes):
     if z1.shape[0] == 1 and world == 1:
         return one_pair(z1, z2, dim, variant)
     primitive = backend_primitive(backend)
-    sub, inv, _, _ = subvectors(z1, z2, dim, primitive.UNIT_ROWS)
+    sub, inv, _, _ = primitive.subvectors(z1, z2, dim)
     keep = keeps_dots(backend, z1.shape[0], variant, world, z1.dtype, keep_bytes)
     row_lse, pos_logit, col_max, col_sum, kept = primitive.lse_forward(
         rank_layout(sub, inv, variant, group), 1.0 / temperature, variant == "cross", keep)
@@ -239,7 +199,7 @@ def backward(grad, z1, z2, row_lse, col_lse, kept, dim, temperature, variant, ba
                 torch.zeros(z2.shape, dtype=z2.dtype, device=z2.device),
                 torch.zeros((), dtype=work, device=z1.device))
     primitive = backend_primitive(backend)
-    sub, inv, inv_grad, scale = subvectors(z1, z2, dim, primitive.UNIT_ROWS)
+    sub, inv, inv_grad, scale = primitive.subvectors(z1, z2, dim)
     layout = rank_layout(sub, inv, variant, group)
     exponent = weight_exponent(temperature)
     # each pair's loss averages two terms
@@ -248,9 +208,8 @@ def backward(grad, z1, z2, row_lse, col_lse, kept, dim, temperature, variant, ba
     col_w = all_gather_rows(row_w if variant == "ntxent" else half, group)
     if variant == "ntxent":  # S is symmetric: column j's LSE is row j's
         col_lse = all_gather_rows(row_lse, group)
+    # wholly written by finish_rows below
     grad_z = [torch.empty(z.shape, dtype=z.dtype, device=z.device) for z in (z1, z2)]
-    for z_grad in grad_z:  # the first dim columns are all written below
-        z_grad[:, dim:].zero_()
     # The views whose gradient the primitive writes (cross over several ranks: the rows' alone),
     # into z's gradients where the backend can (no N x dim buffers beside them), else one buffer.
     views = 1 if cross and world > 1 else 2
@@ -270,12 +229,8 @@ def backward(grad, z1, z2, row_lse, col_lse, kept, dim, temperature, variant, ba
     radial = []
     divisor = scale * math.ldexp(1.0, -exponent) if exponent else scale  # powers of two: exact
     for grad_sub, z_grad, rows in zip(grads, grad_z, (slice(0, n), slice(n, 2 * n))):
-        radial.append(remove_radial(grad_sub, sub[rows], 1.0 if primitive.UNIT_ROWS
-                                     else inv[rows], inv_grad[rows]))
-        # 1/s (and the weights' 2^exponent) last: for a huge row the quotient is the (tiny)
-        # gradient itself, with no factor 1/(s |v|) rounded on the way. (grad_sub may be
-        # z_grad's own first columns.)
-        torch.div(grad_sub, divisor[rows].unsqueeze(1), out=z_grad[:, :dim])
+        radial.append(primitive.finish_rows(grad_sub, sub[rows], inv[rows], inv_grad[rows],
+                                            divisor[rows], z_grad).sum())
     # The temperature, at no N x N cost: L depends on the unit rows only through S = c Q_hat
     # K_hat^T (c = 1/tau), so for either variant sum_i v_hat_i . g_i over both views' rows (g
     # the gradient w.r.t. the unit rows, before its radial part is removed) is 2 c dL/dc: each

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = ("CMakeLists.txt", "infonce.cpp", "covariance.cpp")
+SOURCES = ("CMakeLists.txt", "infonce.cpp", "rows.cpp", "covariance.cpp")
 LIBRARY = "libdirectclr_cpu.so"
 COMPILERS = ("c++", "g++", "clang++")
 log = logging.getLogger(__name__)

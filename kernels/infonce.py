@@ -2,7 +2,7 @@
 
 Rows R (M x dim) against columns C (Nc x dim), the caller's ``z[:, :dim]`` in their own dtype
 (bf16/fp16 go to the tensor cores as they are), each row divided by a power of two that keeps its
-values below 2^16 (``directclr.fused.subvectors``), so that no product tile overflows fp32. The
+values below 2^16 (``directclr.rows.subvectors``), so that no product tile overflows fp32. The
 L2 normalization is fused as a rescaling of each product tile, in base 2 so that the exponentials
 are bare ``exp2``:
 
@@ -51,6 +51,8 @@ import torch
 import triton
 import triton.language as tl
 
+from directclr import rows
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -83,6 +85,14 @@ PANEL_BYTES = 512 * 2**20
 UNIT_ROWS = False
 STRIDED_OUT = False
 KEEPS_DOTS = False  # its fused kernels recompute tiles on chip: kept M x C dots would cost HBM
+
+
+def subvectors(z1, z2, dim):
+    """v in z's dtype (``directclr.rows.subvectors``): the tiles normalize."""
+    return rows.subvectors(z1, z2, dim, unit=False)
+
+
+finish_rows = rows.finish_rows
 
 
 class Config:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from directclr import rows as rows_torch
+
 
 def _logits(rows: Tensor, cols: Tensor, excl: Tensor, scale: float) -> Tensor:
     return _masked(_scaled(rows @ cols.T, scale), excl)
@@ -24,6 +26,16 @@ def _masked(logits: Tensor, excl: Tensor) -> Tensor:
     excluding = excl >= 0
     logits[torch.arange(logits.shape[0])[excluding], excl[excluding]] = float("-inf")
     return logits
+
+
+def unit_subvectors(z1, z2, dim):
+    """torch.ops.directclr_cpu.unit_subvectors (kernels/cpu/rows.cpp)."""
+    return rows_torch.subvectors(z1, z2, dim, unit=True)
+
+
+def finish_rows(grad_unit, unit, inv_grad, divisor, z_grad):
+    """torch.ops.directclr_cpu.finish_rows (kernels/cpu/rows.cpp): overwrites z_grad."""
+    return rows_torch.finish_rows(grad_unit, unit, 1.0, inv_grad, divisor, z_grad)
 
 
 def lse_forward(rows, cols, pos, excl, scale, with_cols, keep):

@@ -4,7 +4,7 @@
 built to dense.py, the same ops in plain PyTorch.
 
 The kernels take rows and columns normalized and contiguous in the working dtype
-(``fused.subvectors(unit=True)``; the layout's inverse norms, which the Triton kernels apply in
+(``subvectors`` below; the layout's inverse norms, which the Triton kernels apply in
 their tiles, are not used), each row's positive and excluded column as index vectors, and write the
 gradients into the caller's buffers at any row stride: they can be the first columns of z's
 gradients, so the backward holds no N x dim buffer beside them."""
@@ -35,6 +35,16 @@ def _columns(layout):
                 if pairing.excl_offset >= 0
                 else torch.full((n_rows,), -1, dtype=torch.int64, device=device))
     return pairing.positives(n_rows, device), excluded
+
+
+def subvectors(z1, z2, dim):
+    """Both views' unit subvectors in the working dtype (``directclr.rows.subvectors``)."""
+    return _ops().unit_subvectors(z1, z2, dim)
+
+
+def finish_rows(grad_unit, sub, sub_inv_norm, inv_grad, divisor, z_grad):
+    """``directclr.rows.finish_rows`` for unit rows (sub_inv_norm unused)."""
+    return _ops().finish_rows(grad_unit, sub, inv_grad, divisor, z_grad)
 
 
 def lse_forward(layout, scale, with_cols, keep):

@@ -263,7 +263,7 @@ def test_backends_keep_one_contract(variant, dim):
     seen = {}
     for backend in ("cpu", "triton"):
         primitive = fused.backend_primitive(backend)
-        sub, inv, _, _ = fused.subvectors(z1.detach(), z2.detach(), dim, primitive.UNIT_ROWS)
+        sub, inv, _, _ = primitive.subvectors(z1.detach(), z2.detach(), dim)
         layout = fused.rank_layout(sub, inv, variant, None)
         row_lse, pos_logit, col_max, col_sum, kept = primitive.lse_forward(layout, scale, cross,
                                                                             False)
