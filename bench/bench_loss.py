@@ -146,12 +146,14 @@ def run_case(provider, variant, n, width, dim, dtype, device, repeats) -> dict:
 
     step()  # warm-up: compilation, allocator, thread pool
     times = []
+    faults_before = common.minor_faults()
     for _ in range(repeats):
         sync()
         start = time.perf_counter()
         step()
         sync()
         times.append(time.perf_counter() - start)
+    faults = (common.minor_faults() - faults_before) / repeats
     if cuda:
         peak = torch.cuda.max_memory_allocated() - base
     else:
@@ -165,6 +167,9 @@ def run_case(provider, variant, n, width, dim, dtype, device, repeats) -> dict:
         "tflops": matmul_flops(variant, n, dim) / median / 1e12,
         "path": path_of(provider, variant, n, torch_dtype, cuda),
         "peak_mem_mb": max(peak, 0) / 2**20, "grad_mb": 2 * n * width * DTYPES[dtype] / 2**20,
+        # pages this process faulted in per timed step (memory the allocator returned to the
+        # system and took back): on CPU a cost of its own, up to milliseconds a step
+        "faults_per_step": faults,
         "status": "ok",
         "malloc_env": {k: v for k, v in os.environ.items() if k in MALLOC_ENV["retain"]},
     }
@@ -298,7 +303,8 @@ def main(argv=None) -> list[dict]:
     print(common.format_table(rows, ["variant", "N", "dtype", "provider", "path", "fwd_bwd_ms",
                                      "vs_reference", "vs_compiled", "vs_fused", "tflops",
                                      "pct_of_peak",
-                                     "peak_mem_mb", "live_peak_mb", "grad_mb", "status"]))
+                                     "peak_mem_mb", "live_peak_mb", "grad_mb",
+                                     "faults_per_step", "status"]))
     print(f"rows appended to {path}")
     return rows
 

@@ -5,6 +5,7 @@ import argparse
 import datetime
 import json
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -87,6 +88,12 @@ def rss_baseline() -> int:
         pass
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (pages first touched, or touched again after
+    the allocator returned them to the system)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def rss_peak() -> int:

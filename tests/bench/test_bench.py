@@ -4,9 +4,26 @@ import re
 import subprocess
 import sys
 
-from bench import bench_data, bench_loss, bench_spectrum, bench_train
+from bench import bench_data, bench_loss, bench_spectrum, bench_train, common
 from directclr.data.loader import dali_available
 from tests.helpers import ROOT
+
+
+def test_minor_faults_counts_the_pages_a_fresh_buffer_takes():
+    """faults_per_step's counter: a fresh 64 MiB mapping faults when first written, at least
+    once per page of its size (4 KiB pages, or 2 MiB ones where transparent huge pages serve it),
+    and nothing when written again."""
+    import mmap
+    size = 64 << 20
+    payload = b"\x01" * size  # its own pages fault here, before the count
+    with mmap.mmap(-1, size) as buffer:
+        before = common.minor_faults()
+        buffer.write(payload)
+        first = common.minor_faults() - before
+        buffer.seek(0)
+        buffer.write(payload)
+        again = common.minor_faults() - before - first
+    assert first >= size // (2 << 20) and again < first / 4, (first, again)
 
 
 def test_bench_loss_writes_rows(tmp_path):
@@ -29,6 +46,7 @@ def test_bench_loss_writes_rows(tmp_path):
         assert {"op", "backend", "variant", "N", "dim", "dtype", "device", "fwd_bwd_ms",
                 "peak_mem_mb", "commit", "date", "torch"} <= row.keys()
         assert row["fwd_bwd_ms"] > 0 and row["peak_mem_mb"] >= 0
+        assert row["faults_per_step"] >= 0
         assert row["live_peak_mb"] >= 0  # the second, one-step process under a fixed mmap threshold
     fused = [r for r in rows if r["provider"] == "fused"]
     assert all(r["vs_reference"] > 0 for r in fused)
