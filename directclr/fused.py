@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .collectives import all_gather_rows, merge_col_lse, rank_and_world, reduce_scatter_rows
 from .kernels.cpu import primitive as cpu_primitive
-from .rows import NORM_EPS, working_dtype  # noqa: F401 (NORM_EPS: the op's floor, re-exported)
+from .rows import working_dtype
 
 # log2 of the largest 1/tau whose gradients w.r.t. the unit rows the backward computes as they are
 # (see ``weight_exponent``).

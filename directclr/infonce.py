@@ -43,8 +43,8 @@ from .collectives import (
     rank_and_world,
     resolve_group,
 )
-from .fused import NORM_EPS
 from .loss_args import check_args, check_options, check_temperature, resolve_backend
+from .rows import NORM_EPS
 from .scaling import scaled_rows
 
 

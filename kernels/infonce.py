@@ -74,7 +74,7 @@ MAX_ROW_GROUPS = 32
 MAX_SPLIT_BYTES = 256 * 2**20
 # |G| <= |row_w| + |col_w|; scaled, it peaks near 2^14, well inside fp16 (max 65504).
 G_TARGET_LOG2 = 14
-# 1 / directclr.fused.NORM_EPS: the inverse norm of rows below the norm floor.
+# 1 / directclr.rows.NORM_EPS: the inverse norm of rows below the norm floor.
 INV_NORM_CAP = 1e12
 # Bytes of G panels (two, input dtype) the wide-dim backward may hold at once.
 PANEL_BYTES = 512 * 2**20

@@ -13,8 +13,8 @@ from hypothesis import assume, example, given, note, settings
 from hypothesis import strategies as st
 
 from directclr import infonce, infonce_reference
-from directclr.fused import NORM_EPS, working_dtype
 from directclr.kernels.infonce import LOG2E, SHIFT_MAX
+from directclr.rows import NORM_EPS, working_dtype
 from directclr.scaling import scaled_rows
 
 FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -266,11 +266,9 @@ def check_against_float64(case):
                           may_overflow=overflow)
     # The gradient w.r.t. a unit row, c (G K_hat), is exact up to G's error: the mass its row's
     # softmax and the (up to 2N) column softmaxes through it misplace. The fused backwards form
-    # P = exp(S - LSE) from logits that differ from those the forward's LSE came from by a few
-    # ulp of c: Triton recomputes them and takes the LSE through natural log (a few ulp of
-    # log2(e) c); the CPU kernels' ntxent reads S_ij where row j's LSE came from S_ji (a matrix
-    # product does not round the two alike), and their recomputing path other tile shapes.
-    # exp turns that into as much error on every P, the top one too (all of it past ~1/eps).
+    # P = exp(S - LSE) from logits a few ulp of c off those the LSE came from (Triton: recomputed,
+    # LSE through natural log; CPU: ntxent's S_ij for row j's LSE from S_ji, rounded apart by the
+    # matrix product): exp turns that into as much error on every P (all of it past ~1/eps).
     slack = softmax_slack(z1, z2, dim, tau, case["variant"], work)
     if fused:
         slack += min(1.0, 32 * eps * c)
