@@ -3,7 +3,7 @@ the public API): the subvectors and their normalization, the row/column ``Layout
 variant, the collectives (``directclr.collectives``; none without a group), and the primitive
 contract every backend keeps: rows Q against columns K, one positive and an optional excluded
 column per row -> row LSE (and column LSE); the backward recomputes tiles from the LSEs, or (CPU,
-small batches: ``keeps_dots``) reads them from the dot products its forward kept.
+small batches: ``keeps_dots``) reads them from the dot products its forward kept (``Kept``).
 ``cpu``: ``kernels/cpu/primitive.py`` (C++ built on first use by ``native``, else plain
 PyTorch); ``triton``: ``kernels/infonce.py``.
 """
@@ -48,6 +48,16 @@ class Pairing(NamedTuple):
     def positives(self, n_rows: int, device) -> Tensor:
         rows = torch.arange(n_rows, device=device)
         return rows + self.offset + torch.where(rows < self.half, self.half, -self.half)
+
+
+class Kept(NamedTuple):
+    """What the forward keeps for the backward where ``keeps_dots``, all (0, 0) elsewhere: the
+    (M, C) unit dot products and the rows of ``subvectors`` (2N, dim) with their (inv_norm,
+    inv_grad, scale) stacked (3, 2N), so the backward neither recomputes a tile nor reads z's
+    rows again."""
+    dots: Tensor
+    rows: Tensor
+    row_stats: Tensor
 
 
 class Layout(NamedTuple):
@@ -149,26 +159,30 @@ def keeps_dots(backend: str, n: int, variant: str, world: int, dtype: torch.dtyp
 
 
 def one_pair(z1, z2, dim, variant):
-    """N = 1 on one process: (loss, row LSE, column LSE, kept dots) with the loss 0 exactly,
+    """N = 1 on one process: (loss, row LSE, column LSE, Kept) with the loss 0 exactly,
     since each LSE has the positive as its only term (NaN where the subvectors hold NaN or inf,
     as for any N; no host read); the LSEs are unused (``backward`` gives zeros)."""
     work = working_dtype(z1.dtype)
     finite = torch.isfinite(z1[:, :dim]).all() & torch.isfinite(z2[:, :dim]).all()
     loss = torch.zeros(1, dtype=work, device=z1.device).masked_fill_(~finite, math.nan)
     return (loss, loss.new_zeros(1 if variant == "cross" else 2),
-            loss.new_zeros(1 if variant == "cross" else 0), loss.new_zeros((0, 0)))
+            loss.new_zeros(1 if variant == "cross" else 0), nothing_kept(loss))
+
+
+def nothing_kept(like: Tensor) -> Kept:
+    return Kept(*(like.new_empty((0, 0)) for _ in Kept._fields))
 
 
 def forward(z1, z2, dim, temperature, variant, backend, group, keep_bytes):
-    """Per-pair losses of this rank's rows, and the LSEs (and kept dots, ``keeps_dots``) that
+    """Per-pair losses of this rank's rows, and the LSEs (and what it keeps, ``Kept``) that
     backward needs."""
     world = rank_and_world(group)[1]
     if z1.shape[0] == 1 and world == 1:
         return one_pair(z1, z2, dim, variant)
     primitive = backend_primitive(backend)
-    sub, inv, _, _ = primitive.subvectors(z1, z2, dim)
+    sub, inv, inv_grad, scale = primitive.subvectors(z1, z2, dim)
     keep = keeps_dots(backend, z1.shape[0], variant, world, z1.dtype, keep_bytes)
-    row_lse, pos_logit, col_max, col_sum, kept = primitive.lse_forward(
+    row_lse, pos_logit, col_max, col_sum, dots = primitive.lse_forward(
         rank_layout(sub, inv, variant, group), 1.0 / temperature, variant == "cross", keep)
     n = z1.shape[0]
     # Each LSE and logit halved before any difference: at tiny temperatures (|S| up to 1/tau,
@@ -186,10 +200,13 @@ def forward(z1, z2, dim, temperature, variant, backend, group, keep_bytes):
     # Each exact loss is >= 0 (the positive is one of its LSE's terms); rounding (fp32's fixed
     # shift by 1/tau) can leave it a few ulp under. Clamped here only: the gradient stays the
     # formula's.
+    kept = (Kept(dots, sub, torch.stack((inv, inv_grad, scale))) if keep
+            else nothing_kept(row_lse))
     return loss.clamp_min_(0.0), row_lse, col_lse, kept
 
 
-def backward(grad, z1, z2, row_lse, col_lse, kept, dim, temperature, variant, backend, group):
+def backward(grad, z1, z2, row_lse, col_lse, kept: Kept, dim, temperature, variant, backend,
+             group):
     """Gradients w.r.t. z1, z2 of sum_i grad_i * loss_i, summed over all ranks' losses, and
     w.r.t. the temperature (0-d, working dtype; with a group, this rank's share, see below)."""
     n, work = z1.shape[0], working_dtype(z1.dtype)
@@ -199,7 +216,10 @@ def backward(grad, z1, z2, row_lse, col_lse, kept, dim, temperature, variant, ba
                 torch.zeros(z2.shape, dtype=z2.dtype, device=z2.device),
                 torch.zeros((), dtype=work, device=z1.device))
     primitive = backend_primitive(backend)
-    sub, inv, inv_grad, scale = primitive.subvectors(z1, z2, dim)
+    if kept.rows.numel():
+        sub, (inv, inv_grad, scale) = kept.rows, kept.row_stats
+    else:
+        sub, inv, inv_grad, scale = primitive.subvectors(z1, z2, dim)
     layout = rank_layout(sub, inv, variant, group)
     exponent = weight_exponent(temperature)
     # each pair's loss averages two terms
@@ -222,8 +242,8 @@ def backward(grad, z1, z2, row_lse, col_lse, kept, dim, temperature, variant, ba
         out_cols = grads[1] if world == 1 else sub.new_empty((world * n, dim), dtype=work)
     else:  # G + G^T on local rows is complete (S symmetric): no column gradient
         out_rows, out_cols = grads, sub.new_empty((0, dim), dtype=work)
-    primitive.lse_backward(layout, 1.0 / temperature, row_lse, row_w, col_lse, col_w, kept,
-                           out_rows, out_cols)
+    primitive.lse_backward(layout, 1.0 / temperature, row_lse, row_w, col_lse, col_w,
+                           kept.dots, out_rows, out_cols)
     if views == 1:
         grads.append(reduce_scatter_rows(out_cols, group))
     radial = []

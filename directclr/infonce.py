@@ -30,6 +30,7 @@ rounding may dip under), the gradient being the formula's own.
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -71,24 +72,27 @@ def infonce_reference(z1: Tensor, z2: Tensor, dim: int | None = 360,
 # One op pair for one process (group_name "") and for a process group (its name): the group
 # travels as a str, which dynamo and the dispatcher pass through as a constant, so
 # torch.compile(fullgraph=True) sees one opaque op whose body runs the collectives eagerly.
-def _fake_outputs(z1: Tensor, variant: str, backend: str, group_name: str, keep_bytes: int
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _fake_outputs(z1: Tensor, dim: int, variant: str, backend: str, group_name: str,
+                  keep_bytes: int) -> tuple[Tensor, ...]:
     n = z1.shape[0]
     work = fused.working_dtype(z1.dtype)
     world = rank_and_world(resolve_group(group_name))[1]
     rows = n if variant == "cross" else 2 * n
     cols = n * world if variant == "cross" else 0
-    kept = (fused.dots_shape(n, variant, world)
-            if fused.keeps_dots(backend, n, variant, world, z1.dtype, keep_bytes) else (0, 0))
+    if fused.keeps_dots(backend, n, variant, world, z1.dtype, keep_bytes):
+        kept = (fused.dots_shape(n, variant, world), (2 * n, dim), (3, 2 * n))
+    else:
+        kept = ((0, 0),) * len(fused.Kept._fields)
     return (z1.new_empty(n, dtype=work), z1.new_empty(rows, dtype=work),
-            z1.new_empty(cols, dtype=work), z1.new_empty(kept, dtype=work))
+            z1.new_empty(cols, dtype=work), *(z1.new_empty(shape, dtype=work) for shape in kept))
 
 
 @torch.library.custom_op("directclr::infonce", mutates_args=())
 def _infonce_op(z1: Tensor, z2: Tensor, dim: int, temperature: Tensor, temperature_value: float,
                 variant: str, backend: str, group_name: str = "", keep_bytes: int = 0
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Fused InfoNCE of this process's rows: (per-pair loss, row LSE, column LSE, kept dots).
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Fused InfoNCE of this process's rows: (per-pair loss, row LSE, column LSE, and what it
+    keeps for the backward, ``fused.Kept``: dots, rows, row stats).
     With a ``group_name``, the rows are this rank's block of the group's global batch (every rank
     of the group calls it with the same N, checked once per (N, group)); with "", the batch is
     z1, z2. temperature: 0-d, any float dtype and device; temperature_value: its value where the
@@ -99,7 +103,9 @@ def _infonce_op(z1: Tensor, z2: Tensor, dim: int, temperature: Tensor, temperatu
     group = resolve_group(group_name)
     if group is not None:
         check_equal_batches(z1.shape[0], z1.device, group_name)
-    return fused.forward(z1, z2, dim, tau, variant, backend, group, keep_bytes)
+    loss, row_lse, col_lse, kept = fused.forward(z1, z2, dim, tau, variant, backend, group,
+                                                 keep_bytes)
+    return loss, row_lse, col_lse, *kept
 
 
 def _temperature_value(temperature: Tensor, known: float) -> float:
@@ -111,24 +117,25 @@ def _temperature_value(temperature: Tensor, known: float) -> float:
 
 @_infonce_op.register_fake
 def _(z1, z2, dim, temperature, temperature_value, variant, backend, group_name="", keep_bytes=0):
-    return _fake_outputs(z1, variant, backend, group_name, keep_bytes)
+    return _fake_outputs(z1, dim, variant, backend, group_name, keep_bytes)
 
 
 @torch.library.custom_op("directclr::infonce_backward", mutates_args=())
 def _infonce_backward_op(grad: Tensor, z1: Tensor, z2: Tensor, row_lse: Tensor, col_lse: Tensor,
-                         kept: Tensor, dim: int, temperature: Tensor, temperature_value: float,
-                         variant: str, backend: str, group_name: str = ""
-                         ) -> tuple[Tensor, Tensor, Tensor]:
+                         kept_dots: Tensor, kept_rows: Tensor, kept_row_stats: Tensor, dim: int,
+                         temperature: Tensor, temperature_value: float, variant: str,
+                         backend: str, group_name: str = "") -> tuple[Tensor, Tensor, Tensor]:
     """Gradients w.r.t. z1, z2 and the temperature (0-d, in the working dtype on z's device);
     with a group, of the sum over all its ranks' losses (the temperature's: this rank's share)."""
+    kept = fused.Kept(kept_dots, kept_rows, kept_row_stats)
     return fused.backward(grad, z1, z2, row_lse, col_lse, kept, dim,
                           _temperature_value(temperature, temperature_value), variant, backend,
                           resolve_group(group_name))
 
 
 @_infonce_backward_op.register_fake
-def _(grad, z1, z2, row_lse, col_lse, kept, dim, temperature, temperature_value, variant, backend,
-      group_name=""):
+def _(grad, z1, z2, row_lse, col_lse, kept_dots, kept_rows, kept_row_stats, dim, temperature,
+      temperature_value, variant, backend, group_name=""):
     return (torch.empty(z1.shape, dtype=z1.dtype, device=z1.device),
             torch.empty(z2.shape, dtype=z2.dtype, device=z2.device),
             torch.empty((), dtype=fused.working_dtype(z1.dtype), device=z1.device))
@@ -143,21 +150,21 @@ NO_VMAP = ("directclr::infonce (the fused InfoNCE op) has no vmap batching rule;
 
 def _setup_context(ctx, inputs, output):
     z1, z2, dim, temperature, temperature_value, variant, backend, group_name, keep_bytes = inputs
-    _, row_lse, col_lse, kept = output
-    ctx.save_for_backward(z1, z2, temperature, row_lse, col_lse, kept)
+    _, row_lse, col_lse, *kept = output
+    ctx.save_for_backward(z1, z2, temperature, row_lse, col_lse, *kept)
     ctx.args = (dim, temperature_value, variant, backend, group_name)
-    ctx.mark_non_differentiable(row_lse, col_lse, kept)
+    ctx.mark_non_differentiable(row_lse, col_lse, *kept)
     # Autograd would pass zeros of each output's shape as its gradient: M x C of them for kept.
     ctx.set_materialize_grads(False)
 
 
-def _op_backward(ctx, grad_loss, _grad_row_lse, _grad_col_lse, _grad_kept):
+def _op_backward(ctx, grad_loss, *_grads_of_non_differentiable):
     if grad_loss is None:  # no gradient reached the loss (grads are not materialized)
         return (None,) * 9
-    z1, z2, temperature, row_lse, col_lse, kept = ctx.saved_tensors
+    z1, z2, temperature, row_lse, col_lse, *kept = ctx.saved_tensors
     dim, temperature_value, variant, backend, group_name = ctx.args
     grad_z1, grad_z2, grad_temperature = _InfoNCEBackward.apply(
-        grad_loss, z1, z2, row_lse, col_lse, kept, dim, temperature, temperature_value, variant,
+        grad_loss, z1, z2, row_lse, col_lse, *kept, dim, temperature, temperature_value, variant,
         backend, group_name)
     if ctx.needs_input_grad[3]:  # a CPU temperature with GPU rows: this copy is a host sync
         grad_temperature = grad_temperature.to(temperature.device, temperature.dtype)
@@ -198,11 +205,11 @@ class _InfoNCE(torch.autograd.Function):
 
 class _InfoNCEBackward(torch.autograd.Function):
     @staticmethod
-    def forward(grad, z1, z2, row_lse, col_lse, kept, dim, temperature, temperature_value,
-                variant, backend, group_name):
-        return torch.ops.directclr.infonce_backward(grad, z1, z2, row_lse, col_lse, kept, dim,
-                                                    temperature, temperature_value, variant,
-                                                    backend, group_name)
+    def forward(grad, z1, z2, row_lse, col_lse, kept_dots, kept_rows, kept_row_stats, dim,
+                temperature, temperature_value, variant, backend, group_name):
+        return torch.ops.directclr.infonce_backward(
+            grad, z1, z2, row_lse, col_lse, kept_dots, kept_rows, kept_row_stats, dim,
+            temperature, temperature_value, variant, backend, group_name)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -217,6 +224,13 @@ class _InfoNCEBackward(torch.autograd.Function):
                                          for arg, axis in zip(args, in_dims)))
                 for i in range(info.batch_size)]
         return tuple(torch.stack(out) for out in zip(*outs)), (0, 0, 0)
+
+
+# autograd.Function.apply binds each call's arguments to forward's signature (for setup_context);
+# inspect.signature rebuilds it every time unless the function carries it: a fifth of a small
+# batch's time outside the kernels (torch 2.14).
+for _function in (_InfoNCE, _InfoNCEBackward):
+    _function.forward.__signature__ = inspect.signature(_function.forward)
 
 
 # --------------------------------------------------------------------------- public API

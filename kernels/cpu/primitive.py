@@ -10,6 +10,8 @@ gradients into the caller's buffers at any row stride: they can be the first col
 gradients, so the backward holds no N x dim buffer beside them."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from directclr import native
@@ -30,11 +32,19 @@ def _ops():
 def _columns(layout):
     """Each row's positive and excluded column (-1: none), as the kernels take them (the Triton
     kernels find both from the pairing's offsets inside their tiles)."""
-    n_rows, device, pairing = layout.rows.shape[0], layout.rows.device, layout.pairing
-    excluded = (torch.arange(n_rows, device=device) + pairing.excl_offset
-                if pairing.excl_offset >= 0
-                else torch.full((n_rows,), -1, dtype=torch.int64, device=device))
-    return pairing.positives(n_rows, device), excluded
+    return _index_columns(layout.rows.shape[0], layout.pairing, layout.rows.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _index_columns(n_rows, pairing, device):
+    """Cached: a training loop calls with the same few shapes every step, and building them
+    (three small ops) was a tenth of a small batch's time outside the kernels. Never written
+    to by any kernel; made outside inference mode so any later call may read them."""
+    with torch.inference_mode(False):
+        excluded = (torch.arange(n_rows, device=device) + pairing.excl_offset
+                    if pairing.excl_offset >= 0
+                    else torch.full((n_rows,), -1, dtype=torch.int64, device=device))
+        return pairing.positives(n_rows, device), excluded
 
 
 def subvectors(z1, z2, dim):

@@ -246,12 +246,13 @@ def test_opcheck(known, keep_bytes):
         torch.library.opcheck(torch.ops.directclr.infonce.default,
                               (z1, z2, 5, tau, known, variant, "cpu", "", keep_bytes))
         grad = torch.randn(7)
-        _, row_lse, col_lse, kept = torch.ops.directclr.infonce(z1, z2, 5, tau, known, variant,
-                                                                "cpu", "", keep_bytes)
-        assert kept.shape == ((0, 0) if not keep_bytes else (7, 7) if variant == "cross"
-                              else (14, 14))
+        _, row_lse, col_lse, *kept = torch.ops.directclr.infonce(z1, z2, 5, tau, known, variant,
+                                                                 "cpu", "", keep_bytes)
+        dots = (7, 7) if variant == "cross" else (14, 14)
+        assert [k.shape for k in kept] == ([(0, 0)] * 3 if not keep_bytes
+                                           else [dots, (14, 5), (3, 14)])
         torch.library.opcheck(torch.ops.directclr.infonce_backward.default,
-                              (grad, z1.detach(), z2.detach(), row_lse, col_lse, kept, 5, tau,
+                              (grad, z1.detach(), z2.detach(), row_lse, col_lse, *kept, 5, tau,
                                known, variant, "cpu"))
 
 

@@ -97,8 +97,8 @@ def cases(out: Path):
     for variant, keep_bytes in itertools.product(VARIANTS, (0, 1 << 20)):  # recompute, keep
         args = (z1, z2, DIM, torch.tensor(0.1, dtype=torch.float64), 0.1, variant, "cpu",
                 pair_group.group_name, keep_bytes)
-        _, row_lse, col_lse, kept = torch.ops.directclr.infonce(*args)
-        backward_args = (torch.randn(ROWS, dtype=torch.float64), z1, z2, row_lse, col_lse, kept,
+        _, row_lse, col_lse, *kept = torch.ops.directclr.infonce(*args)
+        backward_args = (torch.randn(ROWS, dtype=torch.float64), z1, z2, row_lse, col_lse, *kept,
                          *args[2:-1])
         for name, op, op_args in (("infonce", torch.ops.directclr.infonce.default, args),
                                   ("infonce_backward", torch.ops.directclr.infonce_backward.default,
