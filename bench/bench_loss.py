@@ -195,17 +195,33 @@ MALLOC_ENV = {"default": {},
                          "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}}
 
 
-def run_in_subprocess(case: dict, timeout: float, malloc: str = "default") -> dict:
+def run_in_subprocess(case: dict, timeout: float, malloc: str = "default",
+                      live_peak: bool = True) -> dict:
     """The timed row (its process under the `malloc` settings); on CPU with `live_peak_mb` from
-    a second, one-step process (see above)."""
+    a second, one-step process (see above) if `live_peak`."""
     started = time.monotonic()
     row = common.run_child(__file__, case, timeout, MALLOC_ENV[malloc])
     row["malloc"] = malloc
-    if row["status"] == "ok" and case["device"] == "cpu":
+    if row["status"] == "ok" and case["device"] == "cpu" and live_peak:
         env = {"MALLOC_MMAP_THRESHOLD_": str(LIVE_PEAK_MMAP_THRESHOLD_BYTES)}
         left = timeout - (time.monotonic() - started)
         live = common.run_child(__file__, {**case, "repeats": 1}, max(left, 1.0), env)
         row["live_peak_mb"] = live["peak_mem_mb"] if live["status"] == "ok" else None
+    return row
+
+
+def median_of_rounds(rounds: list[dict]) -> dict:
+    """One provider's rows of a case's rounds as one row: the first round's, with the median of
+    the rounds' step times (and faults), each round's time kept in `round_ms`; a round that did
+    not finish, as it ended."""
+    failed = [r for r in rounds if r["status"] != "ok"]
+    row = dict(failed[0] if failed else rounds[0])
+    if len(rounds) > 1 and not failed:
+        times = [r["fwd_bwd_ms"] for r in rounds]
+        row["fwd_bwd_ms"] = statistics.median(times)
+        row["tflops"] *= rounds[0]["fwd_bwd_ms"] / row["fwd_bwd_ms"]
+        row["faults_per_step"] = statistics.median(r["faults_per_step"] for r in rounds)
+        row["round_ms"] = times
     return row
 
 
@@ -243,6 +259,10 @@ def main(argv=None) -> list[dict]:
                              "covers its timeout's floor (--min-case-s), and its timeout is "
                              "cut to what is left")
     parser.add_argument("--min-case-s", type=float, default=30.0)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="processes per provider and case, run in turn (A B C A B C ...); "
+                             "each row is the median of its rounds: a shared machine's slow "
+                             "spells then hit every provider alike")
     parser.add_argument("--malloc", choices=sorted(MALLOC_ENV), default="default",
                         help="retain: glibc keeps freed memory between steps (no page faults "
                              "for the step's large buffers), for every provider alike")
@@ -260,24 +280,21 @@ def main(argv=None) -> list[dict]:
         for n in args.n:
             if variant == "ntxent" and n > args.ntxent_max_n:
                 continue
-            for provider in args.providers:
-                if provider == "compiled" and args.compiled_max_n and n > args.compiled_max_n:
-                    continue
-                case = dict(provider=provider, variant=variant, n=n, width=args.width,
-                            dim=args.dim, dtype=args.dtype, device=args.device,
-                            repeats=args.repeats or repeats_for(n, variant))
-                need = reference_bytes(variant, n, args.dtype)
-                kept = logits_bytes(variant, n, args.dtype)
-                left = deadline - time.monotonic() if deadline else args.timeout
-                if provider in ("reference", "compiled") and need > 0.8 * available_bytes(
-                        args.device):
-                    row = {**case, "status": f"skipped: needs ~{need / 2**30:.0f} GiB"}
-                elif provider == "fused-keep" and kept > KEEP_MAX_BYTES:
-                    row = {**case, "status": f"skipped: would keep {kept / 2**30:.0f} GiB of dots"}
-                elif left < args.min_case_s:
-                    row = {**case, "status": f"skipped: {left:.0f} s of the budget left"}
-                else:
-                    row = run_in_subprocess(case, min(args.timeout, left), args.malloc)
+            rounds: dict[str, list[dict]] = {}
+            for round_index in range(max(1, args.rounds)):
+                for provider in args.providers:
+                    if provider == "compiled" and args.compiled_max_n and n > args.compiled_max_n:
+                        continue
+                    done = rounds.get(provider)
+                    if done and done[-1]["status"] != "ok":
+                        continue  # skipped or failed: not run again
+                    case = dict(provider=provider, variant=variant, n=n, width=args.width,
+                                dim=args.dim, dtype=args.dtype, device=args.device,
+                                repeats=args.repeats or repeats_for(n, variant))
+                    rounds.setdefault(provider, []).append(
+                        run_case_or_skip(case, args, deadline, live_peak=round_index == 0))
+            for provider, provider_rounds in rounds.items():
+                row = median_of_rounds(provider_rounds)
                 row.setdefault("N", n)
                 # Appended as each case ends: a later timeout or kill loses nothing before it.
                 row = common.stamp([row], args.device)[0]
@@ -307,6 +324,21 @@ def main(argv=None) -> list[dict]:
                                      "faults_per_step", "status"]))
     print(f"rows appended to {path}")
     return rows
+
+
+def run_case_or_skip(case: dict, args, deadline: float | None, live_peak: bool) -> dict:
+    """The case's row: run, or skipped (what it needs does not fit, or the budget is spent)."""
+    provider, variant, n = case["provider"], case["variant"], case["n"]
+    need = reference_bytes(variant, n, args.dtype)
+    kept = logits_bytes(variant, n, args.dtype)
+    left = deadline - time.monotonic() if deadline else args.timeout
+    if provider in ("reference", "compiled") and need > 0.8 * available_bytes(args.device):
+        return {**case, "status": f"skipped: needs ~{need / 2**30:.0f} GiB"}
+    if provider == "fused-keep" and kept > KEEP_MAX_BYTES:
+        return {**case, "status": f"skipped: would keep {kept / 2**30:.0f} GiB of dots"}
+    if left < args.min_case_s:
+        return {**case, "status": f"skipped: {left:.0f} s of the budget left"}
+    return run_in_subprocess(case, min(args.timeout, left), args.malloc, live_peak)
 
 
 def add_ratios(rows: list[dict]) -> None:

@@ -10,7 +10,8 @@ Layers, top to bottom:
   and the equal-N check run inside it, never traced. The temperature is a 0-d tensor input (its
   value read inside the op), so it can be learned and compiled dynamically. ``infonce`` calls the
   op through ``_InfoNCE``, the same autograd as a ``torch.autograd.Function`` in the form that
-  torch.func's transforms accept.
+  torch.func's transforms accept; in plain eager mode it runs the ops' bodies without the
+  dispatcher (``_direct_call``).
 * ``directclr/fused.py``: the algorithm inside the op (``forward`` / ``backward``: normalization,
   each variant's row/column ``Layout``, the collectives) and the primitive contract every backend
   keeps (``backend_primitive``).
@@ -87,10 +88,9 @@ def _fake_outputs(z1: Tensor, dim: int, variant: str, backend: str, group_name: 
             z1.new_empty(cols, dtype=work), *(z1.new_empty(shape, dtype=work) for shape in kept))
 
 
-@torch.library.custom_op("directclr::infonce", mutates_args=())
-def _infonce_op(z1: Tensor, z2: Tensor, dim: int, temperature: Tensor, temperature_value: float,
-                variant: str, backend: str, group_name: str = "", keep_bytes: int = 0
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _infonce_forward(z1: Tensor, z2: Tensor, dim: int, temperature: Tensor,
+                     temperature_value: float, variant: str, backend: str, group_name: str = "",
+                     keep_bytes: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Fused InfoNCE of this process's rows: (per-pair loss, row LSE, column LSE, and what it
     keeps for the backward, ``fused.Kept``: dots, rows, row stats).
     With a ``group_name``, the rows are this rank's block of the group's global batch (every rank
@@ -108,6 +108,9 @@ def _infonce_op(z1: Tensor, z2: Tensor, dim: int, temperature: Tensor, temperatu
     return loss, row_lse, col_lse, *kept
 
 
+_infonce_op = torch.library.custom_op("directclr::infonce", mutates_args=())(_infonce_forward)
+
+
 def _temperature_value(temperature: Tensor, known: float) -> float:
     """The temperature as a float: `known`, or where that is NaN (a tensor temperature, or a
     float one under torch.compile, which keeps one graph for every value) read from the tensor,
@@ -120,17 +123,20 @@ def _(z1, z2, dim, temperature, temperature_value, variant, backend, group_name=
     return _fake_outputs(z1, dim, variant, backend, group_name, keep_bytes)
 
 
-@torch.library.custom_op("directclr::infonce_backward", mutates_args=())
-def _infonce_backward_op(grad: Tensor, z1: Tensor, z2: Tensor, row_lse: Tensor, col_lse: Tensor,
-                         kept_dots: Tensor, kept_rows: Tensor, kept_row_stats: Tensor, dim: int,
-                         temperature: Tensor, temperature_value: float, variant: str,
-                         backend: str, group_name: str = "") -> tuple[Tensor, Tensor, Tensor]:
+def _infonce_backward(grad: Tensor, z1: Tensor, z2: Tensor, row_lse: Tensor, col_lse: Tensor,
+                      kept_dots: Tensor, kept_rows: Tensor, kept_row_stats: Tensor, dim: int,
+                      temperature: Tensor, temperature_value: float, variant: str, backend: str,
+                      group_name: str = "") -> tuple[Tensor, Tensor, Tensor]:
     """Gradients w.r.t. z1, z2 and the temperature (0-d, in the working dtype on z's device);
     with a group, of the sum over all its ranks' losses (the temperature's: this rank's share)."""
     kept = fused.Kept(kept_dots, kept_rows, kept_row_stats)
     return fused.backward(grad, z1, z2, row_lse, col_lse, kept, dim,
                           _temperature_value(temperature, temperature_value), variant, backend,
                           resolve_group(group_name))
+
+
+_infonce_backward_op = torch.library.custom_op("directclr::infonce_backward",
+                                               mutates_args=())(_infonce_backward)
 
 
 @_infonce_backward_op.register_fake
@@ -163,9 +169,12 @@ def _op_backward(ctx, grad_loss, *_grads_of_non_differentiable):
         return (None,) * 9
     z1, z2, temperature, row_lse, col_lse, *kept = ctx.saved_tensors
     dim, temperature_value, variant, backend, group_name = ctx.args
-    grad_z1, grad_z2, grad_temperature = _InfoNCEBackward.apply(
-        grad_loss, z1, z2, row_lse, col_lse, *kept, dim, temperature, temperature_value, variant,
-        backend, group_name)
+    args = (grad_loss, z1, z2, row_lse, col_lse, *kept, dim, temperature, temperature_value,
+            variant, backend, group_name)
+    if not torch.is_grad_enabled() and _direct_call(grad_loss, z1, z2, temperature):
+        grad_z1, grad_z2, grad_temperature = _infonce_backward(*args)
+    else:  # create_graph: _InfoNCEBackward's node raises on a double backward
+        grad_z1, grad_z2, grad_temperature = _InfoNCEBackward.apply(*args)
     if ctx.needs_input_grad[3]:  # a CPU temperature with GPU rows: this copy is a host sync
         grad_temperature = grad_temperature.to(temperature.device, temperature.dtype)
     else:
@@ -182,6 +191,22 @@ _infonce_backward_op.register_autograd(_no_double_backward,
                                        setup_context=lambda ctx, inputs, output: None)
 
 
+# Through the dispatcher a custom op call passes torch.library's Python layers (autograd, backend
+# and alias checks): about 50 us (torch 2.14, AMD EPYC), a tenth of the op at N = 64. In plain
+# eager mode the ops' bodies run directly, as the dispatcher would run them; whatever must see
+# the op (torch.compile, torch.func's transforms, a dispatch or function mode, FakeTensor or
+# another subclass) gets it.
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
+def _direct_call(*tensors: Tensor) -> bool:
+    return (not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active()
+            and not torch._C._len_torch_dispatch_stack()
+            and not torch._C._is_torch_function_mode_enabled()
+            and all(type(tensor) in _PLAIN_TENSORS for tensor in tensors))
+
+
 # torch.func's transforms (grad, vjp, jacrev) take an autograd.Function only in the form with
 # setup_context and a forward without ctx; the one torch.library generates for a custom op (torch
 # 2.14) is the older form, so the transforms refuse the op itself. The same autograd in that
@@ -192,8 +217,9 @@ class _InfoNCE(torch.autograd.Function):
     @staticmethod
     def forward(z1, z2, dim, temperature, temperature_value, variant, backend, group_name,
                 keep_bytes):
-        return torch.ops.directclr.infonce(z1, z2, dim, temperature, temperature_value, variant,
-                                           backend, group_name, keep_bytes)
+        op = _infonce_forward if _direct_call(z1, z2, temperature) else torch.ops.directclr.infonce
+        return op(z1, z2, dim, temperature, temperature_value, variant, backend, group_name,
+                  keep_bytes)
 
     setup_context = staticmethod(_setup_context)
     backward = staticmethod(_op_backward)

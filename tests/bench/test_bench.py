@@ -62,6 +62,25 @@ def test_bench_loss_retain_malloc_reaches_the_timed_process(tmp_path):
     assert rows[0]["malloc_env"] == bench_loss.MALLOC_ENV["retain"]
 
 
+def test_bench_loss_rounds_take_the_median_of_processes_in_turn(tmp_path, monkeypatch):
+    order = []
+
+    def fake_run(case, timeout, malloc="default", live_peak=True):
+        order.append((case["provider"], live_peak))
+        time_ms = {"fused": [3.0, 1.0, 2.0], "reference": [5.0, 9.0, 4.0]}[case["provider"]]
+        return {**case, "status": "ok", "fwd_bwd_ms": time_ms[sum(
+            p == case["provider"] for p, _ in order) - 1], "tflops": 1.0, "faults_per_step": 0}
+
+    monkeypatch.setattr(bench_loss, "run_in_subprocess", fake_run)
+    rows = bench_loss.main(["--n", "32", "--variants", "cross", "--providers", "fused",
+                            "reference", "--rounds", "3", "--results-dir", str(tmp_path)])
+    assert order == [("fused", True), ("reference", True), ("fused", False),
+                     ("reference", False), ("fused", False), ("reference", False)]
+    assert [(r["provider"], r["fwd_bwd_ms"], r["round_ms"]) for r in rows] == [
+        ("fused", 2.0, [3.0, 1.0, 2.0]), ("reference", 5.0, [5.0, 9.0, 4.0])]
+    assert rows[0]["vs_reference"] == 2.0 / 5.0 and rows[0]["tflops"] == 1.5
+
+
 def test_bench_loss_budget_skips_what_cannot_start(tmp_path):
     rows = bench_loss.main(["--n", "32", "--width", "48", "--dim", "20", "--repeats", "1",
                             "--variants", "cross", "--providers", "fused", "reference",

@@ -1,6 +1,7 @@
 """The op's API beyond the loss itself (issue #25): a learnable temperature, torch.compile with
 dynamic arguments, torch.func, the errors for vmap and double backward, and edge semantics (one
 pair, reduction="sum", (N, ...) inputs, no negative loss, DirectCLRLoss's checks)."""
+import contextlib
 import math
 
 import pytest
@@ -334,3 +335,36 @@ def test_module_checks_arguments_at_construction(case):
     match, error, kwargs = _bad_modules()[case]
     with pytest.raises(error, match=match):
         DirectCLRLoss(**kwargs)
+
+
+class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Names every op that reaches the dispatcher's Python modes."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("variant", ["cross", "ntxent"])
+@pytest.mark.parametrize("keep_mb", ["0", "64"])  # recompute, keep
+def test_eager_calls_equal_the_dispatched_ops_bitwise(variant, keep_mb, monkeypatch):
+    """Plain eager mode runs the ops' bodies directly; under a dispatch mode the ops themselves
+    run (the mode sees both), with the same losses and gradients to the bit, the learned
+    temperature's included."""
+    monkeypatch.setenv("DIRECTCLR_KEEP_DOTS_MB", keep_mb)
+    z1, z2 = make_views(33, 24)
+    results = []
+    for mode in (None, _RecordOps()):
+        tau = torch.tensor(0.2, requires_grad=True)
+        with mode if mode is not None else contextlib.nullcontext():
+            loss, grad_z1, grad_z2 = loss_and_grads(z1, z2, reduction="none", dim=10,
+                                                    temperature=tau, variant=variant,
+                                                    weights=torch.linspace(0.5, 2.0, 33))
+        results.append((loss, grad_z1, grad_z2, tau.grad))
+    assert {"directclr.infonce.default", "directclr.infonce_backward.default"} <= set(mode.names)
+    for direct, dispatched in zip(*results):
+        assert torch.equal(direct, dispatched)
