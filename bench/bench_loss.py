@@ -12,7 +12,7 @@ which every provider must return; `grad_mb` says how much of the peak that is. O
 freed buffers of up to 32 MB in its heaps, which moves that high-water mark by tens of MB from run
 to run, so a second process per case (one step, MALLOC_MMAP_THRESHOLD_=131072: every buffer above
 128 KiB its own mapping, returned when freed) measures `live_peak_mb`, the peak of what is actually
-held; the times come from the first process, under the default allocator.
+held; the times come from the first process, its allocator in the state --malloc names (MALLOC).
 
 Under pytest-benchmark (small shapes): pytest bench/bench_loss.py
 """
@@ -112,8 +112,9 @@ def matmul_peak_tflops(device: str, dtype: str, size: int = 8192, repeats: int =
     return 2.0 * size**3 / statistics.median(times[1:]) / 1e12
 
 
-def run_case(provider, variant, n, width, dim, dtype, device, repeats) -> dict:
-    """Times fwd+bwd in this process (meant to be a fresh one); returns one result row."""
+def run_case(provider, variant, n, width, dim, dtype, device, repeats, warm=False) -> dict:
+    """Times fwd+bwd in this process (meant to be a fresh one); returns one result row. warm:
+    first allocate and free WARM_MALLOC_BYTES (--malloc warm)."""
     import os
 
     import torch
@@ -121,6 +122,8 @@ def run_case(provider, variant, n, width, dim, dtype, device, repeats) -> dict:
     from directclr import fused
     if provider in PATH_BUDGET_MB:
         os.environ[fused.KEEP_DOTS_ENV] = PATH_BUDGET_MB[provider]
+    if warm:
+        warm_malloc()
 
     torch.manual_seed(0)
     torch_dtype = getattr(torch, dtype)
@@ -171,7 +174,8 @@ def run_case(provider, variant, n, width, dim, dtype, device, repeats) -> dict:
         # system and took back): on CPU a cost of its own, up to milliseconds a step
         "faults_per_step": faults,
         "status": "ok",
-        "malloc_env": {k: v for k, v in os.environ.items() if k in MALLOC_ENV["retain"]},
+        "malloc_env": {k: v for k, v in os.environ.items() if k in RETAIN_ENV},
+        "malloc_warmed_mb": WARM_MALLOC_BYTES / 2**20 if warm else 0,
     }
 
 
@@ -187,20 +191,39 @@ def path_of(provider: str, variant: str, n: int, dtype, cuda: bool) -> str | Non
 
 # glibc's mmap threshold for the live-peak process: buffers above it are mapped on their own.
 LIVE_PEAK_MMAP_THRESHOLD_BYTES = 128 * 1024
-# --malloc retain: glibc keeps freed memory for the next step (buffers up to 32 MiB from its
-# heaps, no trimming below 1 GiB free) instead of returning it and faulting it back in, as
-# jemalloc or tcmalloc would; every provider's timed process alike.
-MALLOC_ENV = {"default": {},
-              "retain": {"MALLOC_MMAP_THRESHOLD_": str(32 << 20),
-                         "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}}
+# The state of glibc's allocator in each provider's timed process (--malloc), every provider's
+# alike. glibc serves a buffer from its heap (kept when freed, unless the heap's free top exceeds
+# the trim threshold) only if it is below the mmap threshold, else maps it and unmaps it when
+# freed; a process starts at 128 KiB / 128 KiB, and freeing a mapped buffer of up to 32 MiB raises
+# them to its size / twice its size. A training process has long freed buffers of that size; a
+# fresh benchmark process has not, and then returns a step's freed buffers to the system and
+# faults them back in every step (what faults_per_step counts), unless it happened to free one
+# while warming up (torch.compile's process does while compiling).
+#   fresh: as a new process starts (the rows' "default" before 2026-12-06).
+#   warm (default): the process first frees one WARM_MALLOC_BYTES buffer, as a training process
+#       has: buffers below it come from the heap, which keeps up to twice it free.
+#   retain: glibc's thresholds fixed by its environment variables (32 MiB, trimming above
+#       1 GiB free), close to what jemalloc or tcmalloc do anyway.
+MALLOC = ("fresh", "warm", "retain")
+WARM_MALLOC_BYTES = 30 << 20  # below glibc's 32 MiB cap on the dynamic threshold
+RETAIN_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 
-def run_in_subprocess(case: dict, timeout: float, malloc: str = "default",
+def warm_malloc() -> None:
+    """--malloc warm: one WARM_MALLOC_BYTES buffer allocated and freed (glibc maps it and, when
+    it is unmapped, raises its thresholds to its size)."""
+    import torch
+    torch.empty(WARM_MALLOC_BYTES, dtype=torch.uint8)
+
+
+def run_in_subprocess(case: dict, timeout: float, malloc: str = "warm",
                       live_peak: bool = True) -> dict:
-    """The timed row (its process under the `malloc` settings); on CPU with `live_peak_mb` from
+    """The timed row (its process's allocator as `malloc` says); on CPU with `live_peak_mb` from
     a second, one-step process (see above) if `live_peak`."""
     started = time.monotonic()
-    row = common.run_child(__file__, case, timeout, MALLOC_ENV[malloc])
+    row = common.run_child(__file__, {**case, "warm": malloc == "warm"}, timeout,
+                           RETAIN_ENV if malloc == "retain" else None)
+    row.pop("warm", None)
     row["malloc"] = malloc
     if row["status"] == "ok" and case["device"] == "cpu" and live_peak:
         env = {"MALLOC_MMAP_THRESHOLD_": str(LIVE_PEAK_MMAP_THRESHOLD_BYTES)}
@@ -263,9 +286,10 @@ def main(argv=None) -> list[dict]:
                         help="processes per provider and case, run in turn (A B C A B C ...); "
                              "each row is the median of its rounds: a shared machine's slow "
                              "spells then hit every provider alike")
-    parser.add_argument("--malloc", choices=sorted(MALLOC_ENV), default="default",
-                        help="retain: glibc keeps freed memory between steps (no page faults "
-                             "for the step's large buffers), for every provider alike")
+    parser.add_argument("--malloc", choices=MALLOC, default="warm",
+                        help="the allocator's state in every provider's timed process: fresh "
+                             "(as a process starts), warm (having freed a 30 MiB buffer, as a "
+                             "training process has) or retain (glibc keeps freed memory)")
     args = common.parse_or_run_child(parser, argv, lambda case: run_case(**case))
     if args is None:
         return []

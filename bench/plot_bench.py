@@ -46,6 +46,9 @@ PROVIDERS = {
     "compiled": ("torch.compile(reference)", "tab:green", "^"),
 }
 VARIANTS = ("cross", "ntxent")
+# The sweeps drawn: bench_loss.py's default, --malloc warm, and the rows from before it existed
+# (a fresh process's allocator, recorded as "default").
+PLOTTED_MALLOC = ("warm", "default")
 
 
 class ResultsError(ValueError):
@@ -61,6 +64,7 @@ class Sweep:
     dtype: str
     commit: str  # without "+dirty"
     date: str
+    malloc: str  # the allocator's state in the timed processes (bench_loss.py --malloc)
     cases: dict = field(default_factory=dict)  # (variant, N, provider) -> its last row
     summary: dict | None = None
     last_line: int = 0  # where in the file its newest row is: orders sweeps of one date
@@ -143,10 +147,11 @@ def sweeps(rows: list[dict]) -> list[Sweep]:
         summary = row.get("kind") == "summary"
         if not (summary or _is_case(row)) or not row.get("device") or not row.get("commit"):
             continue
-        if row.get("malloc", "default") != "default":  # another experiment: tuned allocator
+        malloc = row.get("malloc", "default")
+        if malloc not in PLOTTED_MALLOC:  # another experiment (bench_loss.py --malloc)
             continue
         key = (row["device"], row.get("machine") or "?", row.get("dtype") or "?",
-               _base(row["commit"]), row.get("date") or "?")
+               _base(row["commit"]), row.get("date") or "?", malloc)
         sweep = found.setdefault(key, Sweep(*key))
         if summary:
             sweep.summary = row
@@ -180,7 +185,8 @@ def _provenance(sweep: Sweep) -> str:
     versions = ", ".join(f"{name} {sweep.stamp(key)}" for key, name in
                          (("torch", "torch"), ("triton", "Triton")) if sweep.stamp(key))
     text = (f"{sweep.device.upper()}: {sweep.machine}, {sweep.dtype}\n"
-            f"{sweep.date}, commit {sweep.stamp('commit') or sweep.commit}"
+            f"{sweep.date}, commit {sweep.stamp('commit') or sweep.commit}, "
+            f"allocator {'fresh' if sweep.malloc == 'default' else sweep.malloc}"
             + (f", {versions}" if versions else ""))
     if not sweep.complete:
         text += " (INCOMPLETE: the run wrote no summary row, or cases are missing)"

@@ -1,8 +1,11 @@
 """The benchmarks run end to end and write well-formed rows (smoke tests, not timings)."""
 import json
+import os
 import re
 import subprocess
 import sys
+
+import pytest
 
 from bench import bench_data, bench_loss, bench_spectrum, bench_train, common
 from directclr.data.loader import dali_available
@@ -54,18 +57,53 @@ def test_bench_loss_writes_rows(tmp_path):
     assert len(learned) == 2 and all(r["vs_fused"] > 0 and r["backend"] == "auto" for r in learned)
 
 
-def test_bench_loss_retain_malloc_reaches_the_timed_process(tmp_path):
+@pytest.mark.parametrize("malloc", bench_loss.MALLOC)
+def test_bench_loss_malloc_reaches_the_timed_process(tmp_path, malloc):
     rows = bench_loss.main(["--n", "32", "--width", "48", "--dim", "20", "--repeats", "1",
-                            "--variants", "cross", "--providers", "fused", "--malloc", "retain",
+                            "--variants", "cross", "--providers", "fused", "--malloc", malloc,
                             "--results-dir", str(tmp_path)])
-    assert [(r["status"], r["malloc"]) for r in rows] == [("ok", "retain")], rows
-    assert rows[0]["malloc_env"] == bench_loss.MALLOC_ENV["retain"]
+    assert [(r["status"], r["malloc"]) for r in rows] == [("ok", malloc)], rows
+    assert rows[0]["malloc_env"] == (bench_loss.RETAIN_ENV if malloc == "retain" else {})
+    assert rows[0]["malloc_warmed_mb"] == (30 if malloc == "warm" else 0)
+    assert "warm" not in rows[0]
+
+
+WARM_PROBE = """
+import resource, sys, torch
+sys.path.insert(0, "bench")
+import bench_loss
+if sys.argv[1] == "warm":
+    bench_loss.warm_malloc()
+faults = []
+for _ in range(4):  # a step's four 4 MiB buffers, written and freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    step = [torch.ones(1 << 20) for _ in range(4)]
+    del step
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sum(faults[1:]))  # the steps after the first
+"""
+
+
+def test_warm_malloc_keeps_a_steps_buffers_in_the_process():
+    """A step holding four 4 MiB buffers: in a fresh process glibc, whose thresholds the first
+    step's freed 4 MiB mapping set (heap below 4 MiB, trim above 8 MiB free), returns the 16 MiB
+    of heap they took to the system and faults them in again every step; after warm_malloc it
+    keeps them. (A fresh process sometimes stops faulting after a few steps, when some thread of
+    torch's frees a larger mapping: the test counts three steps.)"""
+    faults = {}
+    for state in ("fresh", "warm"):
+        done = subprocess.run([sys.executable, "-c", WARM_PROBE, state], capture_output=True,
+                              text=True, cwd=ROOT, timeout=120)
+        assert done.returncode == 0, done.stderr
+        faults[state] = int(done.stdout.split()[-1])
+    step_pages = (16 << 20) // os.sysconf("SC_PAGE_SIZE")
+    assert faults["fresh"] >= step_pages // 2 and 2 * faults["warm"] < faults["fresh"], faults
 
 
 def test_bench_loss_rounds_take_the_median_of_processes_in_turn(tmp_path, monkeypatch):
     order = []
 
-    def fake_run(case, timeout, malloc="default", live_peak=True):
+    def fake_run(case, timeout, malloc="warm", live_peak=True):
         order.append((case["provider"], live_peak))
         time_ms = {"fused": [3.0, 1.0, 2.0], "reference": [5.0, 9.0, 4.0]}[case["provider"]]
         return {**case, "status": "ok", "fwd_bwd_ms": time_ms[sum(

@@ -127,6 +127,28 @@ def test_an_incomplete_sweep_only_when_nothing_else(tmp_path):
     assert "INCOMPLETE" in fig.subfigs[0]._suptitle.get_text()
 
 
+def test_warm_allocator_sweeps_are_drawn_others_are_not(tmp_path):
+    """bench_loss.py's default (--malloc warm) is drawn, titled so; a fresh or retain sweep of
+    the same commit and date is neither drawn nor merged into it."""
+    def mark(rows, malloc):
+        return [{**row, "malloc": malloc} for row in rows]
+    warm = mark(sweep("bbbbbbb", "2026-12-06", 1.0), "warm")
+    others = (mark(sweep("bbbbbbb", "2026-12-06", 7.0), "fresh")
+              + mark(sweep("bbbbbbb", "2026-12-06", 9.0), "retain"))
+    fig = plot_bench.build_figure(plot_bench.load_rows(write(tmp_path / "r.jsonl",
+                                                                warm + others)))
+    (chosen,) = fig.sweeps
+    assert chosen.malloc == "warm" and chosen.complete and len(chosen.cases) == 12
+    fused = lines_by_gid(fig)["time:cross:fused"]
+    assert list(fused.get_ydata()) == pytest.approx(
+        [r["fwd_bwd_ms"] for r in warm if r.get("variant") == "cross"
+         and r.get("provider") == "fused"])
+    assert "allocator warm" in fig.subfigs[0]._suptitle.get_text()
+    older = plot_bench.build_figure(plot_bench.load_rows(write(
+        tmp_path / "old.jsonl", sweep("aaaaaaa", "2026-12-01", 1.0))))  # no malloc field
+    assert "allocator fresh" in older.subfigs[0]._suptitle.get_text()
+
+
 def test_one_block_per_device_and_machine(tmp_path):
     rows = (sweep("aaaaaaa", "2026-11-30", 1.0) + sweep("ddddddd", "2026-11-29", 0.01,
                                                           device="cuda", ns=(4096, 16384, 65536)))
