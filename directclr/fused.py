@@ -59,6 +59,12 @@ class Kept(NamedTuple):
     rows: Tensor
     row_stats: Tensor
 
+    @staticmethod
+    def shapes(n: int, dim: int, variant: str, world: int) -> tuple[tuple[int, int], ...]:
+        """The shapes of what a forward that keeps its dots returns (the op's fake repeats
+        them)."""
+        return dots_shape(n, variant, world), (2 * n, dim), (3, 2 * n)
+
 
 class Layout(NamedTuple):
     """One rank's operands of the primitive (``rank_layout``): rows Q against columns K.

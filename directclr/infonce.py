@@ -81,7 +81,7 @@ def _fake_outputs(z1: Tensor, dim: int, variant: str, backend: str, group_name: 
     rows = n if variant == "cross" else 2 * n
     cols = n * world if variant == "cross" else 0
     if fused.keeps_dots(backend, n, variant, world, z1.dtype, keep_bytes):
-        kept = (fused.dots_shape(n, variant, world), (2 * n, dim), (3, 2 * n))
+        kept = fused.Kept.shapes(n, dim, variant, world)
     else:
         kept = ((0, 0),) * len(fused.Kept._fields)
     return (z1.new_empty(n, dtype=work), z1.new_empty(rows, dtype=work),

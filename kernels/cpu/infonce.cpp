@@ -442,14 +442,9 @@ void grad_tile(at::Tensor& dots, at::Tensor& grad, int64_t row0, int64_t col0, d
     mask_excluded<float>(dots, excl_ptr, row0, col0);
     const float* row_coef = row.coef.data_ptr<float>() + row0;
     const float shift = static_cast<float>(scale);
-    if (col) {
-      shifted_grad_tile<true>(dots.data_ptr<float>(), dots.stride(0), grad.data_ptr<float>(),
-                              rows_here, col_tile, shift, row_coef,
-                              col->coef.data_ptr<float>() + col0);
-    } else {
-      shifted_grad_tile<false>(dots.data_ptr<float>(), dots.stride(0), grad.data_ptr<float>(),
-                               rows_here, col_tile, shift, row_coef, nullptr);
-    }
+    (col ? shifted_grad_tile<true> : shifted_grad_tile<false>)(
+        dots.data_ptr<float>(), dots.stride(0), grad.data_ptr<float>(), rows_here, col_tile,
+        shift, row_coef, col ? col->coef.data_ptr<float>() + col0 : nullptr);
   } else {
     scale_dots(dots, scale);
     AT_DISPATCH_FLOATING_TYPES(dots.scalar_type(), "lse_backward_mask", [&] {
