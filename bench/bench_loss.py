@@ -320,6 +320,7 @@ def main(argv=None) -> list[dict]:
             for provider, provider_rounds in rounds.items():
                 row = median_of_rounds(provider_rounds)
                 row.setdefault("N", n)
+                row.setdefault("malloc", args.malloc)  # skipped cases too: one sweep's rows
                 # Appended as each case ends: a later timeout or kill loses nothing before it.
                 row = common.stamp([row], args.device)[0]
                 common.append_rows([row], "bench_loss", args.results_dir)
