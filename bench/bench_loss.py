@@ -224,7 +224,6 @@ def run_in_subprocess(case: dict, timeout: float, malloc: str = "warm",
     row = common.run_child(__file__, {**case, "warm": malloc == "warm"}, timeout,
                            RETAIN_ENV if malloc == "retain" else None)
     row.pop("warm", None)
-    row["malloc"] = malloc
     if row["status"] == "ok" and case["device"] == "cpu" and live_peak:
         env = {"MALLOC_MMAP_THRESHOLD_": str(LIVE_PEAK_MMAP_THRESHOLD_BYTES)}
         left = timeout - (time.monotonic() - started)
@@ -320,7 +319,7 @@ def main(argv=None) -> list[dict]:
             for provider, provider_rounds in rounds.items():
                 row = median_of_rounds(provider_rounds)
                 row.setdefault("N", n)
-                row.setdefault("malloc", args.malloc)  # skipped cases too: one sweep's rows
+                row["malloc"] = args.malloc  # skipped cases too: one sweep's rows
                 # Appended as each case ends: a later timeout or kill loses nothing before it.
                 row = common.stamp([row], args.device)[0]
                 common.append_rows([row], "bench_loss", args.results_dir)
